@@ -1,0 +1,337 @@
+"""The `etcd-autodefrag` command line: `defrag`, `status` and `serve`.
+
+Exit codes (README, "Exit codes"): 0 success or nothing to do, 1 a member failed, 2 bad usage or
+configuration, 3 refused by the safety gate.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from exporter import __version__, logs
+from exporter.engine import DefragEngine, RunReport, iter_lines
+from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
+from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
+from exporter.settings import (
+    ENV_PREFIX,
+    ClusterConfig,
+    ConfigError,
+    Settings,
+    default_cluster,
+    format_validation_error,
+    load_settings,
+)
+from exporter.snapshot import ClusterSnapshot, QuotaCache, observe_cluster
+
+EXIT_USAGE = 2
+log = logging.getLogger("etcd_autodefrag")
+
+
+class UsageError(Exception):
+    """Bad flags or configuration: exit 2 with the message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="etcd-autodefrag",
+        description="Keep etcd clusters from running out of space: gauges, alerts, safe defrag.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
+        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG)",
+    )
+    common.add_argument("--log-format", choices=["text", "json"], default=None)
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+
+    target = argparse.ArgumentParser(add_help=False)
+    where = target.add_argument_group("which cluster")
+    where.add_argument("--cluster", metavar="NAME", help="take everything from this configured cluster")
+    where.add_argument(
+        "--endpoints",
+        metavar="URL[,URL...]",
+        help="client URLs; one member is enough, the others come from its member list",
+    )
+    where.add_argument(
+        "--no-discover",
+        action="store_true",
+        help="act only on the members behind --endpoints, do not add the others from the member list",
+    )
+    where.add_argument("--cacert", type=Path, help="CA bundle to verify the members")
+    where.add_argument("--cert", type=Path, help="client certificate")
+    where.add_argument("--key", type=Path, help="client key")
+    where.add_argument("--server-name", help="TLS server name when endpoints are IP addresses")
+    where.add_argument("--rule", metavar="EXPR", help="defrag rule in etcd-defrag's syntax")
+    where.add_argument("--quota-bytes", type=int, help="quota to assume when a member reports none")
+    where.add_argument("--request-timeout", type=float, metavar="S", help="per-request timeout")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    defrag = sub.add_parser(
+        "defrag",
+        parents=[common, target],
+        help="defragment the members of one cluster, one at a time, leader last",
+        description="Health gate, then each member in turn (followers first, leader last).",
+    )
+    defrag.add_argument("--dry-run", action="store_true", help="check and evaluate, change nothing")
+    defrag.add_argument("--compact", action="store_true", help="compact to the current revision first")
+    defrag.add_argument("--move-leader", action="store_true", help="hand leadership away first")
+    defrag.add_argument("--continue-on-error", action="store_true", help="go on after a failed member")
+    defrag.add_argument("--member-timeout", type=float, metavar="S", help="per-member defrag timeout")
+    defrag.add_argument("--deadline", type=float, metavar="S", help="deadline of the whole run")
+    defrag.add_argument("--output", choices=["text", "json"], default="text")
+
+    status = sub.add_parser(
+        "status",
+        parents=[common, target],
+        help="a table of the members: sizes, fragmentation, quota usage, rule verdict",
+    )
+    status.add_argument("--output", choices=["table", "json"], default="table")
+    return parser
+
+
+def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
+    """The cluster to act on: a configured one (`--cluster`), flags only, or the local default."""
+    overrides: dict[str, Any] = {}
+    if args.endpoints:
+        overrides["endpoints"] = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    if args.no_discover:
+        overrides["discover_members"] = False
+    if args.cacert or args.cert or args.key or args.server_name:
+        overrides["tls"] = {
+            "ca_file": args.cacert,
+            "cert_file": args.cert,
+            "key_file": args.key,
+            "server_name": args.server_name,
+        }
+    if args.rule is not None:
+        overrides["rule"] = args.rule
+        overrides["thresholds"] = None
+    flag_fields = {
+        "quota_bytes": "quota_bytes",
+        "request_timeout": "request_timeout_seconds",
+        "member_timeout": "member_timeout_seconds",
+        "deadline": "deadline_seconds",
+    }
+    for flag, name in flag_fields.items():
+        if getattr(args, flag, None) is not None:
+            overrides[name] = getattr(args, flag)
+    for flag in ("compact", "move_leader", "continue_on_error"):
+        if getattr(args, flag, False):
+            overrides[flag] = True
+
+    if args.cluster:
+        base = settings.cluster(args.cluster).model_dump()
+    elif args.endpoints:
+        base = {"name": "cli", "endpoints": overrides["endpoints"]}
+    elif settings.clusters:
+        names = ", ".join(c.name for c in settings.clusters)
+        raise UsageError(f"name the cluster with --cluster (configured: {names}) or give --endpoints")
+    else:
+        base = default_cluster().model_dump()
+    try:
+        return ClusterConfig.model_validate({**base, **overrides})
+    except Exception as exc:  # pydantic ValidationError, formatted for people
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            raise UsageError(
+                format_validation_error(exc).replace("invalid configuration", "invalid flags")
+            ) from None
+        raise
+
+
+def make_client(session: aiohttp.ClientSession, cluster: ClusterConfig) -> EtcdClient:
+    """An etcd client for one cluster, with its TLS material loaded now (a bad file is a usage error)."""
+    ssl_context = None
+    if cluster.tls is not None:
+        tls = TlsFiles(
+            cluster.tls.ca_file,
+            cluster.tls.cert_file,
+            cluster.tls.key_file,
+            cluster.tls.server_name,
+        )
+        try:
+            ssl_context = make_ssl_context(tls)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cluster {cluster.name}: cannot load TLS files: {exc}") from None
+    return EtcdClient(
+        session,
+        ssl_context=ssl_context,
+        server_name=cluster.tls.server_name if cluster.tls else None,
+        timeout_seconds=cluster.request_timeout_seconds,
+    )
+
+
+@contextlib.contextmanager
+def host_lock(cluster_id: int) -> Iterator[None]:
+    """One defrag run per etcd cluster on this host, whatever flags or config named it.
+
+    Keyed by etcd's own cluster id, so `--cluster a` and `--endpoints` of the same cluster exclude
+    each other. Across hosts, the Kubernetes Job name is the lock (see the webhook).
+    """
+    directory = Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR", tempfile.gettempdir()))
+    path = directory / f"etcd-autodefrag-{cluster_id:x}.lock"
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConcurrentRun(f"another defrag run holds {path}") from None
+        yield
+
+
+class ConcurrentRun(Exception):
+    """Another run on the same cluster is in progress on this host."""
+
+
+async def run_defrag(args: argparse.Namespace, cluster: ClusterConfig) -> RunReport:
+    """Run the engine once for one cluster."""
+    async with aiohttp.ClientSession() as session:
+        engine = DefragEngine(make_client(session, cluster), cluster, dry_run=args.dry_run, lock=host_lock)
+        try:
+            return await engine.run()
+        except ConcurrentRun as exc:
+            engine.report.result = engine.report.result.REFUSED
+            engine.report.reason = str(exc)
+            return engine.report
+
+
+async def run_status(cluster: ClusterConfig) -> ClusterSnapshot:
+    """One snapshot of one cluster."""
+    async with aiohttp.ClientSession() as session:
+        client = make_client(session, cluster)
+        return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
+
+
+def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
+    """One dict per member, the columns of `status`."""
+    rows = []
+    alarms = {a.member_id: a.kind.value for a in snapshot.alarms}
+    for m in snapshot.members:
+        s = m.status
+        usage = quota_usage_ratio(s) if s else None
+        rows.append(
+            {
+                "endpoint": m.endpoint,
+                "id": f"{m.member.id or (s.member_id if s else 0):x}",
+                "name": m.member.name,
+                "version": s.version if s else "",
+                "db_size_bytes": s.db_size_bytes if s else None,
+                "db_size_in_use_bytes": s.db_size_in_use_bytes if s else None,
+                "db_free_bytes": free_bytes(s) if s else None,
+                "fragmentation_ratio": round(fragmentation_ratio(s), 4) if s else None,
+                "quota_bytes": s.quota_bytes if s and s.quota_bytes else None,
+                "quota_usage_ratio": round(usage, 4) if usage is not None else None,
+                "is_leader": bool(s and s.member_id == snapshot.leader_id),
+                "is_learner": m.member.is_learner,
+                "raft_term": s.raft_term if s else None,
+                "raft_index": s.raft_index if s else None,
+                "raft_applied_index": s.raft_applied_index if s else None,
+                "alarms": alarms.get(m.member.id or (s.member_id if s else 0), ""),
+                "defrag_recommended": bool(m.verdict and m.verdict.defrag),
+                "reason": m.verdict.reason if m.verdict else m.error,
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as an etcdctl-style table."""
+    columns: list[tuple[str, Callable[[dict[str, Any]], object]]] = [
+        ("ENDPOINT", lambda r: r["endpoint"]),
+        ("ID", lambda r: r["id"]),
+        ("VERSION", lambda r: r["version"]),
+        ("DB SIZE", lambda r: _size(r["db_size_bytes"])),
+        ("IN USE", lambda r: _size(r["db_size_in_use_bytes"])),
+        ("FREE", lambda r: _size(r["db_free_bytes"])),
+        ("FRAG", lambda r: _pct(r["fragmentation_ratio"])),
+        ("QUOTA", lambda r: _size(r["quota_bytes"])),
+        ("QUOTA USE", lambda r: _pct(r["quota_usage_ratio"])),
+        ("LEADER", lambda r: "true" if r["is_leader"] else "false"),
+        ("LEARNER", lambda r: "true" if r["is_learner"] else "false"),
+        ("TERM", lambda r: _num(r["raft_term"])),
+        ("INDEX", lambda r: _num(r["raft_index"])),
+        ("APPLIED", lambda r: _num(r["raft_applied_index"])),
+        ("ALARMS", lambda r: r["alarms"]),
+        ("DEFRAG?", lambda r: "yes" if r["defrag_recommended"] else "no"),
+    ]
+    cells = [[head for head, _ in columns]] + [[str(get(r)) for _, get in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    lines = [rule]
+    for index, row in enumerate(cells):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if index == 0:
+            lines.append(rule)
+    lines.append(rule)
+    for r in rows:
+        if r["reason"]:
+            lines.append(f"{r['name'] or r['endpoint']}: {r['reason']}")
+    return "\n".join(lines)
+
+
+def _size(value: int | None) -> str:
+    return human_bytes(value) if value is not None else "-"
+
+
+def _pct(value: float | None) -> str:
+    return f"{value:.1%}" if value is not None else "-"
+
+
+def _num(value: int | None) -> str:
+    return str(value) if value is not None else "-"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `etcd-autodefrag` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config) if args.config else load_settings()
+    except ConfigError as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(
+        fmt=args.log_format or settings.log_format.value, level=args.log_level or settings.log_level
+    )
+    try:
+        cluster = cluster_from_args(args, settings)
+        if args.command == "defrag":
+            report = asyncio.run(run_defrag(args, cluster))
+            if args.output == "json":
+                print(report.to_json())
+            else:
+                print("\n".join(iter_lines(report)))
+            return report.exit_code
+        if args.command == "status":
+            snapshot = asyncio.run(run_status(cluster))
+            if snapshot.error:
+                print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
+                return 1
+            rows = status_rows(snapshot)
+            print(json.dumps(rows, indent=2) if args.output == "json" else format_table(rows))
+            return 1 if any(r["db_size_bytes"] is None for r in rows) else 0
+    except (UsageError, ConfigError) as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("etcd-autodefrag: interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""The engine: defragment the members of one etcd cluster, one at a time, leader last.
+
+The safety order follows ahrtr/etcd-defrag, with the decisions moved into `exporter.policy`:
+
+    discover members -> health gate -> (compact) -> statuses -> plan -> for each member:
+        health gate again, fresh status, evaluate the rule, (move leadership away),
+        defragment, wait until healthy and caught up, status again
+    -> disarm NOSPACE when every member is below the threshold -> report
+
+A failure stops the run (unless continue_on_error) and nothing after it is touched. Dry-run runs the
+gates and the evaluation and changes nothing: `_defragment`, `_compact`, `_move_leader` and
+`_disarm` are the only calls that mutate the cluster and each checks `dry_run` first.
+"""
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from exporter import clock
+from exporter.etcd import EtcdApi, EtcdError
+from exporter.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.policy import (
+    Health,
+    PlannedMember,
+    Step,
+    alarms_to_disarm,
+    cluster_rule,
+    endpoint_for,
+    evaluate,
+    free_bytes,
+    health_gate,
+    human_bytes,
+    label,
+    leader_last,
+    leader_of,
+    make_plan,
+    voting_members,
+)
+from exporter.settings import ClusterConfig
+from exporter.snapshot import QuotaCache, member_status
+
+log = logging.getLogger(__name__)
+
+
+class RunResult(StrEnum):
+    """How a run ended; also the `result` label of the run metrics."""
+
+    SUCCESS = "success"
+    NOTHING_TO_DO = "nothing_to_do"
+    DRY_RUN = "dry_run"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+# Documented in the README ("Exit codes"); 2 (bad usage or config) is the CLI's own.
+EXIT_CODES = {
+    RunResult.SUCCESS: 0,
+    RunResult.NOTHING_TO_DO: 0,
+    RunResult.DRY_RUN: 0,
+    RunResult.FAILED: 1,
+    RunResult.REFUSED: 3,
+}
+
+
+class Outcome(StrEnum):
+    """What happened to one member."""
+
+    DEFRAGMENTED = "defragmented"
+    WOULD_DEFRAG = "would_defrag"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    NOT_REACHED = "not_reached"
+
+
+@dataclass
+class MemberReport:
+    """One member's line in the final report."""
+
+    name: str
+    id: str
+    endpoint: str
+    leader: bool
+    outcome: Outcome = Outcome.NOT_REACHED
+    reason: str = ""
+    size_before_bytes: int = 0
+    in_use_before_bytes: int = 0
+    size_after_bytes: int = 0
+    in_use_after_bytes: int = 0
+    reclaimed_bytes: int = 0
+    duration_seconds: float = 0.0
+
+
+@dataclass
+class RunReport:
+    """The outcome of one run, printed with `--output json` and turned into metrics by the service."""
+
+    cluster: str
+    result: RunResult = RunResult.NOTHING_TO_DO
+    reason: str = ""
+    dry_run: bool = False
+    started_at: str = ""
+    duration_seconds: float = 0.0
+    compacted_revision: int = 0
+    disarmed_alarms: list[str] = field(default_factory=list)
+    members: list[MemberReport] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """The process exit code for this result."""
+        return EXIT_CODES[self.result]
+
+    @property
+    def reclaimed_bytes(self) -> int:
+        """Bytes given back to the disks over all members."""
+        return sum(m.reclaimed_bytes for m in self.members)
+
+    def to_json(self) -> str:
+        """The report as one JSON document (also the Job's termination message)."""
+        data: dict[str, Any] = asdict(self)
+        data["reclaimed_bytes"] = self.reclaimed_bytes
+        data["exit_code"] = self.exit_code
+        return json.dumps(data, separators=(",", ":"))
+
+
+class RunStopped(Exception):
+    """Ends a run early; the report already says why."""
+
+
+@dataclass
+class _Topology:
+    members: list[Member]
+    endpoints: dict[int, str]
+    targets: frozenset[int] | None
+
+
+class DefragEngine:
+    """Carries out one defragmentation run on one cluster."""
+
+    def __init__(
+        self,
+        client: EtcdApi,
+        cluster: ClusterConfig,
+        *,
+        dry_run: bool = False,
+        lock: Callable[[int], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.dry_run = dry_run
+        self.rule = cluster_rule(cluster)
+        self._lock = lock or (lambda _cluster_id: nullcontext())
+        self._quotas = QuotaCache()
+        self._started = 0.0
+        self._in_progress: MemberReport | None = None
+        self._nospace = False  # a NOSPACE alarm was active at the last health check
+        self.report = RunReport(cluster=cluster.name, dry_run=dry_run)
+
+    # --- progress: one human line per step ----------------------------------------------------
+
+    def _say(self, message: str, *args: object, level: int = logging.INFO) -> None:
+        log.log(level, message, *args, extra={"etcd_cluster": self.cluster.name})
+
+    def _stop(self, result: RunResult, reason: str) -> RunStopped:
+        self.report.result = result
+        self.report.reason = reason
+        return RunStopped(reason)
+
+    def _seconds_left(self) -> float:
+        return self.cluster.deadline_seconds - (clock.monotonic() - self._started)
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    async def run(self) -> RunReport:
+        """Run to the end and return the report; never raises for etcd failures."""
+        self._started = clock.monotonic()
+        self.report.started_at = clock.utcnow().isoformat(timespec="seconds")
+        mode = " (dry run: nothing will be changed)" if self.dry_run else ""
+        self._say("cluster %s: starting%s; rule: %s", self.cluster.name, mode, self.rule)
+        try:
+            async with asyncio.timeout(self.cluster.deadline_seconds):
+                await self._run()
+        except RunStopped:
+            pass
+        except TimeoutError:
+            self.report.result = RunResult.FAILED
+            if self._in_progress is not None:
+                self._in_progress.outcome = Outcome.FAILED
+                self._in_progress.reason = (
+                    "deadline exceeded while defragmenting (it may still be running on the member)"
+                )
+            self.report.reason = (
+                f"deadline of {self.cluster.deadline_seconds:g}s exceeded; stopped before "
+                "touching any further member"
+            )
+            for member in self.report.members:
+                if member.outcome is Outcome.NOT_REACHED and not member.reason:
+                    member.reason = "deadline exceeded"
+        self.report.duration_seconds = round(clock.monotonic() - self._started, 3)
+        self._say(
+            "cluster %s: %s%s (reclaimed %s in %.1fs)",
+            self.cluster.name,
+            self.report.result.value,
+            f": {self.report.reason}" if self.report.reason else "",
+            human_bytes(self.report.reclaimed_bytes),
+            self.report.duration_seconds,
+            level=logging.ERROR if self.report.exit_code else logging.INFO,
+        )
+        return self.report
+
+    async def _run(self) -> None:
+        topology = await self._discover()
+        health, statuses = await self._check_health(topology)
+        if not health.healthy:
+            raise self._stop(RunResult.REFUSED, "cluster unhealthy: " + "; ".join(health.problems))
+        cluster_id = next(iter(statuses.values())).cluster_id
+        with self._lock(cluster_id):
+            if self.cluster.compact:
+                await self._compact(topology, statuses)
+                statuses = await self._statuses(topology)
+            plan = make_plan(
+                rule=self.rule,
+                members=topology.members,
+                statuses=statuses,
+                targets=topology.targets,
+                endpoints=topology.endpoints,
+                nospace=self._nospace,
+            )
+            self._log_plan(plan.members)
+            self.report.members = [_member_report(p, statuses.get(p.member.id)) for p in plan.members]
+            for planned in plan.members:
+                if planned.step is not Step.DEFRAG:
+                    self._member(planned.member.id).outcome = Outcome.SKIPPED
+            await self._execute(topology, list(plan.members))
+            await self._disarm_if_recovered(topology)
+        failed = [m for m in self.report.members if m.outcome is Outcome.FAILED]
+        if failed:
+            names = ", ".join(m.name for m in failed)
+            raise self._stop(RunResult.FAILED, f"defragmentation failed on {names}")
+        if self.dry_run:
+            self.report.result = RunResult.DRY_RUN
+        elif (
+            any(m.outcome is Outcome.DEFRAGMENTED for m in self.report.members) or self.report.disarmed_alarms
+        ):
+            self.report.result = RunResult.SUCCESS
+        else:
+            self.report.result = RunResult.NOTHING_TO_DO
+            self.report.reason = "no member matches the rule"
+
+    # --- discovery and health ----------------------------------------------------------------
+
+    async def _discover(self) -> _Topology:
+        """Members from the first configured endpoint that answers; targets per configuration."""
+        errors = []
+        members: list[Member] | None = None
+        for endpoint in self.cluster.endpoints:
+            try:
+                members = await self.client.members(endpoint)
+                break
+            except EtcdError as exc:
+                errors.append(str(exc))
+        if members is None:
+            raise self._stop(RunResult.REFUSED, "no configured endpoint answered: " + "; ".join(errors))
+        endpoints: dict[int, str] = {}
+        for member in members:
+            if (url := endpoint_for(member, self.cluster.endpoints)) is not None:
+                endpoints[member.id] = url
+        targets = None
+        if not self.cluster.discover_members:
+            targets = await self._configured_member_ids()
+            # Reach each targeted member through the endpoint the user configured for it.
+            endpoints.update({member_id: url for url, member_id in targets.items()})
+        self._say(
+            "cluster %s: %d members: %s",
+            self.cluster.name,
+            len(members),
+            ", ".join(
+                f"{label(m)}{' (learner)' if m.is_learner else ''} {endpoints.get(m.id, 'no URL')}"
+                for m in members
+            ),
+        )
+        return _Topology(members, endpoints, frozenset(targets.values()) if targets else None)
+
+    async def _configured_member_ids(self) -> dict[str, int]:
+        ids = {}
+        for endpoint in self.cluster.endpoints:
+            try:
+                ids[endpoint] = (await self.client.status(endpoint)).member_id
+            except EtcdError as exc:
+                raise self._stop(RunResult.REFUSED, f"cluster unhealthy: {exc}") from None
+        return ids
+
+    async def _check_health(self, topology: _Topology) -> tuple[Health, dict[int, MemberStatus]]:
+        """The health gate, plus the fresh statuses of the voting members (with their quota)."""
+        voters = voting_members(topology.members)
+        reachable = [m for m in voters if m.id in topology.endpoints]
+
+        async def probe(member: Member) -> tuple[int, str | None, MemberStatus | None]:
+            endpoint = topology.endpoints[member.id]
+            try:
+                await self.client.linearizable_read(endpoint)
+                return member.id, None, await self._status(endpoint)
+            except EtcdError as exc:
+                return member.id, exc.message, None
+
+        results = await asyncio.gather(*(probe(m) for m in reachable))
+        alarms: list[Alarm] = []
+        for member in reachable:
+            try:
+                alarms = await self.client.alarms(topology.endpoints[member.id])
+                break
+            except EtcdError:
+                continue
+        self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms)
+        health = health_gate(
+            members=topology.members,
+            read_errors={member_id: error for member_id, error, _ in results},
+            alarms=alarms,
+        )
+        return health, {member_id: s for member_id, _, s in results if s is not None}
+
+    async def _statuses(self, topology: _Topology) -> dict[int, MemberStatus]:
+        health, statuses = await self._check_health(topology)
+        if not health.healthy:
+            raise self._stop(RunResult.FAILED, "cluster became unhealthy: " + "; ".join(health.problems))
+        return statuses
+
+    async def _status(self, endpoint: str) -> MemberStatus:
+        """A member's status with the quota it runs with (read once per run from its metrics)."""
+        return await member_status(self.client, self.cluster, endpoint, self._quotas)
+
+    # --- the plan and its execution -----------------------------------------------------------
+
+    def _log_plan(self, planned: Sequence[PlannedMember]) -> None:
+        for position, p in enumerate(planned, 1):
+            self._say(
+                "plan %d/%d: %s%s -> %s: %s",
+                position,
+                len(planned),
+                label(p.member),
+                " (leader)" if p.is_leader else "",
+                p.step.value,
+                p.reason,
+            )
+
+    def _member(self, member_id: int) -> MemberReport:
+        return next(m for m in self.report.members if m.id == f"{member_id:x}")
+
+    async def _execute(self, topology: _Topology, remaining: list[PlannedMember]) -> None:
+        done: list[int] = []
+        while remaining:
+            statuses = await self._statuses(topology)
+            leader_id = leader_of(statuses.values())
+            pending = [p for p in remaining if p.step is Step.DEFRAG]
+            if not pending:
+                return
+            if pending[-1].member.id != leader_id and any(p.member.id == leader_id for p in pending):
+                # Leadership moved to a member we have not visited yet: it must still go last.
+                remaining = leader_last(remaining, leader_id)
+                new_leader = next(p for p in remaining if p.member.id == leader_id)
+                self._say("leadership moved to %s: re-planned so it goes last", label(new_leader.member))
+                pending = [p for p in remaining if p.step is Step.DEFRAG]
+            planned = pending[0]
+            remaining.remove(planned)
+            try:
+                await self._visit(topology, planned, statuses, leader_id, done)
+            except RunStopped:
+                raise
+            except (EtcdError, TimeoutError) as exc:
+                report = self._member(planned.member.id)
+                report.outcome = Outcome.FAILED
+                report.reason = str(exc) or type(exc).__name__
+                self._say("%s: FAILED: %s", label(planned.member), report.reason, level=logging.ERROR)
+                if not self.cluster.continue_on_error:
+                    for p in remaining:
+                        if p.step is Step.DEFRAG:
+                            self._member(p.member.id).reason = "not reached: the run stopped after a failure"
+                    return
+            done.append(planned.member.id)
+
+    async def _visit(
+        self,
+        topology: _Topology,
+        planned: PlannedMember,
+        statuses: dict[int, MemberStatus],
+        leader_id: int,
+        done: list[int],
+    ) -> None:
+        member, endpoint = planned.member, planned.endpoint
+        report = self._member(member.id)
+        before = statuses[member.id]
+        verdict = evaluate(self.rule, before, nospace=self._nospace)
+        report.size_before_bytes = before.db_size_bytes
+        report.in_use_before_bytes = before.db_size_in_use_bytes
+        report.leader = member.id == leader_id
+        if not verdict.defrag:
+            report.outcome, report.reason = Outcome.SKIPPED, verdict.reason
+            self._say("%s: skipped: %s", label(member), verdict.reason)
+            return
+        if self.dry_run:
+            report.outcome, report.reason = Outcome.WOULD_DEFRAG, verdict.reason
+            self._say("DRY-RUN: would defragment %s (%s)", label(member), verdict.reason)
+            return
+        if report.leader and self.cluster.move_leader:
+            await self._move_leader(topology, member, endpoint, statuses, done)
+        timeout = min(self.cluster.member_timeout_seconds, max(self._seconds_left(), 0.001))
+        self._say(
+            "%s%s: defragmenting (size %s, in use %s, %s to reclaim)",
+            label(member),
+            " (leader)" if report.leader else "",
+            human_bytes(before.db_size_bytes),
+            human_bytes(before.db_size_in_use_bytes),
+            human_bytes(free_bytes(before)),
+        )
+        started = clock.monotonic()
+        self._in_progress = report
+        try:
+            await self.client.defragment(endpoint, timeout=timeout)
+        except EtcdError as exc:
+            if "no answer within" in exc.message:
+                raise EtcdError(
+                    endpoint,
+                    f"defragment did not finish within {timeout:g}s (it may still be running on the member)",
+                ) from exc
+            raise
+        await self._wait_recovered(topology, member, endpoint)
+        self._in_progress = None
+        after = await self._status(endpoint)
+        report.duration_seconds = round(clock.monotonic() - started, 3)
+        report.size_after_bytes = after.db_size_bytes
+        report.in_use_after_bytes = after.db_size_in_use_bytes
+        report.reclaimed_bytes = max(before.db_size_bytes - after.db_size_bytes, 0)
+        report.outcome, report.reason = Outcome.DEFRAGMENTED, verdict.reason
+        self._say(
+            "%s: defragmented in %.1fs: %s -> %s, reclaimed %s",
+            label(member),
+            report.duration_seconds,
+            human_bytes(before.db_size_bytes),
+            human_bytes(after.db_size_bytes),
+            human_bytes(report.reclaimed_bytes),
+        )
+
+    async def _wait_recovered(self, topology: _Topology, member: Member, endpoint: str) -> None:
+        """Until the member serves a linearizable read and has applied what the leader had committed."""
+        deadline = clock.monotonic() + self.cluster.health_timeout_seconds
+        target_index = 0
+        last_error = ""
+        while True:
+            try:
+                await self.client.linearizable_read(endpoint)
+                if not target_index:
+                    _, statuses = await self._check_health(topology)
+                    leader = statuses.get(leader_of(statuses.values()))
+                    target_index = leader.raft_index if leader else 0
+                status = await self.client.status(endpoint)
+                if target_index and status.raft_applied_index >= target_index:
+                    return
+                last_error = f"applied index {status.raft_applied_index} < leader's {target_index}"
+            except EtcdError as exc:
+                last_error = exc.message
+            if clock.monotonic() >= deadline:
+                raise EtcdError(
+                    endpoint,
+                    f"not healthy {self.cluster.health_timeout_seconds:g}s after defragmenting: {last_error}",
+                )
+            await asyncio.sleep(0.1)  # the poll interval of a condition that has a deadline
+
+    async def _move_leader(
+        self,
+        topology: _Topology,
+        member: Member,
+        endpoint: str,
+        statuses: dict[int, MemberStatus],
+        done: list[int],
+    ) -> None:
+        followers = [m.id for m in voting_members(topology.members) if m.id != member.id]
+        candidates = [i for i in done if i in followers] or followers
+        if not candidates:
+            self._say("%s: no other voting member to hand leadership to", label(member))
+            return
+        target = max(candidates, key=lambda i: statuses[i].raft_applied_index if i in statuses else 0)
+        self._say("%s (leader): moving leadership to %x before defragmenting", label(member), target)
+        await self.client.move_leader(endpoint, target)
+        deadline = clock.monotonic() + self.cluster.health_timeout_seconds
+        while clock.monotonic() < deadline:
+            if (await self.client.status(endpoint)).leader_id == target:
+                self._member(member.id).leader = False
+                return
+            await asyncio.sleep(0.1)
+        raise EtcdError(endpoint, f"leadership did not move to {target:x}")
+
+    async def _compact(self, topology: _Topology, statuses: dict[int, MemberStatus]) -> None:
+        endpoint = topology.endpoints[leader_of(statuses.values())]
+        revision = await self.client.linearizable_read(endpoint)
+        if self.dry_run:
+            self._say("DRY-RUN: would compact history up to revision %d", revision)
+            return
+        compacted = await self.client.compact(endpoint, revision, physical=True)
+        self.report.compacted_revision = revision
+        self._say("compacted history up to revision %d%s", revision, "" if compacted else " (already)")
+
+    async def _disarm_if_recovered(self, topology: _Topology) -> None:
+        if any(m.outcome is Outcome.FAILED for m in self.report.members):
+            return
+        statuses = await self._statuses(topology)
+        endpoint = topology.endpoints[leader_of(statuses.values())]
+        alarms = await self.client.alarms(endpoint)
+        to_disarm, why = alarms_to_disarm(
+            alarms=alarms,
+            statuses=list(statuses.values()),
+            below_ratio=self.cluster.disarm_below_ratio,
+        )
+        if not any(a.kind is AlarmKind.NOSPACE for a in alarms):
+            return
+        if not to_disarm:
+            self._say("NOSPACE alarm left active: %s", why, level=logging.WARNING)
+            return
+        for alarm in to_disarm:
+            if self.dry_run:
+                self._say("DRY-RUN: would disarm NOSPACE of member %x (%s)", alarm.member_id, why)
+                continue
+            await self.client.disarm(endpoint, alarm)
+            self.report.disarmed_alarms.append(f"{alarm.kind.value}:{alarm.member_id:x}")
+            self._say("disarmed NOSPACE alarm of member %x: %s", alarm.member_id, why)
+
+
+def _member_report(planned: PlannedMember, status: MemberStatus | None) -> MemberReport:
+    return MemberReport(
+        name=label(planned.member),
+        id=f"{planned.member.id:x}",
+        endpoint=planned.endpoint,
+        leader=planned.is_leader,
+        reason=planned.reason,
+        size_before_bytes=status.db_size_bytes if status else 0,
+        in_use_before_bytes=status.db_size_in_use_bytes if status else 0,
+    )
+
+
+def iter_lines(report: RunReport) -> Iterator[str]:
+    """The final report as a small text table."""
+    yield f"{'MEMBER':<16} {'LEADER':<6} {'OUTCOME':<13} {'BEFORE':>10} {'AFTER':>10} {'RECLAIMED':>10}"
+    for m in report.members:
+        yield (
+            f"{m.name:<16} {'yes' if m.leader else '':<6} {m.outcome.value:<13} "
+            f"{human_bytes(m.size_before_bytes):>10} "
+            f"{human_bytes(m.size_after_bytes) if m.size_after_bytes else '-':>10} "
+            f"{human_bytes(m.reclaimed_bytes):>10}"
+        )

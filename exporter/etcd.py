@@ -1,0 +1,290 @@
+"""Talking to etcd: a thin client for the v3 JSON gateway (grpc-gateway) over aiohttp.
+
+Every call is a POST of JSON to `/v3/...` on a member's client URL. grpc-gateway encodes 64-bit
+integers as JSON strings and omits fields holding their zero value, so every reader below parses
+with a default (etcd docs: dev-guide/api_grpc_gateway).
+We never shell out to etcdctl: one HTTP session serves hundreds of clusters.
+"""
+
+import base64
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from exporter.model import Alarm, AlarmKind, Member, MemberStatus
+
+QUOTA_METRIC = "etcd_server_quota_backend_bytes"
+# etcd's grpc status codes that matter here (google.golang.org/grpc/codes).
+_GRPC_OUT_OF_RANGE = 11
+
+
+class EtcdError(Exception):
+    """A call to one etcd endpoint failed."""
+
+    def __init__(self, endpoint: str, message: str) -> None:
+        super().__init__(f"{endpoint}: {message}")
+        self.endpoint = endpoint
+        self.message = message
+
+
+class EtcdUnavailable(EtcdError):
+    """The endpoint could not be reached or did not answer in time."""
+
+
+class EtcdApiError(EtcdError):
+    """The endpoint answered with an error (grpc code and message from etcd)."""
+
+    def __init__(self, endpoint: str, message: str, code: int = 0, http_status: int = 0) -> None:
+        super().__init__(endpoint, message)
+        self.code = code
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Client TLS material: a CA to verify members, and an optional client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+
+def make_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """An SSL context verifying members against the CA (or the system store) with the client cert."""
+    context = ssl.create_default_context(
+        cafile=str(tls.ca_file) if tls.ca_file else None,
+    )
+    if tls.cert_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    return context
+
+
+def _int(value: Any) -> int:
+    """An int from grpc-gateway JSON, where 64-bit values are strings and zero is omitted."""
+    return int(value) if value not in (None, "") else 0
+
+
+def parse_status(endpoint: str, body: Mapping[str, Any]) -> MemberStatus:
+    """A MemberStatus from a `/v3/maintenance/status` reply."""
+    header = body.get("header") or {}
+    return MemberStatus(
+        endpoint=endpoint,
+        member_id=_int(header.get("member_id")),
+        leader_id=_int(body.get("leader")),
+        cluster_id=_int(header.get("cluster_id")),
+        version=str(body.get("version", "")),
+        db_size_bytes=_int(body.get("dbSize")),
+        # etcd < 3.4 has no dbSizeInUse; treat the whole file as in use rather than invent free space.
+        db_size_in_use_bytes=_int(body.get("dbSizeInUse", body.get("dbSize"))),
+        raft_index=_int(body.get("raftIndex")),
+        raft_applied_index=_int(body.get("raftAppliedIndex")),
+        raft_term=_int(body.get("raftTerm")),
+        is_learner=bool(body.get("isLearner", False)),
+        quota_bytes=_int(body.get("dbSizeQuota")),  # etcd >= 3.6
+        errors=tuple(str(e) for e in body.get("errors") or ()),
+    )
+
+
+def parse_members(body: Mapping[str, Any]) -> list[Member]:
+    """Members from a `/v3/cluster/member/list` reply."""
+    return [
+        Member(
+            id=_int(m.get("ID")),
+            name=str(m.get("name", "")),
+            peer_urls=tuple(m.get("peerURLs") or ()),
+            client_urls=tuple(m.get("clientURLs") or ()),
+            is_learner=bool(m.get("isLearner", False)),
+        )
+        for m in body.get("members") or ()
+    ]
+
+
+def parse_alarms(body: Mapping[str, Any]) -> list[Alarm]:
+    """Active alarms from a `/v3/maintenance/alarm` reply."""
+    alarms = []
+    for a in body.get("alarms") or ():
+        kind = str(a.get("alarm", "NONE"))
+        alarms.append(
+            Alarm(
+                member_id=_int(a.get("memberID")),
+                kind=AlarmKind(kind) if kind in AlarmKind.__members__ else AlarmKind.NONE,
+            )
+        )
+    return [a for a in alarms if a.kind is not AlarmKind.NONE]
+
+
+def parse_quota_line(line: str) -> int | None:
+    """The quota from one exposition line, if it is the quota gauge (value may be `1.6777216e+07`)."""
+    if not line.startswith(QUOTA_METRIC):
+        return None
+    rest = line[len(QUOTA_METRIC) :]
+    if rest[:1] not in (" ", "{"):
+        return None  # another metric sharing the prefix
+    try:
+        return int(float(rest.rsplit("}", 1)[-1].split()[0]))
+    except (IndexError, ValueError):
+        return None
+
+
+class EtcdApi(Protocol):
+    """What the engine needs from an etcd client (`exporter.etcd.EtcdClient` provides it)."""
+
+    async def status(self, endpoint: str, *, timeout: float | None = None) -> MemberStatus: ...
+    async def members(self, endpoint: str, *, timeout: float | None = None) -> list[Member]: ...
+    async def alarms(self, endpoint: str, *, timeout: float | None = None) -> list[Alarm]: ...
+    async def disarm(self, endpoint: str, alarm: Alarm, *, timeout: float | None = None) -> None: ...
+    async def linearizable_read(self, endpoint: str, *, timeout: float | None = None) -> int: ...
+    async def compact(
+        self, endpoint: str, revision: int, *, physical: bool = True, timeout: float | None = None
+    ) -> bool: ...
+    async def defragment(self, endpoint: str, *, timeout: float) -> None: ...
+    async def move_leader(self, endpoint: str, target_id: int, *, timeout: float | None = None) -> None: ...
+    async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None: ...
+
+
+class EtcdClient:
+    """Calls the etcd v3 JSON gateway of any member of one cluster.
+
+    One shared `aiohttp.ClientSession` serves every cluster (its connector bounds concurrency); this
+    object only carries the cluster's TLS context and default timeout.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        self._session = session
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._server_name = server_name
+        self.timeout_seconds = timeout_seconds
+
+    async def _post(
+        self, endpoint: str, path: str, payload: Mapping[str, Any], timeout: float | None
+    ) -> dict[str, Any]:
+        url = endpoint.rstrip("/") + path
+        seconds = timeout if timeout is not None else self.timeout_seconds
+        try:
+            async with self._session.post(
+                url,
+                json=payload,
+                ssl=self._ssl,
+                server_hostname=self._server_name,
+                timeout=aiohttp.ClientTimeout(total=seconds),
+            ) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                if not isinstance(body, dict):
+                    raise EtcdApiError(
+                        endpoint,
+                        f"{path}: HTTP {response.status}, not a JSON object",
+                        http_status=response.status,
+                    )
+                if response.status != 200 or "error" in body:
+                    message = str(body.get("message") or body.get("error") or response.reason)
+                    raise EtcdApiError(
+                        endpoint,
+                        f"{path}: {message}",
+                        code=_int(body.get("code")),
+                        http_status=response.status,
+                    )
+                return body
+        except TimeoutError as exc:
+            raise EtcdUnavailable(endpoint, f"{path}: no answer within {seconds:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise EtcdUnavailable(endpoint, f"{path}: {exc}") from exc
+
+    async def status(self, endpoint: str, *, timeout: float | None = None) -> MemberStatus:
+        """The member's status: its id, the leader it follows, database sizes, raft indexes."""
+        return parse_status(endpoint, await self._post(endpoint, "/v3/maintenance/status", {}, timeout))
+
+    async def members(self, endpoint: str, *, timeout: float | None = None) -> list[Member]:
+        """The member list as this member sees it."""
+        # linearizable=true so a partitioned member cannot hand us a stale list (etcd >= 3.5; 3.4 ignores it).
+        body = await self._post(endpoint, "/v3/cluster/member/list", {"linearizable": True}, timeout)
+        return parse_members(body)
+
+    async def alarms(self, endpoint: str, *, timeout: float | None = None) -> list[Alarm]:
+        """Active alarms of the whole cluster (any member answers for all)."""
+        body = await self._post(endpoint, "/v3/maintenance/alarm", {"action": "GET"}, timeout)
+        return parse_alarms(body)
+
+    async def disarm(self, endpoint: str, alarm: Alarm, *, timeout: float | None = None) -> None:
+        """Deactivate one alarm (etcd then re-raises NOSPACE by itself if the member is still full)."""
+        payload = {
+            "action": "DEACTIVATE",
+            "memberID": str(alarm.member_id),
+            "alarm": alarm.kind.value,
+        }
+        await self._post(endpoint, "/v3/maintenance/alarm", payload, timeout)
+
+    async def linearizable_read(self, endpoint: str, *, timeout: float | None = None) -> int:
+        """A quorum read through this member; returns the cluster's current revision.
+
+        It succeeds only when the member is connected to a leader with a quorum, which is what
+        `etcdctl endpoint health` checks too.
+        """
+        payload = {"key": base64.b64encode(b"health").decode(), "limit": 1, "count_only": True}
+        body = await self._post(endpoint, "/v3/kv/range", payload, timeout)
+        return _int((body.get("header") or {}).get("revision"))
+
+    async def compact(
+        self, endpoint: str, revision: int, *, physical: bool = True, timeout: float | None = None
+    ) -> bool:
+        """Compact history up to `revision`; False when it was already compacted that far."""
+        payload = {"revision": str(revision), "physical": physical}
+        try:
+            await self._post(endpoint, "/v3/kv/compaction", payload, timeout)
+        except EtcdApiError as exc:
+            if exc.code == _GRPC_OUT_OF_RANGE and "compacted" in exc.message:
+                return False
+            raise
+        return True
+
+    async def defragment(self, endpoint: str, *, timeout: float) -> None:
+        """Defragment this one member; it blocks the member's reads and writes while it runs."""
+        await self._post(endpoint, "/v3/maintenance/defragment", {}, timeout)
+
+    async def move_leader(self, endpoint: str, target_id: int, *, timeout: float | None = None) -> None:
+        """Ask the leader (`endpoint` must be the leader) to hand leadership to `target_id`."""
+        payload = {"targetID": str(target_id)}
+        await self._post(endpoint, "/v3/maintenance/transfer-leadership", payload, timeout)
+
+    async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None:
+        """The backend quota from the member's `/metrics`, reading only until the quota line.
+
+        The page is ~150 kB; the quota gauge sits in the middle of it, so we stream lines and stop
+        there rather than parse the whole exposition.
+        """
+        url = endpoint.rstrip("/") + "/metrics"
+        seconds = timeout if timeout is not None else self.timeout_seconds
+        try:
+            async with self._session.get(
+                url,
+                ssl=self._ssl,
+                server_hostname=self._server_name,
+                timeout=aiohttp.ClientTimeout(total=seconds),
+            ) as response:
+                if response.status != 200:
+                    raise EtcdApiError(
+                        endpoint, f"/metrics: HTTP {response.status}", http_status=response.status
+                    )
+                async for raw in response.content:
+                    quota = parse_quota_line(raw.decode("utf-8", "replace"))
+                    if quota is not None:
+                        return quota
+                return None
+        except TimeoutError as exc:
+            raise EtcdUnavailable(endpoint, f"/metrics: no answer within {seconds:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise EtcdUnavailable(endpoint, f"/metrics: {exc}") from exc

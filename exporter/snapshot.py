@@ -1,0 +1,153 @@
+"""Observing a cluster without changing it: members, statuses, quota, alarms, rule verdicts.
+
+`etcd-autodefrag status` prints one snapshot; the service keeps the latest snapshot of every cluster
+and exports it on /metrics. Every member is asked concurrently with its own timeout, so a dead member
+costs one timeout, not one per member, and never hides the others.
+"""
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from exporter import clock
+from exporter.etcd import EtcdApi, EtcdError
+from exporter.model import Alarm, Member, MemberStatus
+from exporter.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
+from exporter.rule import Rule
+from exporter.settings import ClusterConfig
+
+
+@dataclass(frozen=True)
+class MemberSnapshot:
+    """One member as last seen: its status (None when it did not answer) and the rule's verdict."""
+
+    member: Member
+    endpoint: str
+    status: MemberStatus | None
+    error: str | None = None
+    verdict: Verdict | None = None
+
+    @property
+    def up(self) -> bool:
+        """Whether the member answered this time."""
+        return self.status is not None
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Everything observed about one cluster in one refresh."""
+
+    cluster: str
+    taken_at: datetime
+    members: tuple[MemberSnapshot, ...] = ()
+    alarms: tuple[Alarm, ...] = ()
+    leader_id: int = 0
+    error: str | None = None  # set when not even the member list could be read
+
+
+@dataclass
+class QuotaCache:
+    """Quota per endpoint, read from a member's /metrics once: it changes only with a restart.
+
+    An entry is dropped when its member stops answering (it may come back with another quota) and
+    otherwise kept for `max_age_seconds`.
+    """
+
+    max_age_seconds: float = 600.0
+    _entries: dict[str, tuple[int | None, float]] = field(default_factory=dict)
+
+    def get(self, endpoint: str) -> tuple[bool, int | None]:
+        """(known, quota) for an endpoint."""
+        entry = self._entries.get(endpoint)
+        if entry is None or clock.monotonic() - entry[1] > self.max_age_seconds:
+            return False, None
+        return True, entry[0]
+
+    def put(self, endpoint: str, quota: int | None) -> None:
+        """Remember what the endpoint's metrics said (None: no quota line there)."""
+        self._entries[endpoint] = (quota, clock.monotonic())
+
+    def forget(self, endpoint: str) -> None:
+        """Drop an endpoint, e.g. after it failed to answer."""
+        self._entries.pop(endpoint, None)
+
+
+async def member_status(
+    client: EtcdApi, cluster: ClusterConfig, endpoint: str, quotas: QuotaCache
+) -> MemberStatus:
+    """A member's status with the quota it runs with (status field, metrics page, or configured)."""
+    try:
+        status = await client.status(endpoint)
+    except EtcdError:
+        quotas.forget(endpoint)
+        raise
+    metrics_quota = None
+    if not status.quota_bytes:
+        known, metrics_quota = quotas.get(endpoint)
+        if not known:
+            try:
+                metrics_quota = await client.quota_from_metrics(endpoint)
+                quotas.put(endpoint, metrics_quota)
+            except EtcdError:
+                metrics_quota = None  # retried on the next refresh; the configured value covers
+    configured = int(cluster.quota_bytes) if cluster.quota_bytes else None
+    return with_quota(status, metrics_quota=metrics_quota, configured_quota=configured)
+
+
+async def discover_members(client: EtcdApi, cluster: ClusterConfig) -> list[Member]:
+    """The member list from the first endpoint that answers, or members for the static endpoints."""
+    errors = []
+    for endpoint in cluster.endpoints:
+        try:
+            members = await client.members(endpoint)
+        except EtcdError as exc:
+            errors.append(str(exc))
+            continue
+        if cluster.discover_members:
+            return members
+        by_url = {url: m for m in members for url in m.client_urls}
+        return [
+            by_url.get(e) or Member(id=0, name=e, peer_urls=(), client_urls=(e,)) for e in cluster.endpoints
+        ]
+    raise EtcdError(cluster.endpoints[0], "no endpoint answered: " + "; ".join(errors))
+
+
+async def observe_cluster(
+    client: EtcdApi,
+    cluster: ClusterConfig,
+    rule: Rule,
+    quotas: QuotaCache,
+    *,
+    members: Sequence[Member] | None = None,
+) -> ClusterSnapshot:
+    """One snapshot of a cluster; never raises for etcd failures, it records them."""
+    taken_at = clock.utcnow()
+    if members is None:
+        try:
+            members = await discover_members(client, cluster)
+        except EtcdError as exc:
+            return ClusterSnapshot(cluster.name, taken_at, error=exc.message)
+
+    async def one(member: Member) -> MemberSnapshot:
+        endpoint = endpoint_for(member, cluster.endpoints)
+        if endpoint is None:
+            return MemberSnapshot(member, "", None, "member has no client URL (not started yet?)")
+        try:
+            status = await member_status(client, cluster, endpoint, quotas)
+        except EtcdError as exc:
+            return MemberSnapshot(member, endpoint, None, exc.message)
+        return MemberSnapshot(member, endpoint, status, None, evaluate(rule, status))
+
+    unique = {(m.id or m.client_urls): m for m in members}  # one member behind two endpoints
+    snapshots = await asyncio.gather(*(one(m) for m in unique.values()))
+    alarms: list[Alarm] = []
+    for snap in snapshots:
+        if snap.up:
+            try:
+                alarms = await client.alarms(snap.endpoint)
+                break
+            except EtcdError:
+                continue
+    leader = leader_of(s.status for s in snapshots if s.status is not None)
+    return ClusterSnapshot(cluster.name, taken_at, tuple(snapshots), tuple(alarms), leader)
