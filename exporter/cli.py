@@ -11,6 +11,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from exporter.engine import DefragEngine, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
 from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
 from exporter.settings import (
+    DEFAULT_ENDPOINT,
     ENV_PREFIX,
     ClusterConfig,
     ConfigError,
@@ -101,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a table of the members: sizes, fragmentation, quota usage, rule verdict",
     )
     status.add_argument("--output", choices=["table", "json"], default="table")
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve /metrics for every configured cluster (and the Alertmanager webhook)",
+        description="Without a config file: one cluster 'local' at " + DEFAULT_ENDPOINT + ".",
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
     return parser
 
 
@@ -296,11 +306,56 @@ def _num(value: int | None) -> str:
     return str(value) if value is not None else "-"
 
 
+def serve(settings: Settings, config_file: Path | None) -> int:
+    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file."""
+    from aiohttp import web
+
+    from exporter.app import REFRESHER, create_app
+
+    clusters = settings.clusters
+    if not clusters:
+        clusters = [default_cluster()]
+        log.info(
+            "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
+            DEFAULT_ENDPOINT,
+        )
+    app = create_app(settings, clusters=clusters)
+
+    async def reload_on_sighup(app: web.Application) -> None:
+        def reload() -> None:
+            try:
+                fresh = load_settings(config_file)
+            except ConfigError as exc:
+                log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
+                return
+            app[REFRESHER].reconfigure(fresh.clusters or [default_cluster()])
+            log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
+
+        if config_file is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+
+    app.on_startup.append(reload_on_sighup)
+    log.info(
+        "serving /metrics for %d clusters (%s) on http://%s:%d",
+        len(clusters),
+        ", ".join(c.name for c in clusters),
+        settings.listen_host,
+        settings.listen_port,
+    )
+    try:
+        web.run_app(app, host=settings.listen_host, port=settings.listen_port, print=None, access_log=None)
+    except OSError as exc:
+        print(f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etcd-autodefrag` console script."""
     args = build_parser().parse_args(argv)
+    overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
     try:
-        settings = load_settings(args.config) if args.config else load_settings()
+        settings = load_settings(args.config, **overrides)
     except ConfigError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -308,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt=args.log_format or settings.log_format.value, level=args.log_level or settings.log_level
     )
     try:
+        if args.command == "serve":
+            return serve(settings, args.config)
         cluster = cluster_from_args(args, settings)
         if args.command == "defrag":
             report = asyncio.run(run_defrag(args, cluster))

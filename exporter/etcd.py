@@ -7,6 +7,7 @@ We never shell out to etcdctl: one HTTP session serves hundreds of clusters.
 """
 
 import base64
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ def _int(value: Any) -> int:
 def parse_status(endpoint: str, body: Mapping[str, Any]) -> MemberStatus:
     """A MemberStatus from a `/v3/maintenance/status` reply."""
     header = body.get("header") or {}
+    errors = tuple(str(e) for e in body.get("errors") or ())
     return MemberStatus(
         endpoint=endpoint,
         member_id=_int(header.get("member_id")),
@@ -86,8 +88,22 @@ def parse_status(endpoint: str, body: Mapping[str, Any]) -> MemberStatus:
         raft_term=_int(body.get("raftTerm")),
         is_learner=bool(body.get("isLearner", False)),
         quota_bytes=_int(body.get("dbSizeQuota")),  # etcd >= 3.6
-        errors=tuple(str(e) for e in body.get("errors") or ()),
+        errors=errors,
+        alarms=tuple(a for a in map(parse_alarm_error, errors) if a is not None),
     )
+
+
+# etcd's Status adds one `AlarmMember.String()` per active alarm to `errors`, e.g.
+# "memberID:5925017834310168007 alarm:NOSPACE " (server/etcdserver/api/v3rpc/maintenance.go).
+_ALARM_ERROR = re.compile(r"memberID:(\d+)\s+alarm:([A-Z]+)")
+
+
+def parse_alarm_error(error: str) -> Alarm | None:
+    """An alarm from one entry of a status reply's `errors`, if it is one."""
+    match = _ALARM_ERROR.search(error)
+    if match is None or match.group(2) not in AlarmKind.__members__:
+        return None
+    return Alarm(member_id=int(match.group(1)), kind=AlarmKind(match.group(2)))
 
 
 def parse_members(body: Mapping[str, Any]) -> list[Member]:

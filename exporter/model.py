@@ -49,6 +49,8 @@ class MemberStatus:
     # Quota as the member itself reports it (status on etcd >= 3.6, else its metrics page); 0 = unknown.
     quota_bytes: int = 0
     errors: tuple[str, ...] = ()
+    # Active alarms of the whole cluster: etcd lists them in the status reply's `errors`.
+    alarms: tuple[Alarm, ...] = ()
 
     @property
     def is_leader(self) -> bool:

@@ -113,7 +113,9 @@ def evaluate(rule: Rule, status: MemberStatus, *, nospace: bool = False) -> Verd
     the documented way out (etcd maintenance guide, "space quota"), so the rule is not consulted.
     Its figures may also be stale then: freed pages show as free only after the next write commits.
     """
-    if nospace and not status.is_learner:
+    if status.is_learner:
+        return Verdict(False, "learner: not a voting member, not defragmented")
+    if nospace:
         return Verdict(True, "NOSPACE alarm active: defragmenting to recover")
     needs_quota = rule.variables_used() & {"dbQuota", "dbQuotaUsage"}
     if needs_quota and not status.quota_bytes:

@@ -24,7 +24,6 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
 from exporter.rule import RuleSyntaxError, parse_rule
@@ -32,6 +31,9 @@ from exporter.rule import RuleSyntaxError, parse_rule
 ENV_PREFIX = "ETCD_AUTODEFRAG_"
 DEFAULT_CLUSTER_NAME = "local"
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+# 9479: clear of etcd's own 2379 (client), 2380 (peer) and 2381 (kubeadm metrics) ports.
+DEFAULT_LISTEN_PORT = 9479
 # Names end up in Kubernetes object names and label values (`etcd-defrag-<name>`, at most 63 chars).
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 40
@@ -176,11 +178,44 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
     )
-    yaml_path: ClassVar[Path | None] = None
+    file_data: ClassVar[dict[str, Any]] = {}
 
     log_format: LogFormat = LogFormat.TEXT
     log_level: str = "INFO"
     clusters: list[ClusterConfig] = Field(default_factory=list)
+
+    # --- the service (`etcd-autodefrag serve`) ---
+    listen_address: str = Field(
+        default=f"{DEFAULT_LISTEN_HOST}:{DEFAULT_LISTEN_PORT}",
+        description="host:port for /metrics, /healthz, /readyz and the webhook.",
+    )
+    scrape_budget_seconds: PositiveSeconds = Field(
+        default=4.0, description="Longest a scrape waits for fresh data; keep it below scrape_timeout."
+    )
+    min_refresh_interval_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=1.0, description="Scrapes closer together than this share one refresh."
+    )
+    background_refresh_seconds: PositiveSeconds = Field(
+        default=30.0, description="Refresh at least this often even when nobody scrapes."
+    )
+    member_list_refresh_seconds: PositiveSeconds = 60.0
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
+
+    @field_validator("listen_address")
+    @classmethod
+    def _valid_listen(cls, address: str) -> str:
+        split_listen_address(address)
+        return address
+
+    @property
+    def listen_host(self) -> str:
+        """Host part of listen_address."""
+        return split_listen_address(self.listen_address)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """Port part of listen_address."""
+        return split_listen_address(self.listen_address)[1]
 
     @field_validator("log_level")
     @classmethod
@@ -209,10 +244,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls.yaml_path))
-        return tuple(sources)
+        return init_settings, env_settings, _FileSource(settings_cls, cls.file_data)
 
     def cluster(self, name: str) -> ClusterConfig:
         """The configured cluster of that name, or a ConfigError listing the known ones."""
@@ -223,6 +255,14 @@ class Settings(BaseSettings):
         raise ConfigError(f"cluster {name!r} is not in the configuration (configured: {known})")
 
 
+def split_listen_address(address: str) -> tuple[str, int]:
+    """("0.0.0.0", 9479) from "0.0.0.0:9479"; IPv6 as "[::1]:9479"."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port with a port from 1 to 65535; got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def default_cluster() -> ClusterConfig:
     """The cluster used when nothing is configured: one local member on etcd's default port."""
     return ClusterConfig(name=DEFAULT_CLUSTER_NAME, endpoints=[DEFAULT_ENDPOINT])
@@ -230,25 +270,41 @@ def default_cluster() -> ClusterConfig:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from env and the optional YAML file; raises ConfigError with readable messages."""
-    if config_file is not None:
-        _check_yaml(config_file)
-    settings_cls = type("FileSettings", (Settings,), {"yaml_path": config_file})
+    data = _read_yaml(config_file) if config_file is not None else {}
+    settings_cls = type("FileSettings", (Settings,), {"file_data": data})
     try:
         return settings_cls(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=config_file)) from None
 
 
-def _check_yaml(path: Path) -> None:
-    """Fail with a plain message for a missing, unreadable or non-mapping YAML file."""
+class _FileSource(PydanticBaseSettingsSource):
+    """The YAML file's top-level mapping, below env vars in precedence."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The file's mapping; a plain message for a missing, unreadable or non-mapping YAML file."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping with a 'clusters' list")
+    return data
 
 
 def format_validation_error(exc: ValidationError, *, source: Path | None = None) -> str:

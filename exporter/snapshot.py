@@ -12,7 +12,7 @@ from datetime import datetime
 
 from exporter import clock
 from exporter.etcd import EtcdApi, EtcdError
-from exporter.model import Alarm, Member, MemberStatus
+from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
 from exporter.rule import Rule
 from exporter.settings import ClusterConfig
@@ -121,7 +121,11 @@ async def observe_cluster(
     *,
     members: Sequence[Member] | None = None,
 ) -> ClusterSnapshot:
-    """One snapshot of a cluster; never raises for etcd failures, it records them."""
+    """One snapshot of a cluster; never raises for etcd failures, it records them.
+
+    One status call per member is all it takes: the reply carries the leader, the sizes and the
+    cluster's active alarms. `members` (a cached member list) saves the member-list round trip.
+    """
     taken_at = clock.utcnow()
     if members is None:
         try:
@@ -129,25 +133,30 @@ async def observe_cluster(
         except EtcdError as exc:
             return ClusterSnapshot(cluster.name, taken_at, error=exc.message)
 
-    async def one(member: Member) -> MemberSnapshot:
+    async def one(member: Member) -> tuple[Member, str, MemberStatus | str]:
         endpoint = endpoint_for(member, cluster.endpoints)
         if endpoint is None:
-            return MemberSnapshot(member, "", None, "member has no client URL (not started yet?)")
+            return member, "", "member has no client URL (not started yet?)"
         try:
-            status = await member_status(client, cluster, endpoint, quotas)
+            return member, endpoint, await member_status(client, cluster, endpoint, quotas)
         except EtcdError as exc:
-            return MemberSnapshot(member, endpoint, None, exc.message)
-        return MemberSnapshot(member, endpoint, status, None, evaluate(rule, status))
+            return member, endpoint, exc.message
 
     unique = {(m.id or m.client_urls): m for m in members}  # one member behind two endpoints
-    snapshots = await asyncio.gather(*(one(m) for m in unique.values()))
-    alarms: list[Alarm] = []
-    for snap in snapshots:
-        if snap.up:
-            try:
-                alarms = await client.alarms(snap.endpoint)
-                break
-            except EtcdError:
-                continue
-    leader = leader_of(s.status for s in snapshots if s.status is not None)
-    return ClusterSnapshot(cluster.name, taken_at, tuple(snapshots), tuple(alarms), leader)
+    answers = await asyncio.gather(*(one(m) for m in unique.values()))
+    statuses = [a for _, _, a in answers if isinstance(a, MemberStatus)]
+    alarms = {alarm for status in statuses for alarm in status.alarms}
+    nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms)
+    snapshots = tuple(
+        MemberSnapshot(member, endpoint, answer, None, evaluate(rule, answer, nospace=nospace))
+        if isinstance(answer, MemberStatus)
+        else MemberSnapshot(member, endpoint, None, answer)
+        for member, endpoint, answer in answers
+    )
+    return ClusterSnapshot(
+        cluster.name,
+        taken_at,
+        snapshots,
+        tuple(sorted(alarms, key=lambda a: (a.member_id, a.kind))),
+        leader_of(statuses),
+    )
