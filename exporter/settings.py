@@ -95,6 +95,14 @@ DEFAULT_THRESHOLDS = Thresholds(
 )
 
 
+class KubernetesTarget(_Model):
+    """Where and how this cluster's defrag Job runs on Kubernetes (owned by exporter/jobs.py, kube.py)."""
+
+
+class AlertRouting(_Model):
+    """Which Alertmanager alerts belong to this cluster (owned by exporter/routing.py)."""
+
+
 class ClusterConfig(_Model):
     """One etcd cluster we watch and may defragment."""
 
@@ -118,6 +126,8 @@ class ClusterConfig(_Model):
     continue_on_error: bool = False
     disarm_below_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
     paused: bool = False
+    alerts: AlertRouting = Field(default_factory=AlertRouting)
+    kubernetes: KubernetesTarget | None = None
 
     @field_validator("name")
     @classmethod
@@ -169,6 +179,14 @@ class ClusterConfig(_Model):
         return self
 
 
+class WebhookSettings(_Model):
+    """The Alertmanager webhook: authentication, limits, which alerts act (owned by exporter/webhook.py)."""
+
+
+class ExecutorSettings(_Model):
+    """How a launched defrag runs: a Kubernetes Job or a local subprocess (owned by exporter/executors.py)."""
+
+
 class Settings(BaseSettings):
     """Everything the service and the CLI read at start-up."""
 
@@ -200,6 +218,8 @@ class Settings(BaseSettings):
     )
     member_list_refresh_seconds: PositiveSeconds = 60.0
     max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
 
     @field_validator("listen_address")
     @classmethod
