@@ -1,0 +1,96 @@
+"""Parsing etcd's JSON gateway replies: strings for 64-bit ints, omitted zero values."""
+
+import pytest
+
+from exporter.etcd import parse_alarm_error, parse_alarms, parse_members, parse_quota_line, parse_status
+from exporter.model import Alarm, AlarmKind
+
+# Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
+STATUS_NOSPACE = {
+    "header": {"cluster_id": "17491670987244668264", "member_id": "17783827971225459260", "revision": "496"},
+    "version": "3.4.23",
+    "dbSize": "31764480",
+    "leader": "3139280975184511874",
+    "raftIndex": "524",
+    "raftTerm": "2",
+    "raftAppliedIndex": "524",
+    "errors": ["memberID:5925017834310168007 alarm:NOSPACE ", "memberID:3139280975184511874 alarm:NOSPACE "],
+    "dbSizeInUse": "26705920",
+}
+
+
+def test_status_with_alarms() -> None:
+    s = parse_status("http://a:2379", STATUS_NOSPACE)
+    assert s.member_id == 17783827971225459260
+    assert s.leader_id == 3139280975184511874
+    assert s.cluster_id == 17491670987244668264
+    assert (s.db_size_bytes, s.db_size_in_use_bytes) == (31764480, 26705920)
+    assert (s.raft_index, s.raft_applied_index, s.raft_term) == (524, 524, 2)
+    assert s.quota_bytes == 0
+    assert not s.is_leader
+    assert s.alarms == (
+        Alarm(5925017834310168007, AlarmKind.NOSPACE),
+        Alarm(3139280975184511874, AlarmKind.NOSPACE),
+    )
+
+
+def test_status_omitted_zero_values_and_36_quota() -> None:
+    s = parse_status(
+        "e", {"header": {"member_id": "7"}, "leader": "7", "dbSize": "100", "dbSizeQuota": "8589934592"}
+    )
+    assert s.is_leader
+    assert s.raft_applied_index == 0
+    assert s.quota_bytes == 8 * 1024**3
+    assert s.db_size_in_use_bytes == 100  # no dbSizeInUse (etcd < 3.4): nothing counted as free
+    assert s.alarms == ()
+
+
+def test_status_learner() -> None:
+    assert parse_status("e", {"isLearner": True}).is_learner
+
+
+@pytest.mark.parametrize(
+    ("text", "alarm"),
+    [
+        ("memberID:12 alarm:CORRUPT ", Alarm(12, AlarmKind.CORRUPT)),
+        ("etcdserver: no leader", None),
+        ("memberID:12 alarm:SOMETHINGNEW ", None),
+    ],
+)
+def test_alarm_errors(text: str, alarm: Alarm | None) -> None:
+    assert parse_alarm_error(text) == alarm
+
+
+def test_members_with_learner_and_unstarted_member() -> None:
+    body = {
+        "members": [
+            {"ID": "1", "name": "a", "peerURLs": ["http://p"], "clientURLs": ["http://c"]},
+            {"ID": "2", "peerURLs": ["http://q"], "isLearner": True},
+        ]
+    }
+    a, b = parse_members(body)
+    assert (a.id, a.name, a.client_urls, a.is_learner) == (1, "a", ("http://c",), False)
+    assert (b.name, b.client_urls, b.is_learner) == ("", (), True)
+    assert parse_members({}) == []
+
+
+def test_alarm_list() -> None:
+    body = {"alarms": [{"memberID": "5", "alarm": "NOSPACE"}, {"memberID": "6"}]}
+    assert parse_alarms(body) == [Alarm(5, AlarmKind.NOSPACE)]  # "alarm" omitted = NONE
+    assert parse_alarms({}) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "quota"),
+    [
+        ("etcd_server_quota_backend_bytes 1.6777216e+07\n", 16777216),
+        ("etcd_server_quota_backend_bytes 8.589934592e+09", 8589934592),
+        ('etcd_server_quota_backend_bytes{x="y"} 2048', 2048),
+        ("etcd_server_quota_backend_bytes_total 5", None),
+        ("# HELP etcd_server_quota_backend_bytes Current backend storage quota size in bytes.", None),
+        ("etcd_server_quota_backend_bytes", None),
+        ("etcd_server_quota_backend_bytes garbage", None),
+    ],
+)
+def test_quota_line(line: str, quota: int | None) -> None:
+    assert parse_quota_line(line) == quota

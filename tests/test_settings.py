@@ -1,0 +1,157 @@
+"""Settings: the YAML cluster list, env overrides, and start-up errors that name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from exporter.settings import ConfigError, Settings, load_settings
+
+VALID = """
+log_level: debug
+clusters:
+  - name: tenant-a
+    endpoints: [https://10.0.0.1:2379, https://10.0.0.2:2379/]
+    tls: {ca_file: /ca.crt, cert_file: /c.crt, key_file: /c.key}
+    rule: "dbQuotaUsage > 0.8 || dbSize - dbSizeInUse > 200*1024*1024"
+    quota_bytes: 8GiB
+  - name: tenant-b
+    endpoints: [http://127.0.0.1:2379]
+    thresholds: {min_free_bytes: 100MiB, min_fragmentation_ratio: 0.5}
+    paused: true
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, VALID))
+    assert settings.log_level == "DEBUG"
+    a, b = settings.clusters
+    assert a.endpoints == ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+    assert a.quota_bytes == 8 * 1024**3
+    assert b.thresholds is not None
+    assert b.thresholds.min_free_bytes == 100 * 1024**2
+    assert b.paused
+    assert settings.cluster("tenant-b") is b
+
+
+def test_env_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LOG_LEVEL", "warning")
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LISTEN_ADDRESS", "0.0.0.0:9000")
+    settings = load_settings(write(tmp_path, VALID))
+    assert settings.log_level == "WARNING"
+    assert (settings.listen_host, settings.listen_port) == ("0.0.0.0", 9000)
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings()
+    assert settings.clusters == []
+    assert settings.listen_address == "127.0.0.1:9479"
+
+
+def test_unknown_cluster_lists_the_configured_ones(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"'nope' is not in the configuration \(configured: tenant-a, tenant-b\)"
+    ):
+        load_settings(write(tmp_path, VALID)).cluster("nope")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "messages"),
+    [
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: 'dbSize >'\n",
+            ["clusters[0].rule: invalid defrag rule at column", "dbSize >"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: 'dbsize > 1'\n",
+            ["clusters[0].rule", "dbSize"],
+        ),
+        (
+            "clusters:\n  - name: Tenant_A\n    endpoints: [http://x:2379]\n",
+            ["clusters[0].name: must be lowercase letters"],
+        ),
+        ("clusters:\n  - name: a\n    endpoints: []\n", ["clusters[0].endpoints"]),
+        (
+            "clusters:\n  - name: a\n    endpoints: [ftp://x]\n",
+            ["clusters[0].endpoints: 'ftp://x' is not a client URL"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379/v3]\n",
+            ["must not have a path"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:99999]\n",
+            ["clusters[0].endpoints", "99999"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    tls: {ca_file: /ca}\n",
+            ["tls is configured but endpoint 'http://x:2379' is plain http"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [https://x:2379]\n    tls: {cert_file: /c}\n",
+            ["cert_file and key_file must be set together"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: 'true'\n"
+            "    thresholds: {min_free_bytes: 1}\n",
+            ["set either 'rule' or 'thresholds', not both"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    member_timout_seconds: 5\n",
+            ["clusters[0].member_timout_seconds: unknown setting (check the spelling)"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    deadline_seconds: -1\n",
+            ["clusters[0].deadline_seconds: Input should be greater than 0"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n"
+            "    thresholds: {min_fragmentation_ratio: 1.5}\n",
+            ["clusters[0].thresholds.min_fragmentation_ratio"],
+        ),
+        (
+            "clusters:\n  - {name: a, endpoints: ['http://x:2379']}\n  - {name: a, endpoints: ['http://y:2379']}\n",
+            ["cluster name 'a' appears twice"],
+        ),
+        ("listen_address: nowhere\n", ["listen_address: must be host:port"]),
+        ("clusters: 3\n", ["clusters: Input should be a valid list"]),
+    ],
+)
+def test_invalid_config_names_field_and_problem(tmp_path: Path, yaml_text: str, messages: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, yaml_text))
+    text = str(caught.value)
+    assert text.startswith(f"invalid configuration in {tmp_path / 'config.yaml'}:")
+    for message in messages:
+        assert message in text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read config file"),
+        ("clusters: [\n", "is not valid YAML"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path)
+
+
+def test_empty_file_is_no_clusters(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")).clusters == []
+
+
+def test_settings_are_immutable() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.log_level = "DEBUG"  # type: ignore[misc]
