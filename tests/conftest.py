@@ -1,0 +1,77 @@
+"""Shared fixtures: real etcd clusters on loopback (see tests/etcd_harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from etcd_harness import EtcdCluster, EtcdHarnessError, start_cluster
+
+
+def _start(tmp_root: Path, **options: bool) -> EtcdCluster:
+    try:
+        return start_cluster(tmp_root, **options)
+    except EtcdHarnessError as error:
+        # Missing binaries or a cluster that would not come up: fail loudly, never skip.
+        pytest.fail(str(error), pytrace=False)
+
+
+def _damage(cluster: EtcdCluster) -> list[str]:
+    """What a test left broken in a cluster other tests share."""
+    stopped = [member.name for member in cluster.members if not member.running]
+    problems = [f"members stopped: {stopped}"] if stopped else []
+    if not stopped and (alarms := cluster.alarms()):
+        problems.append(f"alarms raised: {alarms}")
+    return problems
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One healthy 3-member plain-HTTP cluster (32 MiB quota) for the whole session; use via `etcd`."""
+    cluster = _start(tmp_path_factory.mktemp("etcd-shared"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The shared cluster, checked healthy before the test and intact after it.
+
+    Tests that stop members or fill the quota must use `fresh_etcd_cluster` instead; one that damages
+    the shared cluster anyway fails at teardown, and stopped members are restarted so that the
+    following tests are not blamed for it.
+    """
+    if problems := _damage(etcd_cluster):
+        pytest.fail(f"shared etcd cluster is damaged: {'; '.join(problems)}", pytrace=False)
+    etcd_cluster.wait_healthy()
+    yield etcd_cluster
+    if problems := _damage(etcd_cluster):
+        etcd_cluster.start()
+        pytest.fail(
+            f"test damaged the shared etcd cluster ({'; '.join(problems)}); "
+            "use the fresh_etcd_cluster fixture for that",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def fresh_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A new 3-member cluster (32 MiB quota) the test may stop, kill or fill."""
+    cluster = _start(tmp_path_factory.mktemp("etcd-fresh"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A 3-member cluster whose clients must present a certificate (`cluster.tls`)."""
+    cluster = _start(tmp_path_factory.mktemp("etcd-tls"), tls=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
