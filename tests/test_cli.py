@@ -1,0 +1,193 @@
+"""The command line: defrag and status against real etcd, TLS, exit codes, messages for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from etcd_harness import EtcdCluster
+
+from exporter.cli import main
+
+pytestmark = pytest.mark.etcd
+
+
+def tls_flags(cluster: EtcdCluster) -> list[str]:
+    assert cluster.tls is not None
+    return [
+        "--cacert",
+        str(cluster.tls.ca_file),
+        "--cert",
+        str(cluster.tls.cert_file),
+        "--key",
+        str(cluster.tls.key_file),
+    ]
+
+
+def test_defrag_json_report(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    etcd.churn()
+    code = main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["result"] == "success"
+    assert report["exit_code"] == 0
+    assert len(report["members"]) == 3
+    assert report["members"][-1]["leader"] is True
+    assert report["reclaimed_bytes"] == sum(m["reclaimed_bytes"] for m in report["members"]) > 0
+    for member in report["members"]:
+        assert set(member) >= {
+            "endpoint",
+            "id",
+            "leader",
+            "size_before_bytes",
+            "size_after_bytes",
+            "in_use_before_bytes",
+            "reclaimed_bytes",
+            "duration_seconds",
+            "outcome",
+        }
+
+
+def test_defrag_over_tls(tls_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = tls_etcd_cluster
+    cluster.churn()
+    args = ["defrag", "--endpoints", cluster.endpoints[0], *tls_flags(cluster), "--rule", "dbSizeFree > 0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("defragmented") == 3
+
+
+def test_tls_cluster_without_client_cert_is_refused(
+    tls_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert tls_etcd_cluster.tls is not None
+    args = [
+        "defrag",
+        "--endpoints",
+        tls_etcd_cluster.endpoints[0],
+        "--cacert",
+        str(tls_etcd_cluster.tls.ca_file),
+    ]
+    assert main([*args, "--request-timeout", "2"]) == 3
+    assert "no configured endpoint answered" in capsys.readouterr().err
+
+
+def test_status_table(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    etcd.churn()
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1]
+    for column in (
+        "ENDPOINT",
+        "DB SIZE",
+        "IN USE",
+        "FREE",
+        "FRAG",
+        "QUOTA USE",
+        "LEADER",
+        "ALARMS",
+        "DEFRAG?",
+    ):
+        assert column in header
+    rows = [line for line in out.splitlines() if line.startswith("| http")]
+    assert len(rows) == 3
+    assert sum(" true " in row.split("|")[10] for row in rows) == 1  # one leader
+    assert all("| 32.0 MiB |" in row for row in rows)  # the quota, read from the members
+
+
+def test_status_json_agrees_with_etcd(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--output", "json"]) == 0
+    rows = {r["endpoint"]: r for r in json.loads(capsys.readouterr().out)}
+    statuses = {m.client_url: m.status() for m in etcd.members}
+    assert set(rows) == set(statuses)
+    leader = etcd.leader().client_url
+    for endpoint, row in rows.items():
+        assert row["quota_bytes"] == etcd.quota_bytes
+        assert row["is_leader"] == (endpoint == leader)
+        assert row["db_size_bytes"] > 0
+        assert row["db_free_bytes"] == row["db_size_bytes"] - row["db_size_in_use_bytes"]
+
+
+def test_status_with_a_stopped_member(
+    fresh_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fresh_etcd_cluster.members[2].stop()
+    code = main(["status", "--endpoints", fresh_etcd_cluster.endpoints[0], "--request-timeout", "1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.count("| http") == 3
+    assert "Connect" in out or "connect" in out  # the reason for the missing member is shown
+
+
+def test_cluster_from_config_file(
+    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"clusters:\n  - name: shared\n    endpoints: [{etcd.endpoints[1]}]\n    rule: 'false'\n"
+    )
+    assert main(["defrag", "--config", str(config), "--cluster", "shared", "--output", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["result"] == "nothing_to_do"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--rule", "dbSize >"],
+            "invalid defrag rule at column",
+        ),
+        (["defrag", "--endpoints", "ftp://x"], "is not a client URL"),
+        (["defrag", "--endpoints", "http://127.0.0.1:1", "--cert", "/c"], "cert_file and key_file"),
+        (
+            ["defrag", "--endpoints", "https://127.0.0.1:1", "--cacert", "/nonexistent"],
+            "cannot load TLS files",
+        ),
+        (["defrag", "--cluster", "nope"], "'nope' is not in the configuration"),
+        (["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "-1"], "deadline_seconds"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ETCD_AUTODEFRAG_CONFIG", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    paused: maybe\n")
+    assert main(["status", "--config", str(config), "--cluster", "a"]) == 2
+    assert "clusters[0].paused" in capsys.readouterr().err
+
+
+def test_unreachable_cluster_is_refused_with_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["defrag", "--endpoints", "http://127.0.0.1:9", "--request-timeout", "1"]) == 3
+    assert "refused: no configured endpoint answered" in capsys.readouterr().err
+
+
+def test_console_script_runs(etcd: EtcdCluster) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "defrag",
+            "--endpoints",
+            etcd.endpoints[0],
+            "--dry-run",
+            "--rule",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("DRY-RUN: would defragment") == 3
+    assert result.stdout.count("would_defrag") == 3

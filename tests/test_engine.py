@@ -1,0 +1,285 @@
+"""The defrag engine against real 3-member etcd clusters: order, safety gates, failures, NOSPACE."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdRequestError
+
+from exporter.engine import DefragEngine, Outcome, RunReport, RunResult
+from exporter.etcd import EtcdClient
+from exporter.settings import ClusterConfig
+
+pytestmark = pytest.mark.etcd
+
+ALWAYS = "dbSizeFree > 0"
+
+
+class HookedClient(EtcdClient):
+    """A real etcd client with hooks around defragment, to inject faults at exact points of a run."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        super().__init__(session, timeout_seconds=5)
+        self.defragmented: list[str] = []
+        self.before_defrag: Callable[[str, int], Awaitable[None]] | None = None
+        self.after_defrag: Callable[[str, int], Awaitable[None]] | None = None
+
+    async def defragment(self, endpoint: str, *, timeout: float) -> None:
+        index = len(self.defragmented)
+        if self.before_defrag is not None:
+            await self.before_defrag(endpoint, index)
+        await super().defragment(endpoint, timeout=timeout)
+        self.defragmented.append(endpoint)
+        if self.after_defrag is not None:
+            await self.after_defrag(endpoint, index)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HookedClient]:
+    async with aiohttp.ClientSession() as session:
+        yield HookedClient(session)
+
+
+def config(cluster: EtcdCluster, **overrides: object) -> ClusterConfig:
+    options: dict[str, object] = {
+        "name": "test",
+        "endpoints": cluster.endpoints[:1],  # one seed: the rest come from the member list
+        "rule": ALWAYS,
+        "health_timeout_seconds": 20,
+        **overrides,
+    }
+    return ClusterConfig.model_validate(options)
+
+
+def sizes(cluster: EtcdCluster) -> dict[str, int]:
+    return {m.client_url: int(m.status()["dbSize"]) for m in cluster.running_members()}
+
+
+def by_endpoint(report: RunReport) -> dict[str, Outcome]:
+    return {m.endpoint: m.outcome for m in report.members}
+
+
+async def run(client: HookedClient, cluster_config: ClusterConfig, *, dry_run: bool = False) -> RunReport:
+    return await DefragEngine(client, cluster_config, dry_run=dry_run).run()
+
+
+async def test_reclaims_space_on_every_member_leader_last(
+    etcd: EtcdCluster, client: HookedClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    etcd.churn()
+    leader = etcd.leader().client_url
+    before = sizes(etcd)
+    caplog.set_level(logging.INFO, logger="exporter.engine")
+
+    report = await run(client, config(etcd))
+
+    assert report.result is RunResult.SUCCESS, report.reason
+    assert report.exit_code == 0
+    after = sizes(etcd)
+    assert all(after[e] < before[e] for e in before), (before, after)
+    # One member at a time, each exactly once, the leader last.
+    assert sorted(client.defragmented) == sorted(etcd.endpoints)
+    assert client.defragmented[-1] == leader
+    assert [m.endpoint for m in report.members] == client.defragmented
+    assert [m.leader for m in report.members] == [False, False, True]
+    for m in report.members:
+        assert m.outcome is Outcome.DEFRAGMENTED
+        assert m.reclaimed_bytes == m.size_before_bytes - m.size_after_bytes > 0
+        assert m.size_after_bytes == after[m.endpoint]
+    assert report.reclaimed_bytes == sum(before.values()) - sum(after.values())
+    # A person can follow it: the plan, then one line per member with before/after sizes.
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("defragmented in" in m for m in messages) == 3
+    assert any(m.startswith("plan 3/3: ") and "(leader)" in m for m in messages)
+
+
+async def test_nothing_to_do_when_rule_does_not_match(etcd: EtcdCluster, client: HookedClient) -> None:
+    report = await run(client, config(etcd, rule="dbSizeFree > 1024*1024*1024"))
+    assert report.result is RunResult.NOTHING_TO_DO
+    assert report.exit_code == 0
+    assert client.defragmented == []
+    assert {m.outcome for m in report.members} == {Outcome.SKIPPED}
+    assert all("does not match" in m.reason for m in report.members)
+
+
+async def test_dry_run_changes_nothing(etcd: EtcdCluster, client: HookedClient) -> None:
+    etcd.churn()
+    before = sizes(etcd)
+    revision = etcd.revision()
+    report = await run(client, config(etcd, compact=True), dry_run=True)
+    assert report.result is RunResult.DRY_RUN
+    assert report.exit_code == 0
+    assert client.defragmented == []
+    assert {m.outcome for m in report.members} == {Outcome.WOULD_DEFRAG}
+    assert report.compacted_revision == 0
+    assert sizes(etcd) == before
+    assert etcd.revision() == revision
+
+
+async def test_stopped_member_refuses_and_touches_nothing(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    stopped = next(m for m in cluster.members if m.client_url != cluster.endpoints[0])
+    stopped.stop()
+    before = sizes(cluster)
+
+    report = await run(client, config(cluster, request_timeout_seconds=2))
+
+    assert report.result is RunResult.REFUSED
+    assert report.exit_code == 3
+    assert stopped.name in report.reason
+    assert "linearizable read" in report.reason
+    assert client.defragmented == []
+    assert sizes(cluster) == before
+
+
+async def test_member_dying_mid_run_stops_the_run(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    leader = cluster.leader()
+    follower = next(m for m in cluster.members if m is not leader)
+
+    async def kill_a_follower_after_the_first(endpoint: str, index: int) -> None:
+        if index == 0:
+            victim = next(m for m in cluster.members if m is not leader and m.client_url != endpoint)
+            await asyncio.to_thread(victim.kill)
+
+    client.after_defrag = kill_a_follower_after_the_first
+    before = sizes(cluster)
+
+    report = await run(client, config(cluster, endpoints=[follower.client_url], request_timeout_seconds=2))
+
+    assert report.result is RunResult.FAILED
+    assert report.exit_code == 1
+    assert len(client.defragmented) == 1  # nothing after the failure was touched
+    first = client.defragmented[0]
+    assert by_endpoint(report)[first] is Outcome.DEFRAGMENTED
+    assert "unhealthy" in report.reason
+    # The leader was neither defragmented nor shrunk.
+    assert leader.client_url not in client.defragmented
+    assert sizes(cluster)[leader.client_url] == before[leader.client_url]
+
+
+async def test_member_dying_during_its_defrag_fails_that_member(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    leader = cluster.leader()
+
+    async def kill_the_second(endpoint: str, index: int) -> None:
+        if index == 1:
+            member = next(m for m in cluster.members if m.client_url == endpoint)
+            await asyncio.to_thread(member.kill)
+
+    client.before_defrag = kill_the_second
+    report = await run(client, config(cluster, request_timeout_seconds=2))
+
+    assert report.result is RunResult.FAILED
+    assert report.exit_code == 1
+    outcomes = [m.outcome for m in report.members]
+    assert outcomes == [Outcome.DEFRAGMENTED, Outcome.FAILED, Outcome.NOT_REACHED]
+    assert report.members[2].endpoint == leader.client_url
+    assert "not reached" in report.members[2].reason
+
+
+async def test_leadership_moving_mid_run_keeps_the_leader_last(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    old_leader = cluster.leader()
+    caplog.set_level(logging.INFO, logger="exporter.engine")
+    moved_to: list[str] = []
+
+    async def move_leadership_to_the_next(endpoint: str, index: int) -> None:
+        if index != 0:
+            return
+        # Hand leadership to the follower that the plan would visit next (not yet defragmented).
+        target = next(m for m in cluster.members if m is not old_leader and m.client_url != endpoint)
+        target_id = target.status()["header"]["member_id"]
+        await client.move_leader(old_leader.client_url, int(target_id))
+        await asyncio.to_thread(
+            cluster.wait, lambda: cluster.leader() is target, timeout=10, what="new leader"
+        )
+        moved_to.append(target.client_url)
+
+    client.after_defrag = move_leadership_to_the_next
+    report = await run(client, config(cluster))
+
+    assert report.result is RunResult.SUCCESS, report.reason
+    assert len(client.defragmented) == 3
+    assert client.defragmented[-1] == moved_to[0]  # the member that is leader now went last
+    assert client.defragmented[1] == old_leader.client_url
+    assert any("leadership moved" in r.getMessage() for r in caplog.records)
+
+
+async def test_move_leader_option_hands_leadership_away_first(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    old_leader = cluster.leader()
+    report = await run(client, config(cluster, move_leader=True))
+    assert report.result is RunResult.SUCCESS, report.reason
+    assert client.defragmented[-1] == old_leader.client_url
+    assert cluster.leader() is not old_leader  # it was no longer the leader when defragmented
+
+
+async def test_deadline_stops_the_run_cleanly(etcd: EtcdCluster, client: HookedClient) -> None:
+    etcd.churn()
+    never = asyncio.Event()
+
+    async def hang_on_the_second(endpoint: str, index: int) -> None:
+        if index == 1:
+            await never.wait()  # a defrag that never answers
+
+    client.before_defrag = hang_on_the_second
+    report = await run(client, config(etcd, deadline_seconds=3, member_timeout_seconds=3))
+
+    assert report.result is RunResult.FAILED
+    assert report.exit_code == 1
+    assert "deadline of 3s exceeded" in report.reason
+    assert [m.outcome for m in report.members] == [Outcome.DEFRAGMENTED, Outcome.FAILED, Outcome.NOT_REACHED]
+    assert "deadline exceeded while defragmenting" in report.members[1].reason
+    assert len(client.defragmented) == 1
+
+
+async def test_nospace_recovers_with_compaction_and_disarm(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    value = b"v" * (256 * 1024)
+    with pytest.raises(EtcdRequestError, match=NOSPACE_ERROR):  # noqa: PT012
+        for n in range(10_000):  # overwrite few keys: history, not live data, fills the quota
+            cluster.put(f"/fill/{n % 8}", value)
+    cluster.wait(
+        lambda: any(a.get("alarm") == "NOSPACE" for a in cluster.alarms()), timeout=10, what="NOSPACE"
+    )
+
+    # The rule would never select a member: NOSPACE overrides it.
+    report = await run(client, config(cluster, compact=True, rule="false"))
+
+    assert report.result is RunResult.SUCCESS, report.reason
+    assert report.compacted_revision > 0
+    assert len(client.defragmented) == 3
+    assert report.disarmed_alarms  # every member is far below 90% of its quota now
+    assert cluster.alarms() == []
+    cluster.put("/after-recovery", b"writes work again")
+
+
+async def test_nospace_stays_armed_while_members_are_still_full(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.fill_until_nospace()  # distinct keys: live data, nothing to compact away
+    report = await run(client, config(cluster, compact=True))
+    assert report.result is RunResult.SUCCESS  # the defrags ran...
+    assert report.disarmed_alarms == []  # ...but the alarm stays: compaction cannot help
+    assert any(a.get("alarm") == "NOSPACE" for a in cluster.alarms())
