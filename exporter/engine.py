@@ -436,8 +436,9 @@ class DefragEngine:
         report.reclaimed_bytes = max(before.db_size_bytes - after.db_size_bytes, 0)
         report.outcome, report.reason = Outcome.DEFRAGMENTED, verdict.reason
         self._say(
-            "%s: defragmented in %.1fs: %s -> %s, reclaimed %s",
+            "%s%s: defragmented in %.1fs: %s -> %s, reclaimed %s",
             label(member),
+            " (leader)" if report.leader else "",
             report.duration_seconds,
             human_bytes(before.db_size_bytes),
             human_bytes(after.db_size_bytes),

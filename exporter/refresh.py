@@ -47,7 +47,7 @@ class Refresher:
         client_for: Callable[[ClusterConfig], EtcdApi],
         *,
         scrape_budget_seconds: float = 4.0,
-        min_refresh_interval_seconds: float = 1.0,
+        min_refresh_interval_seconds: float = 0.0,
         member_list_refresh_seconds: float = 60.0,
     ) -> None:
         self._client_for = client_for

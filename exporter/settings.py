@@ -211,7 +211,8 @@ class Settings(BaseSettings):
         default=4.0, description="Longest a scrape waits for fresh data; keep it below scrape_timeout."
     )
     min_refresh_interval_seconds: Annotated[float, Field(ge=0)] = Field(
-        default=1.0, description="Scrapes closer together than this share one refresh."
+        default=0.0,
+        description="Scrapes closer together reuse the last snapshot (concurrent ones always share).",
     )
     background_refresh_seconds: PositiveSeconds = Field(
         default=30.0, description="Refresh at least this often even when nobody scrapes."
