@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
 TEST_DEBS := etcd-server:etcd etcd-client:etcdctl
 
-.PHONY: test lint fmt venv debs clean
+.PHONY: test lint fmt venv debs clean demo
 
 venv: $(STAMP)
 
@@ -33,3 +33,6 @@ test: venv debs lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+demo: venv debs
+	$(BIN)/python demo/run.py
