@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from exporter import __version__, logs
-from exporter.engine import DefragEngine, RunReport, iter_lines
+from exporter.engine import DefragEngine, LockUnavailable, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
 from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
 from exporter.settings import (
@@ -196,28 +196,23 @@ def host_lock(cluster_id: int) -> Iterator[None]:
     """
     directory = Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR", tempfile.gettempdir()))
     path = directory / f"etcd-autodefrag-{cluster_id:x}.lock"
-    with path.open("w") as handle:
+    try:
+        handle = path.open("a")
+    except OSError as exc:
+        raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConcurrentRun(f"another defrag run holds {path}") from None
+            raise LockUnavailable(f"another defrag run on this cluster holds {path}") from None
         yield
-
-
-class ConcurrentRun(Exception):
-    """Another run on the same cluster is in progress on this host."""
 
 
 async def run_defrag(args: argparse.Namespace, cluster: ClusterConfig) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
         engine = DefragEngine(make_client(session, cluster), cluster, dry_run=args.dry_run, lock=host_lock)
-        try:
-            return await engine.run()
-        except ConcurrentRun as exc:
-            engine.report.result = engine.report.result.REFUSED
-            engine.report.reason = str(exc)
-            return engine.report
+        return await engine.run()
 
 
 async def run_status(cluster: ClusterConfig) -> ClusterSnapshot:
@@ -262,6 +257,7 @@ def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an etcdctl-style table."""
     columns: list[tuple[str, Callable[[dict[str, Any]], object]]] = [
+        ("NAME", lambda r: r["name"]),
         ("ENDPOINT", lambda r: r["endpoint"]),
         ("ID", lambda r: r["id"]),
         ("VERSION", lambda r: r["version"]),

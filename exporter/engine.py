@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -127,6 +127,10 @@ class RunReport:
         return json.dumps(data, separators=(",", ":"))
 
 
+class LockUnavailable(Exception):
+    """Another run holds this cluster's lock (or the lock cannot be taken): refuse, touch nothing."""
+
+
 class RunStopped(Exception):
     """Ends a run early; the report already says why."""
 
@@ -218,7 +222,11 @@ class DefragEngine:
         if not health.healthy:
             raise self._stop(RunResult.REFUSED, "cluster unhealthy: " + "; ".join(health.problems))
         cluster_id = next(iter(statuses.values())).cluster_id
-        with self._lock(cluster_id):
+        with ExitStack() as held:
+            try:
+                held.enter_context(self._lock(cluster_id))
+            except LockUnavailable as exc:
+                raise self._stop(RunResult.REFUSED, str(exc)) from None
             if self.cluster.compact:
                 await self._compact(topology, statuses)
                 statuses = await self._statuses(topology)

@@ -1,5 +1,6 @@
 """The command line: defrag and status against real etcd, TLS, exit codes, messages for bad input."""
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -90,9 +91,9 @@ def test_status_table(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> 
         "DEFRAG?",
     ):
         assert column in header
-    rows = [line for line in out.splitlines() if line.startswith("| http")]
+    rows = [line for line in out.splitlines() if "| http" in line]
     assert len(rows) == 3
-    assert sum(" true " in row.split("|")[10] for row in rows) == 1  # one leader
+    assert sum(" true " in row.split("|")[11] for row in rows) == 1  # one leader
     assert all("| 32.0 MiB |" in row for row in rows)  # the quota, read from the members
 
 
@@ -117,6 +118,7 @@ def test_status_with_a_stopped_member(
     out = capsys.readouterr().out
     assert code == 1
     assert out.count("| http") == 3
+    assert "etcd-2" in out
     assert "Connect" in out or "connect" in out  # the reason for the missing member is shown
 
 
@@ -168,6 +170,27 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_unreachable_cluster_is_refused_with_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["defrag", "--endpoints", "http://127.0.0.1:9", "--request-timeout", "1"]) == 3
     assert "refused: no configured endpoint answered" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_cluster_is_refused(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LOCK_DIR", str(tmp_path))
+    cluster_id = int(etcd.members[0].status()["header"]["cluster_id"])
+    with (tmp_path / f"etcd-autodefrag-{cluster_id:x}.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress would
+        assert main(["defrag", "--endpoints", etcd.endpoints[2], "--rule", "true"]) == 3
+    assert "another defrag run on this cluster holds" in capsys.readouterr().err
+    # Released: the next run goes ahead (dry run: nothing to prove beyond the lock).
+    assert main(["defrag", "--endpoints", etcd.endpoints[2], "--dry-run"]) == 0
+
+
+def test_an_unwritable_lock_directory_refuses(
+    etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LOCK_DIR", "/nonexistent/dir")
+    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--dry-run"]) == 3
+    assert "cannot open the lock file" in capsys.readouterr().err
 
 
 def test_console_script_runs(etcd: EtcdCluster) -> None:
