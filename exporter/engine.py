@@ -190,6 +190,9 @@ class DefragEngine:
                 await self._run()
         except RunStopped:
             pass
+        except EtcdError as exc:  # a step outside the per-member loop (compaction, alarm list)
+            self.report.result = RunResult.FAILED
+            self.report.reason = str(exc)
         except TimeoutError:
             self.report.result = RunResult.FAILED
             if self._in_progress is not None:
@@ -316,14 +319,14 @@ class DefragEngine:
                 return member.id, exc.message, None
 
         results = await asyncio.gather(*(probe(m) for m in reachable))
-        alarms: list[Alarm] = []
+        alarms: list[Alarm] | None = None
         for member in reachable:
             try:
                 alarms = await self.client.alarms(topology.endpoints[member.id])
                 break
             except EtcdError:
                 continue
-        self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms)
+        self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms or ())
         health = health_gate(
             members=topology.members,
             read_errors={member_id: error for member_id, error, _ in results},

@@ -155,12 +155,13 @@ def health_gate(
     *,
     members: Sequence[Member],
     read_errors: Mapping[int, str | None],
-    alarms: Sequence[Alarm],
+    alarms: Sequence[Alarm] | None,
 ) -> Health:
     """Healthy when every voting member answered a linearizable read and no member is CORRUPT.
 
     `read_errors` maps member id to the error of its read, or None when it answered. A member
-    missing from it counts as unanswered. NOSPACE does not block: defragmenting is how it ends.
+    missing from it counts as unanswered. `alarms` is None when no member could list them: then
+    CORRUPT cannot be ruled out. NOSPACE does not block: defragmenting is how it ends.
     A cluster with a voting member down is refused outright: defragmenting one of the others
     would block a second member and can cost the quorum (etcd FAQ, "should I defragment...").
     """
@@ -173,7 +174,9 @@ def health_gate(
             problems.append(f"member {label(member)} was not checked (no client URL?)")
         elif (error := read_errors[member.id]) is not None:
             problems.append(f"member {label(member)} failed a linearizable read: {error}")
-    for alarm in alarms:
+    if alarms is None:
+        problems.append("the alarm list could not be read from any member")
+    for alarm in alarms or ():
         if alarm.kind is AlarmKind.CORRUPT:
             problems.append(f"CORRUPT alarm raised by member {alarm.member_id:x}")
     return Health(not problems, tuple(problems))

@@ -166,9 +166,12 @@ def test_health_gate_healthy() -> None:
         ({1: None, 2: "connection refused", 3: None}, [], "m2 failed a linearizable read"),
         ({1: None, 3: None}, [], "m2 was not checked"),
         ({1: None, 2: None, 3: None}, [Alarm(2, AlarmKind.CORRUPT)], "CORRUPT"),
+        ({1: None, 2: None, 3: None}, None, "alarm list could not be read"),
     ],
 )
-def test_health_gate_refuses(read_errors: dict[int, str | None], alarms: list[Alarm], problem: str) -> None:
+def test_health_gate_refuses(
+    read_errors: dict[int, str | None], alarms: list[Alarm] | None, problem: str
+) -> None:
     members = [member(1), member(2), member(3)]
     health = health_gate(members=members, read_errors=read_errors, alarms=alarms)
     assert not health.healthy
