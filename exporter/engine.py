@@ -126,6 +126,41 @@ class RunReport:
         data["exit_code"] = self.exit_code
         return json.dumps(data, separators=(",", ":"))
 
+    def summary_json(self, max_bytes: int = 4096) -> str:
+        """to_json() if it fits in max_bytes, else a compact summary that does (marked `"summary":true`).
+
+        4096 bytes is what Kubernetes keeps of a container's termination message, the Job's report.
+        """
+        full = self.to_json()
+        if len(full) <= max_bytes:  # ASCII: json.dumps escapes everything else
+            return full
+        members = [
+            {"name": m.name, "outcome": m.outcome.value, "reclaimed_bytes": m.reclaimed_bytes}
+            for m in self.members
+        ]
+        summary: dict[str, Any] = {
+            "cluster": self.cluster,
+            "result": self.result.value,
+            "exit_code": self.exit_code,
+            "reclaimed_bytes": self.reclaimed_bytes,
+            "dry_run": self.dry_run,
+            "started_at": self.started_at,
+            "duration_seconds": self.duration_seconds,
+            "summary": True,
+            "reason": self.reason[:500],
+            "members": members,
+        }
+        while len(text := json.dumps(summary, separators=(",", ":"))) > max_bytes:
+            if summary["members"]:
+                summary["members"] = summary["members"][:-1]
+                summary["members_omitted"] = len(members) - len(summary["members"])
+            elif summary["reason"]:
+                summary["reason"] = ""
+            else:  # nothing left to drop: the bare minimum (a cluster name is at most 40 characters)
+                minimal = {"cluster": self.cluster[:40], "result": self.result.value, "summary": True}
+                return json.dumps(minimal, separators=(",", ":"))
+        return text
+
 
 class LockUnavailable(Exception):
     """Another run holds this cluster's lock (or the lock cannot be taken): refuse, touch nothing."""

@@ -1,12 +1,16 @@
-"""Shared fixtures: real etcd clusters on loopback (see tests/etcd_harness.py)."""
+"""Shared fixtures: real etcd clusters on loopback (tests/etcd_harness.py), a fake Kubernetes API."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from etcd_harness import EtcdCluster, EtcdHarnessError, start_cluster
+from fake_kube import FakeKube
+from kubernetes_asyncio.client import ApiClient
+
+from exporter.kube import kube_api_client
 
 
 def _start(tmp_root: Path, **options: bool) -> EtcdCluster:
@@ -75,3 +79,22 @@ def tls_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdC
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def fake_kube() -> AsyncIterator[FakeKube]:
+    """A fake Kubernetes API on loopback (tests/fake_kube.py); fails a test that asked anything unexpected."""
+    fake = FakeKube()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+    assert not fake.unexpected, f"unexpected Kubernetes API calls: {fake.unexpected}"
+
+
+@pytest.fixture
+async def kube_api(fake_kube: FakeKube) -> AsyncIterator[ApiClient]:
+    """A real kubernetes_asyncio client talking to `fake_kube`."""
+    async with await kube_api_client(host=fake_kube.url) as api:
+        yield api

@@ -1,0 +1,475 @@
+"""Talking to Kubernetes: create the defrag Job, watch how Jobs end, record Events, discover etcd.
+
+Thin I/O over kubernetes_asyncio. What to send and what an answer means (the manifest, a 409's
+meaning, how a Job ended, endpoints from a StatefulSet or static pods) are pure functions in
+exporter.jobs. Every call asks for the raw JSON (`_preload_content=False`), so the pure layer reads
+Kubernetes' own JSON shapes and nothing is converted through the generated models.
+
+Errors, and what the webhook should answer. Alertmanager retries a webhook that answers 5xx and
+gives up on any other status (notify/util.go, `Retrier`):
+- KubeUnavailable: no answer, a timeout, 5xx or 429. A retry may well succeed, so the webhook
+  answers 503 and Alertmanager retries (a 429's Retry-After is kept in `retry_after_seconds`).
+- KubeRejected: any other 4xx but a create's 409 - 403 Forbidden (RBAC), 422 Invalid, 404 (the
+  namespace does not exist), 400, 401. Asking again cannot help until a person fixes RBAC or the
+  configuration, so the webhook must not answer 5xx (Alertmanager would repeat the doomed request
+  until its notification times out): it logs an error, counts it and answers without a 5xx
+  (executors.py turns it into ExecutorRejected). The still-firing alert is sent again after the
+  route's repeat_interval, which picks up a fix.
+- 409 AlreadyExists on a create is no error: it is the lock (LaunchResult with created=False).
+
+RBAC: RBAC_RULES lists every verb on every resource this module calls, so the shipped Role can be
+compared with it; tests/test_kube.py checks that the calls the tests make stay within it.
+"""
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from exporter import clock
+from exporter.jobs import (
+    JOB_SELECTOR,
+    JobOutcome,
+    LaunchOutcome,
+    LaunchResult,
+    build_event,
+    existing_job_launch,
+    finished_condition,
+    job_outcome,
+    kamaji_endpoints,
+    kubeadm_endpoints,
+)
+from exporter.settings import ConfigError
+
+__all__ = [
+    "KUBEADM_ETCD_SELECTOR",
+    "RBAC_RULES",
+    "JobOutcome",
+    "KubeError",
+    "KubeRejected",
+    "KubeUnavailable",
+    "LaunchOutcome",
+    "LaunchResult",
+    "create_job",
+    "discover_kamaji",
+    "discover_kubeadm",
+    "kube_api_client",
+    "record_event",
+    "watch_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+Json = dict[str, Any]
+OnFinished = Callable[[JobOutcome], Awaitable[None] | None]
+
+KUBEADM_ETCD_SELECTOR = "component=etcd,tier=control-plane"
+MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is restarted after a backoff, not at once
+
+# Every call below, as Role rules. Jobs, their pods and Events live in each cluster's
+# `kubernetes.namespace`; statefulsets in the kamaji etcd's namespace; the kubeadm pods in kube-system.
+RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
+]
+
+
+class KubeError(Exception):
+    """A Kubernetes API call failed; `status` is the HTTP status (0: no answer)."""
+
+    def __init__(
+        self, message: str, *, status: int = 0, reason: str = "", retry_after_seconds: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.reason = reason  # the Status object's reason, e.g. Forbidden, AlreadyExists
+        self.retry_after_seconds = retry_after_seconds
+
+
+class KubeUnavailable(KubeError):
+    """The API could not be reached, timed out, or answered 5xx or 429: retrying may help."""
+
+
+class KubeRejected(KubeError):
+    """The API refused the request (4xx other than a create's 409): retrying will not help."""
+
+
+async def kube_api_client(
+    *,
+    host: str | None = None,
+    kubeconfig: Path | None = None,
+    context: str | None = None,
+    connection_pool_maxsize: int = 100,
+) -> k8s.ApiClient:
+    """An API client: `host` as given (tests), else in-cluster in a Pod, else the kubeconfig.
+
+    Use it as `async with await kube_api_client() as api:`. Raises ConfigError when no
+    configuration can be found.
+    """
+    configuration = k8s.Configuration()
+    try:
+        if host is not None:
+            configuration.host = host
+        elif kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            await k8s_config.load_kube_config(
+                config_file=str(kubeconfig) if kubeconfig else None,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+    except (k8s_config.ConfigException, OSError) as exc:
+        raise ConfigError(f"no usable Kubernetes configuration (in-cluster or kubeconfig): {exc}") from None
+    configuration.connection_pool_maxsize = connection_pool_maxsize
+    return k8s.ApiClient(configuration)
+
+
+# --- one request --------------------------------------------------------------------------------------
+
+
+async def _call(method: Callable[..., Awaitable[Any]], *args: Any, timeout: float, **kwargs: Any) -> Json:
+    """One API call's JSON answer; KubeUnavailable or KubeRejected when it has none."""
+    try:
+        async with asyncio.timeout(timeout):
+            response = await method(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+    except TimeoutError:
+        raise KubeUnavailable(f"Kubernetes API: no answer within {timeout:g}s") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
+    if not 200 <= response.status < 300:
+        raise _error(response.status, body, response.headers.get("Retry-After"))
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise KubeUnavailable("Kubernetes API answered with something other than JSON") from None
+    if not isinstance(data, dict):
+        raise KubeUnavailable("Kubernetes API answered with JSON that is not an object")
+    return data
+
+
+def _error(status: int, body: bytes, retry_after: str | None = None) -> KubeError:
+    """The exception for a non-2xx answer, with the message of its Status object."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {}
+    message = str(data.get("message") or body[:200].decode("utf-8", "replace") or f"HTTP {status}")
+    reason = str(data.get("reason") or "")
+    seconds = None
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            seconds = None
+    text = (
+        f"Kubernetes API: {status} {reason}: {message}" if reason else f"Kubernetes API: {status}: {message}"
+    )
+    if status == 429 or status >= 500:
+        return KubeUnavailable(text, status=status, reason=reason, retry_after_seconds=seconds)
+    return KubeRejected(text, status=status, reason=reason)
+
+
+def _already_exists(exc: KubeError) -> bool:
+    return exc.status == 409 and exc.reason == "AlreadyExists"
+
+
+# --- launching ----------------------------------------------------------------------------------------
+
+
+async def create_job(
+    api_client: k8s.ApiClient, manifest: Json, *, timeout: float, dry_run: bool = False
+) -> LaunchResult:
+    """Create the Job, or say why not: a Job of that name is running or cooling down (409).
+
+    `dry_run` asks the API server to check everything (RBAC, admission, the name) and store nothing.
+    Raises KubeUnavailable (retry) or KubeRejected (do not).
+    """
+    batch = k8s.BatchV1Api(api_client)
+    name = manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    extra = {"dry_run": "All"} if dry_run else {}
+    deadline = clock.monotonic() + timeout  # for the create and the read after a 409 together
+
+    def left() -> float:
+        return max(deadline - clock.monotonic(), 0.001)
+
+    for _attempt in range(2):
+        try:
+            await _call(batch.create_namespaced_job, namespace, manifest, timeout=left(), **extra)
+        except KubeError as exc:
+            if not _already_exists(exc):
+                raise
+        else:
+            if dry_run:
+                log.info("DRY-RUN: would create Job %s/%s (the API server accepts it)", namespace, name)
+                return LaunchResult(
+                    False, name, "dry run: the API server accepts the Job", LaunchOutcome.DRY_RUN
+                )
+            log.info("created Job %s/%s", namespace, name)
+            return LaunchResult(True, name, "created", LaunchOutcome.CREATED)
+        try:
+            existing = await _call(batch.read_namespaced_job, name, namespace, timeout=left())
+        except KubeRejected as exc:
+            if exc.status == 404:  # deleted (its cooldown ended) between our create and this read
+                continue
+            raise
+        return existing_job_launch(existing)
+    raise KubeUnavailable(f"Job {namespace}/{name} kept appearing and disappearing; try again")
+
+
+# --- watching -----------------------------------------------------------------------------------------
+
+
+class _Expired(Exception):
+    """410 Gone: the resource version we watch from is too old; list again."""
+
+
+@dataclass
+class _Backoff:
+    initial_seconds: float
+    max_seconds: float
+    current: float = 0.0
+
+    def next_delay(self) -> float:
+        self.current = min(self.current * 2, self.max_seconds) if self.current else self.initial_seconds
+        return self.current * random.uniform(0.8, 1.2)  # jitter: replicas do not retry in step
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+async def watch_jobs(
+    api_client: k8s.ApiClient,
+    namespace: str,
+    on_finished: OnFinished,
+    *,
+    request_timeout: float = 30.0,
+    watch_timeout_seconds: int = 300,
+    backoff_initial_seconds: float = 1.0,
+    backoff_max_seconds: float = 60.0,
+) -> NoReturn:
+    """Call `on_finished` once for every defrag Job in `namespace` that ends; runs until cancelled.
+
+    List, then watch from the list's resourceVersion; a watch that expires (410 Gone) lists again,
+    any other error backs off and lists again. Each Job is reported once per uid by this process
+    (a restarted service reports the finished Jobs that still exist once more: outcomes carry
+    `finished_at` for a caller that wants to skip old ones). `on_finished` may be sync or async;
+    an exception in it is logged and the watch goes on.
+    """
+    watcher = _JobWatcher(
+        api_client,
+        namespace,
+        on_finished,
+        request_timeout=request_timeout,
+        watch_timeout_seconds=watch_timeout_seconds,
+    )
+    backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds)
+    resource_version: str | None = None
+    while True:
+        try:
+            if resource_version is None:
+                resource_version = await watcher.list()
+            started = clock.monotonic()
+            resource_version = await watcher.watch(resource_version)
+            # The server ended the watch normally: carry on from where it stopped, at once unless it
+            # keeps ending watches right away (a proxy cutting them, a server that will not stream).
+            if clock.monotonic() - started >= min(MIN_WATCH_SECONDS, watch_timeout_seconds):
+                backoff.reset()
+            else:
+                await asyncio.sleep(backoff.next_delay())
+        except _Expired:
+            log.info("watch of Jobs in %s expired (410 Gone): listing again", namespace)
+            resource_version = None
+        except KubeError as exc:
+            delay = backoff.next_delay()
+            log.warning("watching Jobs in %s: %s; again in %.1fs", namespace, exc, delay)
+            resource_version = None
+            await asyncio.sleep(delay)
+
+
+class _JobWatcher:
+    """The list and watch calls of watch_jobs, and the uids already reported."""
+
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        namespace: str,
+        on_finished: OnFinished,
+        *,
+        request_timeout: float,
+        watch_timeout_seconds: int,
+    ) -> None:
+        self.batch = k8s.BatchV1Api(api_client)
+        self.core = k8s.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.on_finished = on_finished
+        self.request_timeout = request_timeout
+        self.watch_timeout_seconds = watch_timeout_seconds
+        self.reported: set[str] = set()
+
+    async def list(self) -> str:
+        """Consider every Job there is; return the list's resourceVersion to watch from."""
+        job_list = await _call(
+            self.batch.list_namespaced_job,
+            self.namespace,
+            label_selector=JOB_SELECTOR,
+            timeout=self.request_timeout,
+        )
+        jobs = job_list.get("items") or []
+        # A Job that is gone cannot come back under the same uid: forget it (memory stays bounded).
+        self.reported &= {job.get("metadata", {}).get("uid") for job in jobs}
+        for job in jobs:
+            await self.consider(job)
+        return str(job_list.get("metadata", {}).get("resourceVersion", ""))
+
+    async def watch(self, resource_version: str) -> str:
+        """Follow changes until the server ends the watch; return the last resourceVersion seen."""
+        # No total timeout: the server ends the watch after timeoutSeconds. A silent connection is
+        # caught by sock_read (bookmarks and the server's own end come well within it).
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=self.request_timeout, sock_read=self.watch_timeout_seconds + self.request_timeout
+        )
+        try:
+            response: Any = await self.batch.list_namespaced_job(
+                self.namespace,
+                label_selector=JOB_SELECTOR,
+                watch=True,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.watch_timeout_seconds,
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
+        try:
+            if response.status == 410:
+                raise _Expired
+            if response.status != 200:
+                raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
+            while line := await response.content.readline():
+                if line.strip():
+                    resource_version = await self._event(json.loads(line), resource_version)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubeUnavailable(f"watch of Jobs broke off: {exc or type(exc).__name__}") from None
+        except ValueError:
+            raise KubeUnavailable("watch of Jobs sent a line that is not JSON") from None
+        finally:
+            response.release()
+        return resource_version
+
+    async def _event(self, event: Json, resource_version: str) -> str:
+        kind, job = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if job.get("code") == 410:
+                raise _Expired
+            raise _error(int(job.get("code") or 500), json.dumps(job).encode())
+        metadata = job.get("metadata", {})
+        if kind == "DELETED":
+            self.reported.discard(metadata.get("uid", ""))
+        elif kind in ("ADDED", "MODIFIED"):
+            await self.consider(job)
+        return str(metadata.get("resourceVersion") or resource_version)
+
+    async def consider(self, job: Json) -> None:
+        """Report the Job if it has finished and was not reported yet."""
+        uid = job.get("metadata", {}).get("uid", "")
+        if uid in self.reported or finished_condition(job) is None:
+            return
+        name = job["metadata"]["name"]
+        try:
+            pods = await _call(
+                self.core.list_namespaced_pod,
+                self.namespace,
+                label_selector=f"job-name={name}",
+                timeout=self.request_timeout,
+            )
+        except KubeRejected as exc:
+            # It will not get better by retrying: report the end without the report.
+            log.error("Job %s/%s ended, but its pods cannot be read: %s", self.namespace, name, exc)
+            pods = {}
+        outcome = job_outcome(job, pods.get("items") or [])
+        if outcome is None:
+            return
+        self.reported.add(uid)
+        try:
+            result = self.on_finished(outcome)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # a bug in the callback must not stop the watch
+            log.exception("handling the end of Job %s/%s failed", self.namespace, name)
+
+
+# --- events and discovery --------------------------------------------------------------------------
+
+
+async def record_event(
+    api_client: k8s.ApiClient,
+    job: Json,
+    reason: str,
+    message: str,
+    type: Literal["Normal", "Warning"] = "Normal",
+    *,
+    timeout: float = 10.0,
+    now: datetime | None = None,
+) -> Json:
+    """Create a core/v1 Event about the Job (shown by `kubectl describe job`); return it.
+
+    Events are best effort: callers log a KubeError and go on.
+    """
+    event = build_event(
+        job,
+        reason=reason,
+        message=message,
+        type=type,
+        now=now or clock.utcnow(),
+        reporting_instance=socket.gethostname(),  # the pod name, in a Pod
+    )
+    core = k8s.CoreV1Api(api_client)
+    return await _call(core.create_namespaced_event, event["metadata"]["namespace"], event, timeout=timeout)
+
+
+async def discover_kamaji(
+    api_client: k8s.ApiClient,
+    namespace: str,
+    statefulset: str,
+    service: str,
+    *,
+    port: int = 2379,
+    timeout: float = 10.0,
+) -> list[str]:
+    """Client URLs of a kamaji-etcd cluster, one per replica of its StatefulSet."""
+    apps = k8s.AppsV1Api(api_client)
+    found = await _call(apps.read_namespaced_stateful_set, statefulset, namespace, timeout=timeout)
+    return kamaji_endpoints(found, service, namespace, port)
+
+
+async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) -> list[str]:
+    """Client URLs of kubeadm's etcd, from its static pods in kube-system."""
+    core = k8s.CoreV1Api(api_client)
+    pods = await _call(
+        core.list_namespaced_pod, "kube-system", label_selector=KUBEADM_ETCD_SELECTOR, timeout=timeout
+    )
+    return kubeadm_endpoints(pods)
