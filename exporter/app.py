@@ -8,16 +8,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from exporter.engine import RunResult
 from exporter.etcd import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
-from exporter.metrics import SnapshotCollector
+from exporter.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
+from exporter.metrics import InFlightCollector, RunMetrics, SnapshotCollector
+from exporter.policy import human_bytes
 from exporter.refresh import Refresher
 from exporter.settings import ClusterConfig, Settings
+from exporter.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,19 @@ SETTINGS = web.AppKey("settings", Settings)
 REFRESHER = web.AppKey("refresher", Refresher)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+EXECUTOR = web.AppKey[Executor]("executor")
+RUN_METRICS = web.AppKey("run_metrics", RunMetrics)
+WEBHOOK = web.AppKey("webhook", Webhook)
+
+
+# Every `result` a run can end with: the engine's results, or job_failed when no report came back.
+RUN_RESULTS = [*(r.value for r in RunResult), JOB_FAILED]
+
+
+def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
+    """Adopt a new cluster list (SIGHUP): a removed cluster leaves no series, an added one starts at 0."""
+    app[REFRESHER].reconfigure(clusters)
+    app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
 
 
 def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
@@ -45,13 +63,48 @@ def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callab
     return make
 
 
-def create_app(settings: Settings, *, clusters: list[ClusterConfig]) -> web.Application:
-    """The service for these clusters (the CLI resolves the embedded default before calling)."""
+def create_app(
+    settings: Settings,
+    *,
+    clusters: list[ClusterConfig],
+    executor: Executor | None = None,
+    config_file: Path | None = None,
+) -> web.Application:
+    """The service for these clusters (the CLI resolves the embedded default before calling).
+
+    `executor` carries out the webhook's launches; by default the one the settings describe, whose
+    local runs read `config_file`. Raises ConfigError when the webhook's credentials are unusable.
+    """
+    credentials = load_credentials(settings)
+    if executor is None:
+        executor = executor_from_settings(settings, config_file=config_file)
     app = web.Application()
     app[SETTINGS] = settings
+    app[EXECUTOR] = executor
     registry = CollectorRegistry(auto_describe=False)
     app[REGISTRY] = registry
+    run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
+    app[RUN_METRICS] = run_metrics
     metrics_handler = make_aiohttp_handler(registry)
+
+    def run_finished(outcome: RunOutcome) -> None:
+        run_metrics.record_run(
+            cluster=outcome.cluster,
+            result=outcome.result,
+            duration_seconds=outcome.duration_seconds,
+            reclaimed_bytes=outcome.reclaimed_bytes,
+            finished_at=outcome.finished_at,
+        )
+        log.log(
+            logging.INFO if outcome.result in ("success", "nothing_to_do", "dry_run") else logging.WARNING,
+            "cluster %s: run ended: %s%s (reclaimed %s in %.0fs)",
+            outcome.cluster,
+            outcome.result,
+            f": {outcome.reason}" if outcome.reason else "",
+            human_bytes(outcome.reclaimed_bytes),
+            outcome.duration_seconds,
+            extra={"etcd_cluster": outcome.cluster},
+        )
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=settings.max_concurrent_requests, limit_per_host=0)
@@ -65,16 +118,38 @@ def create_app(settings: Settings, *, clusters: list[ClusterConfig]) -> web.Appl
                 member_list_refresh_seconds=settings.member_list_refresh_seconds,
             )
             app[REFRESHER] = refresher
+            run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
             registry.register(SnapshotCollector(refresher))
+            registry.register(
+                InFlightCollector(
+                    lambda: {
+                        name: run.running for name, run in executor.runs(list(refresher.watches)).items()
+                    }
+                )
+            )
+            app[WEBHOOK] = Webhook(
+                settings=settings,
+                credentials=credentials,
+                executor=executor,
+                metrics=run_metrics,
+                refresher=refresher,
+            )
+            await executor.start(run_finished)
             background = asyncio.create_task(_refresh_forever(refresher, settings))
-            yield
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
+            try:
+                yield
+            finally:
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+                await executor.stop()
 
     async def metrics(request: web.Request) -> web.StreamResponse:
         await request.app[REFRESHER].refresh()
         return await metrics_handler(request)
+
+    async def webhook(request: web.Request) -> web.Response:
+        return await request.app[WEBHOOK](request)
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -88,6 +163,8 @@ def create_app(settings: Settings, *, clusters: list[ClusterConfig]) -> web.Appl
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    # Every method reaches the handler, so that a wrong one is answered 405 and counted.
+    app.router.add_route("*", PATH, webhook)
     return app
 
 

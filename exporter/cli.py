@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     defrag.add_argument("--member-timeout", type=float, metavar="S", help="per-member defrag timeout")
     defrag.add_argument("--deadline", type=float, metavar="S", help="deadline of the whole run")
     defrag.add_argument("--output", choices=["text", "json"], default="text")
+    defrag.add_argument(
+        "--report-file",
+        type=Path,
+        metavar="PATH",
+        help="also write the JSON report here, at most 4096 bytes (a Job's /dev/termination-log)",
+    )
 
     status = sub.add_parser(
         "status",
@@ -306,7 +312,7 @@ def serve(settings: Settings, config_file: Path | None) -> int:
     """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file."""
     from aiohttp import web
 
-    from exporter.app import REFRESHER, create_app
+    from exporter.app import create_app, reconfigure
 
     clusters = settings.clusters
     if not clusters:
@@ -315,7 +321,8 @@ def serve(settings: Settings, config_file: Path | None) -> int:
             "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
             DEFAULT_ENDPOINT,
         )
-    app = create_app(settings, clusters=clusters)
+    # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
+    app = create_app(settings, clusters=clusters, config_file=config_file)
 
     async def reload_on_sighup(app: web.Application) -> None:
         def reload() -> None:
@@ -324,7 +331,7 @@ def serve(settings: Settings, config_file: Path | None) -> int:
             except ConfigError as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
-            app[REFRESHER].reconfigure(fresh.clusters or [default_cluster()])
+            reconfigure(app, fresh.clusters or [default_cluster()])
             log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
 
         if config_file is not None:
@@ -332,7 +339,7 @@ def serve(settings: Settings, config_file: Path | None) -> int:
 
     app.on_startup.append(reload_on_sighup)
     log.info(
-        "serving /metrics for %d clusters (%s) on http://%s:%d",
+        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
         len(clusters),
         ", ".join(c.name for c in clusters),
         settings.listen_host,
@@ -364,6 +371,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = cluster_from_args(args, settings)
         if args.command == "defrag":
             report = asyncio.run(run_defrag(args, cluster))
+            if args.report_file is not None:
+                try:
+                    args.report_file.write_text(report.summary_json(max_bytes=4096))
+                except OSError as exc:
+                    print(f"etcd-autodefrag: cannot write report: {exc}", file=sys.stderr)
             if args.output == "json":
                 print(report.to_json())
             else:

@@ -6,9 +6,11 @@ snapshots is gone from the exposition, so no stale series linger (prometheus/cli
 clashes with Prometheus target labels) and `member` for the member name.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -25,16 +27,31 @@ MEMBER_LABELS = ["etcd_cluster", "member"]
 ALARM_KINDS = (AlarmKind.NOSPACE, AlarmKind.CORRUPT)
 
 
+def cluster_problems(snapshot: ClusterSnapshot) -> list[str]:
+    """Why the cluster is not healthy (empty when it is); the webhook quotes these when it skips."""
+    if snapshot.error:
+        return [snapshot.error]
+    if not snapshot.members:
+        return ["no members observed"]
+    voters = [m for m in snapshot.members if not m.member.is_learner]
+    problems = [f"member {m.member.name or m.endpoint} did not answer: {m.error}" for m in voters if not m.up]
+    if problems:
+        return problems
+    if not snapshot.leader_id:
+        return ["no leader"]
+    if any(m.status and m.status.leader_id != snapshot.leader_id for m in voters):
+        problems.append("members disagree about the leader")
+    problems += [
+        f"CORRUPT alarm raised by member {a.member_id:x}"
+        for a in snapshot.alarms
+        if a.kind is AlarmKind.CORRUPT
+    ]
+    return problems
+
+
 def cluster_healthy(snapshot: ClusterSnapshot) -> bool:
     """Every voting member answered, they agree on a leader, and no CORRUPT alarm is raised."""
-    if snapshot.error or not snapshot.members:
-        return False
-    voters = [m for m in snapshot.members if not m.member.is_learner]
-    if not all(m.up for m in voters) or not snapshot.leader_id:
-        return False
-    if any(m.status and m.status.leader_id != snapshot.leader_id for m in voters):
-        return False
-    return not any(a.kind is AlarmKind.CORRUPT for a in snapshot.alarms)
+    return not cluster_problems(snapshot)
 
 
 def cluster_defrag_recommended(snapshot: ClusterSnapshot) -> bool:
@@ -68,8 +85,8 @@ class SnapshotCollector(Collector):
 
         info = InfoMetricFamily(
             f"{PREFIX}_member",
-            "Identity of each etcd member: id, the endpoint we query and the etcd version.",
-            labels=[*MEMBER_LABELS, "member_id", "endpoint", "version", "learner"],
+            "Identity of each etcd member: id, the client URL we query and the etcd version.",
+            labels=[*MEMBER_LABELS, "member_id", "client_url", "version", "learner"],
         )
         up = member_gauge("member_up", "1 if the member answered the last status request, else 0.")
         size = member_gauge(
@@ -149,7 +166,7 @@ class SnapshotCollector(Collector):
                     labels,
                     {
                         "member_id": f"{member_id:x}",
-                        "endpoint": m.endpoint,
+                        "client_url": m.endpoint,
                         "version": s.version if s else "",
                         "learner": "true" if m.member.is_learner else "false",
                     },
@@ -172,3 +189,108 @@ class SnapshotCollector(Collector):
 
         yield from (info, up, size, in_use, quota, free, frag, usage, leader, recommended, alarm)
         yield from (headroom, c_recommended, healthy, members, duration, errors)
+
+
+class RunMetrics:
+    """Counters and gauges of defrag runs and of the webhook, registered in the app's registry.
+
+    Runs and alerts are events, not observations, so they live in ordinary prometheus_client
+    metrics rather than in a snapshot collector. `run_duration_seconds` is the duration of the last
+    run, a gauge rather than a histogram: a cluster sees a handful of runs a day, too few for
+    quantiles, and "the last run took 40 minutes" is what one graphs and alerts on; a histogram
+    would cost ~15 series per cluster for nothing.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, alert_outcomes: Iterable[str]) -> None:
+        cl = ["etcd_cluster"]
+        self.runs = Counter(
+            f"{PREFIX}_runs",
+            "Defrag runs that ended, by result: the engine's result (success, nothing_to_do, failed, "
+            "refused, dry_run) or job_failed when the run ended without a report.",
+            [*cl, "result"],
+            registry=registry,
+        )
+        self.duration = Gauge(
+            f"{PREFIX}_run_duration_seconds",
+            "How long the last finished defrag run of the cluster took, start to end.",
+            cl,
+            registry=registry,
+        )
+        self.reclaimed = Counter(
+            f"{PREFIX}_reclaimed_bytes",
+            "Disk space defrag runs gave back, summed over members and runs.",
+            cl,
+            registry=registry,
+        )
+        self.last_run = Gauge(
+            f"{PREFIX}_last_run_timestamp_seconds",
+            "When the last defrag run with this result ended (Unix time), e.g. the last success.",
+            [*cl, "result"],
+            registry=registry,
+        )
+        self.alerts = Counter(
+            f"{PREFIX}_alerts",
+            "Alerts received on the Alertmanager webhook, by what became of them (launch, skip_* with "
+            "the reason); a refused request (unauthorized, bad_request, ...) counts once.",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in alert_outcomes:
+            self.alerts.labels(outcome)  # every outcome exported from the start, at 0
+
+    def declare_clusters(self, clusters: Iterable[str], results: Iterable[str]) -> None:
+        """Export every cluster's run counters from the start, at 0, and drop removed clusters.
+
+        A counter child that appears only at its first increment makes `increase()` miss that
+        first run (after every restart); a removed cluster must leave no series behind.
+        """
+        wanted = set(clusters)
+        results = list(results)
+        for metric in (self.runs, self.last_run, self.reclaimed, self.duration):
+            # prometheus_client has no public way to list a metric's children.
+            for labels in list(metric._metrics):
+                if labels[0] not in wanted:
+                    metric.remove(*labels)
+        for cluster in sorted(wanted):
+            self.reclaimed.labels(cluster)
+            for result in results:
+                self.runs.labels(cluster, result)
+
+    def record_run(
+        self,
+        *,
+        cluster: str,
+        result: str,
+        duration_seconds: float,
+        reclaimed_bytes: int,
+        finished_at: datetime,
+    ) -> None:
+        """Account for one finished run."""
+        self.runs.labels(cluster, result).inc()
+        self.duration.labels(cluster).set(duration_seconds)
+        self.reclaimed.labels(cluster).inc(max(reclaimed_bytes, 0))
+        self.last_run.labels(cluster, result).set(finished_at.timestamp())
+
+    def count_alert(self, outcome: str, count: int = 1) -> None:
+        """Count alerts (or one refused request) under an outcome."""
+        self.alerts.labels(outcome).inc(count)
+
+
+class InFlightCollector(Collector):
+    """`runs_in_flight` per configured cluster, read from the executor at scrape time (no stale series)."""
+
+    def __init__(self, in_flight: Callable[[], Mapping[str, bool]]) -> None:
+        self.in_flight = in_flight
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_runs_in_flight",
+            "1 while a defrag run (Job or local process) of the cluster is running, else 0.",
+            labels=["etcd_cluster"],
+        )
+        for cluster, running in sorted(self.in_flight().items()):
+            gauge.add_metric([cluster], float(running))
+        yield gauge

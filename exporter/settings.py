@@ -16,6 +16,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -96,11 +97,209 @@ DEFAULT_THRESHOLDS = Thresholds(
 
 
 class KubernetesTarget(_Model):
-    """Where and how this cluster's defrag Job runs on Kubernetes (owned by exporter/jobs.py, kube.py)."""
+    """Where and how this cluster's defrag Job runs on Kubernetes (owned by exporter/jobs.py, kube.py).
+
+    Whatever the variant, the Job finds the etcd client TLS files at one fixed place,
+    `/etc/etcd-autodefrag/tls/{ca.crt,tls.crt,tls.key}`, and passes them with `--cacert/--cert/--key`,
+    which override the cluster's `tls` paths: the config file in the ConfigMap (mounted at
+    `/etc/etcd-autodefrag/config.yaml`) may keep the paths the service itself uses.
+
+    Where the files come from:
+    - kamaji: key `ca.crt` of Secret `<etcd_name>-certs`, keys `tls.crt`/`tls.key` of Secret
+      `<etcd_name>-root-client-certs` (what the kamaji-etcd chart creates).
+    - talos, plain: one Secret `tls_secret`; `ca_key`, `cert_key`, `key_key` name its keys (Talos-style
+      `ca`/`crt`/`key` by default; for a cert-manager or `kubernetes.io/tls` Secret set `ca.crt`,
+      `tls.crt`, `tls.key`). `cert_key` and `key_key` null: server-side TLS only, no client certificate.
+    - kubeadm: the control-plane node's `/etc/kubernetes/pki/etcd/{ca.crt,healthcheck-client.crt,
+      healthcheck-client.key}` (hostPath; the pod runs on a control-plane node, on the host network).
+    """
+
+    class Variant(StrEnum):
+        """How etcd is deployed, which says where the Job finds the client certificate."""
+
+        KAMAJI = "kamaji"
+        TALOS = "talos"
+        KUBEADM = "kubeadm"
+        PLAIN = "plain"
+
+    # Keys we set ourselves: the Job watch selects on them, so a user value would hide the Job.
+    RESERVED_LABELS: ClassVar[frozenset[str]] = frozenset(
+        {"app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/managed-by"}
+    )
+    RESERVED_PREFIX: ClassVar[str] = "etcd-autodefrag.io/"
+    # Kubernetes' own syntax rules (apimachinery validation), so a typo fails at start-up, not at launch.
+    _SUBDOMAIN: ClassVar[re.Pattern[str]] = re.compile(
+        r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    )
+    _SECRET_KEY: ClassVar[re.Pattern[str]] = re.compile(r"^[-._a-zA-Z0-9]+$")
+    _QUALIFIED_NAME: ClassVar[re.Pattern[str]] = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+    _LABEL_VALUE: ClassVar[re.Pattern[str]] = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+    _QUANTITY: ClassVar[re.Pattern[str]] = re.compile(
+        r"^\+?[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+    )
+
+    namespace: str = Field(description="Namespace the Job runs in (the ConfigMap and Secrets live there).")
+    variant: Variant = Variant.PLAIN
+    image: str | None = Field(default=None, description="Overrides the service-wide Job image.")
+    config_map: str = Field(
+        default="etcd-autodefrag", description="ConfigMap with our config file under key config.yaml."
+    )
+    etcd_name: str | None = Field(default=None, description="kamaji: name of the etcd StatefulSet.")
+    tls_secret: str | None = Field(default=None, description="talos, plain: Secret with the client TLS.")
+    ca_key: str = "ca"
+    cert_key: str | None = "crt"
+    key_key: str | None = "key"
+    cooldown_seconds: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="ttlSecondsAfterFinished: no new Job for this cluster until the finished one is "
+        "removed. Default: the service-wide executor.cooldown_seconds.",
+    )
+    active_deadline_seconds: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Kubernetes stops the Job after this long; default deadline_seconds + 120."
+    )
+    service_account: str | None = Field(
+        default=None, description="The Job needs no API access: its token is never mounted."
+    )
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the Job and its Pod.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra annotations on the Job and its Pod."
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _valid_namespace(cls, namespace: str) -> str:
+        if len(namespace) > 63 or not _NAME.match(namespace):
+            raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'); got {namespace!r}")
+        return namespace
+
+    @field_validator("config_map", "etcd_name", "tls_secret", "service_account")
+    @classmethod
+    def _valid_object_name(cls, name: str | None) -> str | None:
+        if name is not None and (len(name) > 200 or not cls._SUBDOMAIN.match(name)):
+            raise ValueError(f"must be a Kubernetes object name (lowercase, digits, '-', '.'); got {name!r}")
+        return name
+
+    @field_validator("ca_key", "cert_key", "key_key")
+    @classmethod
+    def _valid_secret_key(cls, key: str | None) -> str | None:
+        if key is not None and (len(key) > 253 or not cls._SECRET_KEY.match(key)):
+            raise ValueError(f"must be a Secret key (letters, digits, '-', '_', '.'); got {key!r}")
+        return key
+
+    @field_validator("image")
+    @classmethod
+    def _valid_image(cls, image: str | None) -> str | None:
+        if image is not None and (not image or any(c.isspace() for c in image)):
+            raise ValueError(f"must be an image reference without spaces; got {image!r}")
+        return image
+
+    @field_validator("resources")
+    @classmethod
+    def _valid_quantities(cls, resources: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for kind, amounts in resources.items():
+            if kind not in ("requests", "limits"):
+                raise ValueError(f"{kind!r}: only requests and limits can be set")
+            for name, quantity in amounts.items():
+                if not cls._QUANTITY.match(str(quantity)):
+                    raise ValueError(f"{kind}.{name}: {quantity!r} is not a quantity like 100m, 64Mi or 1")
+        return resources
+
+    @field_validator("labels")
+    @classmethod
+    def _valid_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            cls._check_key(key)
+            if len(value) > 63 or not cls._LABEL_VALUE.match(value):
+                raise ValueError(
+                    f"label {key}: {value!r} is not a label value (at most 63 of [A-Za-z0-9._-])"
+                )
+        return labels
+
+    @field_validator("annotations")
+    @classmethod
+    def _valid_annotations(cls, annotations: dict[str, str]) -> dict[str, str]:
+        for key in annotations:
+            cls._check_key(key)
+        return annotations
+
+    @classmethod
+    def _check_key(cls, key: str) -> None:
+        prefix, _, name = key.rpartition("/")
+        if (
+            (prefix and not cls._SUBDOMAIN.match(prefix))
+            or len(name) > 63
+            or not cls._QUALIFIED_NAME.match(name)
+        ):
+            raise ValueError(f"{key!r} is not a label or annotation key like example.com/name")
+        if key in cls.RESERVED_LABELS or key.startswith(cls.RESERVED_PREFIX):
+            raise ValueError(f"{key!r} is set by etcd-autodefrag itself")
+
+    @model_validator(mode="after")
+    def _variant_fields(self) -> Self:
+        variant = self.variant
+        if variant is self.Variant.KAMAJI and self.etcd_name is None:
+            raise ValueError("variant kamaji needs etcd_name (the etcd StatefulSet, e.g. kamaji-etcd)")
+        if variant is not self.Variant.KAMAJI and self.etcd_name is not None:
+            raise ValueError(f"etcd_name is only used by variant kamaji, not {variant.value}")
+        if variant in (self.Variant.KAMAJI, self.Variant.KUBEADM) and self.tls_secret is not None:
+            raise ValueError(f"tls_secret is only used by variants talos and plain, not {variant.value}")
+        if (self.cert_key is None) != (self.key_key is None):
+            raise ValueError("cert_key and key_key must both be set or both be null")
+        return self
+
+    def problems(self, *, endpoints: list[str], deadline_seconds: float) -> list[str]:
+        """What makes this target unusable for a cluster with these endpoints and deadline ([] = fine)."""
+        found = []
+        plain = [e for e in endpoints if not e.startswith("https://")]
+        needs_tls = self.variant in (self.Variant.KAMAJI, self.Variant.KUBEADM) or self.tls_secret
+        if needs_tls and plain:
+            what = f"variant {self.variant.value}" if not self.tls_secret else "kubernetes.tls_secret"
+            found.append(f"{what} mounts client TLS, but endpoint {plain[0]!r} is plain http")
+        if not needs_tls and len(plain) < len(endpoints):
+            found.append(
+                f"kubernetes.tls_secret is required: the endpoints use https and variant "
+                f"{self.variant.value} reads the client certificate from that Secret"
+            )
+        if self.active_deadline_seconds is not None and self.active_deadline_seconds <= deadline_seconds:
+            found.append(
+                f"kubernetes.active_deadline_seconds ({self.active_deadline_seconds}) must exceed "
+                f"deadline_seconds ({deadline_seconds:g}), or Kubernetes stops the run before it can report"
+            )
+        return found
 
 
 class AlertRouting(_Model):
-    """Which Alertmanager alerts belong to this cluster (owned by exporter/routing.py)."""
+    """Which Alertmanager alerts belong to this cluster (owned by exporter/routing.py).
+
+    An alert belongs to the cluster when its labels match every matcher (Alertmanager syntax:
+    `name="v"`, `name!="v"`, `name=~"re"`, `name!~"re"`, regexes anchored). Without matchers:
+    `etcd_cluster="<cluster name>"`. In YAML `alerts:` may also be the bare list of matchers.
+    """
+
+    matchers: list[str] = Field(
+        default_factory=list,
+        description="""Label matchers, e.g. ['job="kube-etcd"'] or ['namespace="a"', 'service="a-etcd"'].""",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, data: Any) -> Any:
+        return {"matchers": data} if isinstance(data, list) else data
+
+    @field_validator("matchers")
+    @classmethod
+    def _valid_matchers(cls, matchers: list[str]) -> list[str]:
+        from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
+
+        for text in matchers:
+            try:
+                parse_matcher(text)
+            except MatcherSyntaxError as exc:
+                raise ValueError(str(exc)) from None
+        return matchers
 
 
 class ClusterConfig(_Model):
@@ -176,15 +375,111 @@ class ClusterConfig(_Model):
             raise ValueError(f"tls is configured but endpoint {plain!r} is plain http")
         if self.member_timeout_seconds > self.deadline_seconds:
             raise ValueError("member_timeout_seconds must not exceed deadline_seconds")
+        if self.kubernetes is not None and (
+            problems := self.kubernetes.problems(
+                endpoints=self.endpoints, deadline_seconds=self.deadline_seconds
+            )
+        ):
+            raise ValueError("kubernetes: " + "; ".join(problems))
         return self
 
 
 class WebhookSettings(_Model):
-    """The Alertmanager webhook: authentication, limits, which alerts act (owned by exporter/webhook.py)."""
+    """The Alertmanager webhook: authentication, limits, which alerts act (owned by exporter/webhook.py).
+
+    Secrets are SecretStr and files are read at start-up, so neither a repr nor a log line shows them.
+    """
+
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token Alertmanager sends (env ETCD_AUTODEFRAG_WEBHOOK__TOKEN); or token_file.",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the bearer token (the receiver's credentials_file)."
+    )
+    basic_auth_username: str | None = None
+    basic_auth_password: SecretStr | None = None
+    basic_auth_password_file: Path | None = None
+    # Alertmanager sends every alert of a group in one body, ~1-3 KiB per alert with its labels and
+    # annotations. 4 MiB holds groups of well over 1,000 alerts; a bigger body is refused with 413,
+    # which Alertmanager does not retry, so the cap errs large. Bound groups with the receiver's
+    # `max_alerts` instead (Alertmanager then reports the rest in `truncatedAlerts`).
+    max_body_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(4 * 1024 * 1024)
+    acting_alerts: list[str] | None = Field(
+        default=None,
+        description="Alert names that launch runs; default EtcdDefragRecommended, EtcdNoSpaceAlarm and "
+        "EtcdQuotaUsageCritical; [] means any name (then acting_matchers must narrow it).",
+    )
+    acting_matchers: list[str] = Field(
+        default_factory=list,
+        description="""Matchers an acting alert must also match, e.g. ['severity="critical"'].""",
+    )
+    max_snapshot_age_seconds: PositiveSeconds = Field(
+        default=60.0,
+        description="A launch needs a cluster snapshot at most this old; an older one is refreshed first.",
+    )
+
+    @field_validator("acting_matchers")
+    @classmethod
+    def _valid_matchers(cls, matchers: list[str]) -> list[str]:
+        from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
+
+        for text in matchers:
+            try:
+                parse_matcher(text)
+            except MatcherSyntaxError as exc:
+                raise ValueError(str(exc)) from None
+        return matchers
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set either token or token_file, not both")
+        password = self.basic_auth_password is not None or self.basic_auth_password_file is not None
+        if self.basic_auth_password is not None and self.basic_auth_password_file is not None:
+            raise ValueError("set either basic_auth_password or basic_auth_password_file, not both")
+        if (self.basic_auth_username is not None) != password:
+            raise ValueError("basic_auth_username and a basic_auth_password(_file) must be set together")
+        if self.acting_alerts == [] and not self.acting_matchers:
+            raise ValueError(
+                "acting_alerts is empty and acting_matchers is not set: every alert would launch a "
+                "defrag; name the alerts or give matchers"
+            )
+        return self
 
 
 class ExecutorSettings(_Model):
     """How a launched defrag runs: a Kubernetes Job or a local subprocess (owned by exporter/executors.py)."""
+
+    class Kind(StrEnum):
+        """`auto`: `kubernetes` when running in a Pod (KUBERNETES_SERVICE_HOST is set), else `local`."""
+
+        AUTO = "auto"
+        KUBERNETES = "kubernetes"
+        LOCAL = "local"
+
+    kind: Kind = Kind.AUTO
+    dry_run: bool = Field(
+        default=False,
+        description="Decide and log every launch ('DRY-RUN: would ...') but create or run nothing.",
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="local: where run locks and states live; every service on a host must share it. "
+        "Default $STATE_DIRECTORY (systemd), else $XDG_STATE_HOME or ~/.local/state, /etcd-autodefrag.",
+    )
+    image: str | None = Field(
+        default=None,
+        description="kubernetes: image of the defrag Job when the cluster names none; default this "
+        "release's ghcr.io/etcd-autodefrag/etcd-autodefrag:<version>.",
+    )
+    kubernetes_timeout_seconds: PositiveSeconds = Field(
+        default=10.0, description="kubernetes: timeout of one Kubernetes API request."
+    )
+    cooldown_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=3600.0,
+        description="After a run ends (any result), alerts for that cluster launch nothing for this long.",
+    )
 
 
 class Settings(BaseSettings):

@@ -214,3 +214,19 @@ def test_console_script_runs(etcd: EtcdCluster) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("DRY-RUN: would defragment") == 3
     assert result.stdout.count("would_defrag") == 3
+
+
+def test_report_file_gets_the_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ETCD_AUTODEFRAG_CONFIG", raising=False)
+    report_file = tmp_path / "termination-log"
+    args = ["defrag", "--endpoints", "http://127.0.0.1:9", "--request-timeout", "1", "--output", "json"]
+    assert main([*args, "--report-file", str(report_file)]) == 3
+    written = json.loads(report_file.read_text())
+    assert written == json.loads(capsys.readouterr().out)  # small enough: the full report
+    assert (written["result"], written["exit_code"]) == ("refused", 3)
+
+    # A report that cannot be written is said, and the exit code still tells how the run went.
+    assert main([*args, "--report-file", str(tmp_path / "missing" / "file")]) == 3
+    assert "cannot write report" in capsys.readouterr().err

@@ -1,0 +1,620 @@
+"""Executors: carrying out a launch the webhook decided on, as a Kubernetes Job or a local process.
+
+Both are single-flight per cluster on their own, whatever the webhook decided: a Kubernetes Job's
+name is the lock across replicas and restarts (the API refuses a second object of that name); a
+local run holds an flock on `<state_dir>/<cluster>.lock` for as long as it runs, and its start,
+end and result are kept in `<state_dir>/<cluster>.json`, so that a restarted service, or a second
+service on the same host, still sees it running or cooling down.
+
+Dry-run is threaded down to the one call that would create something, which logs
+`DRY-RUN: would ...` instead.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from exporter import clock, jobs, kube
+from exporter.engine import RunResult
+from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
+from exporter.routing import RunState
+from exporter.settings import (
+    ENV_PREFIX,
+    ClusterConfig,
+    ExecutorSettings,
+    Settings,
+    default_cluster,
+)
+
+log = logging.getLogger(__name__)
+
+# The `result` of a run that ended without a report (killed, crashed, image missing, ...).
+JOB_FAILED = "job_failed"
+# How often a local executor looks at runs it does not own (started by a previous or another
+# service) to record their end: a poll, because another process's child cannot be waited for.
+RECONCILE_INTERVAL_SECONDS = 5.0
+
+
+class ExecutorUnavailable(Exception):
+    """The launch could not be recorded now but may succeed later (webhook answers 503)."""
+
+
+class ExecutorRejected(Exception):
+    """The launch was refused for a reason a retry will not fix (webhook answers 422)."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run ended, for the run metrics and the log."""
+
+    cluster: str
+    result: str  # a RunResult value, or JOB_FAILED
+    started_at: datetime | None
+    finished_at: datetime
+    reclaimed_bytes: int = 0
+    reason: str = ""
+
+    @property
+    def duration_seconds(self) -> float:
+        """Start to end; 0 when the start is unknown."""
+        return (self.finished_at - self.started_at).total_seconds() if self.started_at else 0.0
+
+
+OnFinished = Callable[[RunOutcome], None]
+
+
+class Executor(Protocol):
+    """What the webhook needs from whatever runs the defrag."""
+
+    async def start(self, on_finished: OnFinished) -> None:
+        """Start background watchers; `on_finished` is called once per run that ends."""
+
+    async def stop(self) -> None:
+        """Stop watching; runs in flight go on and are picked up by the next start."""
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        """Start a run unless one is in flight or cooling down; raise ExecutorUnavailable/Rejected."""
+
+    def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
+        """What is known about each cluster's runs, for `routing.decide`."""
+
+
+def outcome_from_report(
+    *, cluster: str, report: Mapping[str, Any] | None, started_at: datetime | None, finished_at: datetime
+) -> RunOutcome:
+    """A RunOutcome from the engine's JSON report (`defrag --output json`), or job_failed without one."""
+    results = {r.value for r in RunResult}
+    if report is None or report.get("result") not in results:
+        return RunOutcome(cluster, JOB_FAILED, started_at, finished_at, reason="the run left no report")
+    reclaimed = report.get("reclaimed_bytes")
+    return RunOutcome(
+        cluster,
+        str(report["result"]),
+        started_at,
+        finished_at,
+        reclaimed_bytes=reclaimed if isinstance(reclaimed, int) else 0,
+        reason=str(report.get("reason") or ""),
+    )
+
+
+def parse_report(stdout: str) -> dict[str, Any] | None:
+    """The JSON report: the last line of the child's stdout that is a JSON object."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+# --- local -----------------------------------------------------------------------------------------
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME or ~/.local/state, plus /etcd-autodefrag."""
+    if systemd := environ.get("STATE_DIRECTORY"):
+        return Path(systemd.split(":")[0])
+    base = environ.get("XDG_STATE_HOME") or str(Path(environ.get("HOME", "/")) / ".local" / "state")
+    return Path(base) / "etcd-autodefrag"
+
+
+@dataclass(frozen=True)
+class _State:
+    """The JSON state file of one cluster."""
+
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: str = ""
+    pid: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and self.finished_at is None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "started_at": self.started_at.isoformat() if self.started_at else None,
+                "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+                "result": self.result,
+                "pid": self.pid,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "_State":
+        data = json.loads(text)
+        return cls(
+            started_at=datetime.fromisoformat(data["started_at"]) if data.get("started_at") else None,
+            finished_at=datetime.fromisoformat(data["finished_at"]) if data.get("finished_at") else None,
+            result=str(data.get("result") or ""),
+            pid=int(data.get("pid") or 0),
+        )
+
+
+class LocalExecutor:
+    """Runs `python -m exporter defrag --cluster NAME --output json` as a child process.
+
+    The child inherits the lock file's descriptor, so the lock lives exactly as long as the run,
+    even when this service stops or dies first. The child's stdout (the JSON report) goes to
+    `<cluster>.report.json`, so a run that outlives its service still leaves its result on disk.
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        config_file: Path | None,
+        embedded_default: bool,
+        cooldown_seconds: float,
+        dry_run: bool = False,
+        command: Sequence[str] = (sys.executable, "-m", "exporter"),
+        log_format: str = "text",
+        log_level: str = "INFO",
+        reconcile_interval_seconds: float = RECONCILE_INTERVAL_SECONDS,
+    ) -> None:
+        self.state_dir = state_dir
+        self.config_file = config_file.absolute() if config_file is not None else None
+        self.embedded_default = embedded_default
+        self.cooldown_seconds = cooldown_seconds
+        self.dry_run = dry_run
+        self.command = list(command)
+        self.log_format = log_format
+        self.log_level = log_level
+        self.reconcile_interval_seconds = reconcile_interval_seconds
+        self._on_finished: OnFinished = lambda _outcome: None
+        self._children: dict[str, asyncio.Task[None]] = {}
+        self._reconciler: asyncio.Task[None] | None = None
+
+    # --- files ---
+
+    def _path(self, cluster: str, suffix: str) -> Path:
+        return self.state_dir / f"{cluster}{suffix}"
+
+    def _read_state(self, cluster: str) -> _State:
+        try:
+            return _State.from_json(self._path(cluster, ".json").read_text())
+        except FileNotFoundError:
+            return _State()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Unreadable state must not block a cluster forever: the lock still guards against
+            # a concurrent run, only the cooldown is lost.
+            log.warning("cluster %s: ignoring unreadable run state: %s", cluster, exc)
+            return _State()
+
+    def _write_state(self, cluster: str, state: _State) -> None:
+        path = self._path(cluster, ".json")
+        temporary = path.with_suffix(".json.tmp")
+        temporary.write_text(state.to_json())
+        os.replace(temporary, path)  # readers see the old or the new state, never half of one
+
+    def _try_lock(self, cluster: str) -> int | None:
+        """The lock file's descriptor with the lock held, or None when a run holds it."""
+        fd = os.open(self._path(cluster, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def child_command(self, cluster: ClusterConfig) -> list[str]:
+        """The command line of a run: the same engine as `etcd-autodefrag defrag`."""
+        args = [*self.command, "defrag", "--output", "json"]
+        args += ["--log-format", self.log_format, "--log-level", self.log_level]
+        if self.config_file is not None:
+            args += ["--config", str(self.config_file)]
+        if not (self.embedded_default and cluster == default_cluster()):
+            args += ["--cluster", cluster.name]
+        return args
+
+    # --- the Executor protocol ---
+
+    async def start(self, on_finished: OnFinished) -> None:
+        """Record runs that ended while no service watched them, then keep watching for more."""
+        self._on_finished = on_finished
+        self._reconcile()
+        self._reconciler = asyncio.create_task(self._reconcile_forever())
+
+    async def stop(self) -> None:
+        """Stop watching. Children keep running and keep their lock: a restart never cuts a run short."""
+        tasks = [*self._children.values(), *([self._reconciler] if self._reconciler else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._children.clear()
+        self._reconciler = None
+
+    def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
+        """Run states from the state files (shared with other services on this host)."""
+        out = {}
+        for cluster in clusters:
+            state = self._read_state(cluster)
+            out[cluster] = RunState(
+                running=state.running or cluster in self._children,
+                started_at=state.started_at,
+                finished_at=state.finished_at,
+                result=state.result,
+            )
+        return out
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        """Start the child unless the lock is held or the cluster cools down (checked under the lock)."""
+        name = cluster.name
+        job = f"local run of {name}"
+        command = self.child_command(cluster)
+        if self.dry_run:
+            log.info("DRY-RUN: would run %s (alert %s)", shlex.join(command), trigger.alertname)
+            return LaunchResult(False, job, "dry run: nothing started", LaunchOutcome.DRY_RUN)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = self._try_lock(name)
+        except OSError as exc:
+            raise ExecutorUnavailable(f"state directory {self.state_dir}: {exc.strerror}") from None
+        if fd is None:
+            reason = f"already running: a run on cluster {name} holds {self._path(name, '.lock')}"
+            return LaunchResult(False, job, reason, LaunchOutcome.ALREADY_RUNNING)
+        try:
+            state = self._read_state(name)
+            if state.running:  # its process ended while no service watched: record it first
+                self._record_orphan(name, state)
+                state = self._read_state(name)
+            now = clock.utcnow()
+            if state.finished_at is not None:
+                until = state.finished_at + timedelta(seconds=self.cooldown_seconds)
+                if now < until:
+                    os.close(fd)
+                    reason = f"cooling down: cluster {name} until {until.isoformat(timespec='seconds')}"
+                    return LaunchResult(False, job, reason, LaunchOutcome.COOLING_DOWN)
+            process = await self._spawn(name, command, fd)
+        except OSError as exc:
+            os.close(fd)
+            raise ExecutorUnavailable(f"cannot start {shlex.join(command)}: {exc.strerror}") from None
+        try:
+            self._write_state(name, _State(started_at=now, pid=process.pid))
+        except OSError as exc:  # the child runs and holds the lock regardless: only the record is lost
+            log.error("cluster %s: cannot record the run's start in %s: %s", name, self.state_dir, exc)
+        log.info(
+            "cluster %s: started local run (pid %d) for alert %s: %s",
+            name,
+            process.pid,
+            trigger.alertname,
+            shlex.join(command),
+        )
+        self._children[name] = asyncio.create_task(self._watch(name, process, fd, now))
+        return LaunchResult(True, f"{job} (pid {process.pid})", "started", LaunchOutcome.CREATED)
+
+    # --- children ---
+
+    async def _spawn(self, cluster: str, command: list[str], lock_fd: int) -> asyncio.subprocess.Process:
+        report = os.open(
+            self._path(cluster, ".report.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600
+        )
+        try:
+            return await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=report,
+                env=child_environment(os.environ),
+                pass_fds=(lock_fd,),  # the child holds the lock until it exits
+                start_new_session=True,  # a Ctrl-C or SIGTERM aimed at the service does not cut it short
+            )
+        finally:
+            os.close(report)
+
+    async def _watch(
+        self, cluster: str, process: asyncio.subprocess.Process, fd: int, started: datetime
+    ) -> None:
+        """Wait for the child; record its end while still holding the lock, so no one starts in between."""
+        try:
+            code = await process.wait()
+            finished = clock.utcnow()
+            report = parse_report(self._path(cluster, ".report.json").read_text())
+            outcome = outcome_from_report(
+                cluster=cluster, report=report, started_at=started, finished_at=finished
+            )
+            if report is None:
+                outcome = RunOutcome(
+                    cluster, JOB_FAILED, started, finished, reason=f"exited with code {code} and no report"
+                )
+            self._finish(cluster, outcome, pid=process.pid)
+        finally:
+            os.close(fd)
+            self._children.pop(cluster, None)
+
+    def _finish(self, cluster: str, outcome: RunOutcome, *, pid: int = 0) -> None:
+        try:
+            self._write_state(cluster, _State(outcome.started_at, outcome.finished_at, outcome.result, pid))
+        except OSError as exc:  # the cooldown is lost, the outcome is still counted
+            log.error("cluster %s: cannot record the run's end in %s: %s", cluster, self.state_dir, exc)
+        try:
+            self._on_finished(outcome)
+        except Exception:  # metrics or logging must not lose the state we just wrote
+            log.exception("cluster %s: recording the run's outcome failed", cluster)
+
+    def _record_orphan(self, cluster: str, state: _State) -> None:
+        """A run started by an earlier (or another) service ended: its report file says how."""
+        report_path = self._path(cluster, ".report.json")
+        # The report file is written when the run ends; without a report its time is the start's.
+        try:
+            finished = datetime.fromtimestamp(report_path.stat().st_mtime, tz=clock.utcnow().tzinfo)
+            report = parse_report(report_path.read_text())
+        except OSError:
+            finished, report = clock.utcnow(), None
+        started = state.started_at
+        if started is not None and finished < started:
+            finished = started
+        outcome = outcome_from_report(
+            cluster=cluster, report=report, started_at=started, finished_at=finished
+        )
+        log.info(
+            "cluster %s: a run started at %s by an earlier service ended: %s",
+            cluster,
+            started,
+            outcome.result,
+        )
+        self._finish(cluster, outcome, pid=state.pid)
+
+    def _reconcile(self) -> None:
+        """Record the end of every run this service does not own whose lock is free."""
+        if not self.state_dir.is_dir():
+            return
+        for path in self.state_dir.glob("*.json"):
+            cluster = path.name.removesuffix(".json")
+            if cluster.endswith(".report") or cluster in self._children:
+                continue
+            if not self._read_state(cluster).running:
+                continue
+            fd = self._try_lock(cluster)
+            if fd is None:
+                continue  # still running, in a child of an earlier or another service
+            try:
+                state = self._read_state(cluster)  # read again under the lock
+                if state.running:
+                    self._record_orphan(cluster, state)
+            finally:
+                os.close(fd)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_interval_seconds)
+            try:
+                self._reconcile()
+            except Exception:  # a bug must not stop the loop silently
+                log.exception("reconciling local runs failed")
+
+
+def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The service's environment without the webhook's secrets, which a defrag run never needs."""
+    return {k: v for k, v in environ.items() if not k.startswith(f"{ENV_PREFIX}WEBHOOK__")}
+
+
+# --- kubernetes ----------------------------------------------------------------------------------
+
+
+class KubernetesExecutor:
+    """Creates the defrag Job (exporter.jobs builds it, exporter.kube sends it) and watches Jobs end.
+
+    The Job name is the lock and its ttlSecondsAfterFinished the cooldown, both kept by the API
+    server, so replicas and restarts agree. What this object remembers (runs in flight, the last
+    end) only sharpens the webhook's reasons and the in-flight gauge; losing it loses no guarantee.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_client: Any | None = None,
+        image: str,
+        cooldown_seconds: float,
+        timeout_seconds: float,
+        dry_run: bool = False,
+        namespaces: Sequence[str] = (),
+    ) -> None:
+        self.image = image
+        self.cooldown_seconds = cooldown_seconds
+        self.timeout_seconds = timeout_seconds
+        self.dry_run = dry_run
+        self._api = api_client
+        self._own_api = api_client is None
+        self._namespaces = list(dict.fromkeys(namespaces))
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._runs: dict[str, RunState] = {}
+        self._on_finished: OnFinished = lambda _outcome: None
+        self._started_at = clock.utcnow()
+
+    async def start(self, on_finished: OnFinished) -> None:
+        """Connect (in-cluster or kubeconfig, unless a client was given) and watch each namespace."""
+        self._on_finished = on_finished
+        self._started_at = clock.utcnow()
+        if self._api is None:
+            self._api = await kube.kube_api_client()
+        for namespace in self._namespaces:
+            self._watch(namespace)
+
+    async def stop(self) -> None:
+        """Stop watching; Jobs run on (the API server keeps them), and the next start finds them."""
+        tasks = [*self._watches.values(), *self._background]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watches.clear()
+        if self._own_api and self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    @property
+    def api(self) -> Any:
+        """The API client (set by start)."""
+        if self._api is None:
+            raise RuntimeError("KubernetesExecutor used before start()")
+        return self._api
+
+    def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
+        """What this replica saw: Jobs it created or found running, and Jobs it saw end."""
+        return {name: self._runs.get(name, RunState()) for name in clusters}
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        """Create the cluster's Job; a 409 says it is running or cooling down (no error)."""
+        try:
+            manifest = jobs.build_job(
+                cluster, image=self.image, trigger=trigger, cooldown_seconds=self.cooldown_seconds
+            )
+        except (jobs.JobConfigError, ValueError) as exc:
+            raise ExecutorRejected(str(exc)) from None
+        namespace = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
+        if self.dry_run:
+            log.info(
+                "DRY-RUN: would create Job %s in namespace %s (alert %s)", name, namespace, trigger.alertname
+            )
+        try:
+            result = await kube.create_job(
+                self.api, manifest, timeout=self.timeout_seconds, dry_run=self.dry_run
+            )
+        except kube.KubeUnavailable as exc:
+            raise ExecutorUnavailable(str(exc)) from None
+        except kube.KubeRejected as exc:
+            raise ExecutorRejected(str(exc)) from None
+        if result.outcome in (LaunchOutcome.CREATED, LaunchOutcome.ALREADY_RUNNING):
+            previous = self._runs.get(cluster.name, RunState())
+            started = clock.utcnow() if result.created else previous.started_at
+            self._runs[cluster.name] = replace(previous, running=True, started_at=started)
+        if namespace not in self._watches:
+            self._watch(namespace)
+        if result.created:
+            message = f"alert {trigger.alertname} ({trigger.fingerprint or 'no fingerprint'}) fired"
+            self._best_effort_event(manifest, "DefragTriggered", message, "Normal")
+        return result
+
+    def _watch(self, namespace: str) -> None:
+        self._watches[namespace] = asyncio.create_task(
+            kube.watch_jobs(self.api, namespace, self._job_finished, request_timeout=self.timeout_seconds)
+        )
+
+    def _job_finished(self, job: JobOutcome) -> None:
+        finished = job.finished_at or clock.utcnow()
+        outcome = outcome_from_report(
+            cluster=job.cluster, report=job.report, started_at=job.started_at, finished_at=finished
+        )
+        if outcome.result == JOB_FAILED and job.reason:
+            outcome = replace(outcome, reason=f"Job {job.job_name} failed ({job.reason}) without a report")
+        known = self._runs.get(job.cluster, RunState())
+        if known.finished_at is None or finished >= known.finished_at:
+            self._runs[job.cluster] = RunState(False, job.started_at, finished, outcome.result)
+        # After a restart the watch lists the finished Jobs still kept for their TTL: the previous
+        # service counted those. Count a Job we knew running, or one that ended after we started
+        # (Kubernetes times have whole seconds: one ending in our first second is not counted).
+        if not known.running and finished <= self._started_at:
+            log.debug("Job %s ended at %s, before this service started: not counted", job.job_name, finished)
+            return
+        self._on_finished(outcome)
+
+    def _best_effort_event(self, manifest: dict[str, Any], reason: str, message: str, kind: str) -> None:
+        async def send() -> None:
+            try:
+                await kube.record_event(
+                    self.api,
+                    manifest,
+                    reason,
+                    message,
+                    "Warning" if kind == "Warning" else "Normal",
+                    timeout=self.timeout_seconds,
+                )
+            except kube.KubeError as exc:
+                log.warning("Event about Job %s not recorded: %s", manifest["metadata"]["name"], exc)
+
+        task = asyncio.create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+# --- choosing ------------------------------------------------------------------------------------
+
+
+def resolve_kind(executor: ExecutorSettings, environ: Mapping[str, str]) -> ExecutorSettings.Kind:
+    """`auto` means kubernetes inside a Pod (KUBERNETES_SERVICE_HOST set), local elsewhere."""
+    if executor.kind is not ExecutorSettings.Kind.AUTO:
+        return executor.kind
+    if environ.get("KUBERNETES_SERVICE_HOST"):
+        return ExecutorSettings.Kind.KUBERNETES
+    return ExecutorSettings.Kind.LOCAL
+
+
+def local_executor(
+    settings: Settings, *, config_file: Path | None, environ: Mapping[str, str] = os.environ
+) -> LocalExecutor:
+    """The local executor the settings describe."""
+    return LocalExecutor(
+        state_dir=settings.executor.state_dir or default_state_dir(environ),
+        config_file=config_file,
+        # With no clusters configured the service watches the embedded default cluster, which
+        # `defrag` without --cluster acts on too (and `--cluster local` would not find).
+        embedded_default=not settings.clusters,
+        cooldown_seconds=settings.executor.cooldown_seconds,
+        dry_run=settings.executor.dry_run,
+        log_format=settings.log_format.value,
+        log_level=settings.log_level,
+    )
+
+
+def executor_from_settings(
+    settings: Settings, *, config_file: Path | None, environ: Mapping[str, str] = os.environ
+) -> Executor:
+    """The executor the settings describe (`auto`: kubernetes in a Pod, local elsewhere)."""
+    if resolve_kind(settings.executor, environ) is ExecutorSettings.Kind.KUBERNETES:
+        return kubernetes_executor(settings)
+    return local_executor(settings, config_file=config_file, environ=environ)
+
+
+def kubernetes_executor(settings: Settings, *, api_client: Any | None = None) -> KubernetesExecutor:
+    """The Kubernetes executor the settings describe; it connects when started."""
+    without = [c.name for c in settings.clusters if c.kubernetes is None]
+    if without:
+        log.warning(
+            "clusters without a kubernetes section cannot be defragmented by a Job: %s", ", ".join(without)
+        )
+    return KubernetesExecutor(
+        api_client=api_client,
+        image=settings.executor.image or jobs.DEFAULT_IMAGE,
+        cooldown_seconds=settings.executor.cooldown_seconds,
+        timeout_seconds=settings.executor.kubernetes_timeout_seconds,
+        dry_run=settings.executor.dry_run,
+        namespaces=[c.kubernetes.namespace for c in settings.clusters if c.kubernetes is not None],
+    )

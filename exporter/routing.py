@@ -1,0 +1,394 @@
+"""Alert routing: which Alertmanager alert launches a defrag run on which cluster, and why not.
+
+Pure: no I/O, time passed in. `exporter.webhook` parses the payload with the models below, collects
+the latest cluster health and run states, calls `decide_all` and hands each `LAUNCH` to an executor
+(`exporter.executors`), which performs the only side effect.
+
+Matchers use Alertmanager's syntax and semantics (prometheus/alertmanager `pkg/labels`): a missing
+label matches as the empty string, regexes are anchored at both ends.
+"""
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from exporter.settings import ClusterConfig, WebhookSettings
+
+# The alerts this project ships (the alert rules use exactly these names).
+ALERT_DEFRAG_RECOMMENDED = "EtcdDefragRecommended"
+ALERT_NOSPACE = "EtcdNoSpaceAlarm"
+ALERT_QUOTA_CRITICAL = "EtcdQuotaUsageCritical"
+DEFAULT_ACTING_ALERTS = (ALERT_DEFRAG_RECOMMENDED, ALERT_NOSPACE, ALERT_QUOTA_CRITICAL)
+# The label that names the etcd cluster in our alert rules, and so the default route.
+CLUSTER_LABEL = "etcd_cluster"
+PAYLOAD_VERSION = "4"
+
+# --- the Alertmanager webhook payload ------------------------------------------------------------
+
+
+class AlertStatus(StrEnum):
+    """An alert's (or a group's) state as Alertmanager reports it."""
+
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class _Payload(BaseModel):
+    # Alertmanager adds fields over time (truncatedAlerts, routeLabels, notification_reason, ...):
+    # ignore what we do not use rather than answer 400 and lose the notification.
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class AlertmanagerAlert(_Payload):
+    """One alert of a webhook notification."""
+
+    status: AlertStatus
+    labels: dict[str, str]
+    annotations: dict[str, str] = Field(default_factory=dict)
+    starts_at: datetime = Field(alias="startsAt")
+    ends_at: datetime | None = Field(default=None, alias="endsAt")
+    generator_url: str = Field(default="", alias="generatorURL")
+    fingerprint: str = ""
+
+    @property
+    def name(self) -> str:
+        """The alertname label ("" when missing)."""
+        return self.labels.get("alertname", "")
+
+
+class AlertmanagerPayload(_Payload):
+    """A webhook notification (Alertmanager docs, "webhook_config"; payload version 4)."""
+
+    version: str
+    group_key: str = Field(alias="groupKey")
+    status: AlertStatus
+    receiver: str
+    group_labels: dict[str, str] = Field(default_factory=dict, alias="groupLabels")
+    common_labels: dict[str, str] = Field(default_factory=dict, alias="commonLabels")
+    common_annotations: dict[str, str] = Field(default_factory=dict, alias="commonAnnotations")
+    external_url: str = Field(default="", alias="externalURL")
+    truncated_alerts: int = Field(default=0, alias="truncatedAlerts")
+    alerts: list[AlertmanagerAlert]
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, version: str) -> str:
+        if version != PAYLOAD_VERSION:
+            raise ValueError(
+                f"unsupported webhook payload version {version!r} (expected {PAYLOAD_VERSION!r})"
+            )
+        return version
+
+
+# --- matchers ------------------------------------------------------------------------------------
+
+
+class MatchOp(StrEnum):
+    """Alertmanager's four matcher operators."""
+
+    EQUAL = "="
+    NOT_EQUAL = "!="
+    REGEX = "=~"
+    NOT_REGEX = "!~"
+
+
+class MatcherSyntaxError(ValueError):
+    """A matcher string is not valid Alertmanager syntax; the message quotes it."""
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One label matcher, e.g. `etcd_cluster="tenant-a"` or `job=~"kube-etcd|etcd"`."""
+
+    name: str
+    op: MatchOp
+    value: str
+    pattern: re.Pattern[str] | None = None  # the anchored regex for =~ and !~
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether the labels satisfy this matcher; a missing label counts as ""."""
+        actual = labels.get(self.name, "")
+        if self.op is MatchOp.EQUAL:
+            return actual == self.value
+        if self.op is MatchOp.NOT_EQUAL:
+            return actual != self.value
+        assert self.pattern is not None
+        found = self.pattern.fullmatch(actual) is not None
+        return found if self.op is MatchOp.REGEX else not found
+
+    def __str__(self) -> str:
+        escaped = self.value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'{self.name}{self.op.value}"{escaped}"'
+
+
+# Alertmanager's classic matcher grammar (pkg/labels/parse.go): name, operator, value.
+_MATCHER = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$", re.DOTALL)
+_SYNTAX_HELP = 'expected name="value", name!="value", name=~"regex" or name!~"regex"'
+
+
+@lru_cache(maxsize=4096)
+def parse_matcher(text: str) -> Matcher:
+    """A Matcher from Alertmanager syntax; MatcherSyntaxError says what is wrong."""
+    found = _MATCHER.match(text)
+    if found is None:
+        raise MatcherSyntaxError(f"invalid matcher {text!r}: {_SYNTAX_HELP}")
+    name, op_text, raw = found.groups()
+    op = MatchOp(op_text)
+    value = _unquote(text, raw)
+    pattern = None
+    if op in (MatchOp.REGEX, MatchOp.NOT_REGEX):
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise MatcherSyntaxError(f"invalid regular expression in matcher {text!r}: {exc}") from None
+    return Matcher(name, op, value, pattern)
+
+
+def _unquote(text: str, raw: str) -> str:
+    """The value, bare or quoted; in quotes \\\\, \\" and \\n are escapes, others stay (as Alertmanager)."""
+    if not raw.startswith('"'):
+        if any(c in raw for c in '",{}') or any(c.isspace() for c in raw):
+            raise MatcherSyntaxError(f"invalid matcher {text!r}: quote the value, {_SYNTAX_HELP}")
+        return raw
+    if len(raw) < 2 or not raw.endswith('"'):
+        raise MatcherSyntaxError(f"invalid matcher {text!r}: the value's closing quote is missing")
+    out: list[str] = []
+    body = raw[1:-1]
+    index = 0
+    while index < len(body):
+        char = body[index]
+        if char == "\\" and index + 1 < len(body):
+            following = body[index + 1]
+            out.append({"\\": "\\", '"': '"', "n": "\n"}.get(following, "\\" + following))
+            index += 2
+            continue
+        if char == '"':
+            raise MatcherSyntaxError(f"invalid matcher {text!r}: unescaped quote inside the value")
+        if char == "\\":  # a lone trailing backslash would have escaped the closing quote
+            raise MatcherSyntaxError(f"invalid matcher {text!r}: the value's closing quote is missing")
+        out.append(char)
+        index += 1
+    return "".join(out)
+
+
+def parse_matchers(texts: Sequence[str]) -> tuple[Matcher, ...]:
+    """Every matcher of a list (config validation has already rejected bad ones)."""
+    return tuple(parse_matcher(text) for text in texts)
+
+
+def matches_all(matchers: Sequence[Matcher], labels: Mapping[str, str]) -> bool:
+    """True when every matcher matches (an empty list matches everything)."""
+    return all(m.matches(labels) for m in matchers)
+
+
+def cluster_matchers(cluster: ClusterConfig) -> tuple[Matcher, ...]:
+    """The matchers identifying this cluster's alerts; default `etcd_cluster="<name>"`."""
+    if cluster.alerts.matchers:
+        return parse_matchers(cluster.alerts.matchers)
+    return (Matcher(CLUSTER_LABEL, MatchOp.EQUAL, cluster.name),)
+
+
+def route(*, labels: Mapping[str, str], clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
+    """The configured clusters whose matchers all match these alert labels."""
+    return [c for c in clusters if matches_all(cluster_matchers(c), labels)]
+
+
+# --- deciding ------------------------------------------------------------------------------------
+
+
+class Decision(StrEnum):
+    """What becomes of one alert; also the `outcome` label of etcd_autodefrag_alerts_total."""
+
+    LAUNCH = "launch"
+    SKIP_RESOLVED = "skip_resolved"
+    SKIP_NOT_ACTING = "skip_not_acting"
+    SKIP_UNROUTED = "skip_unrouted"
+    SKIP_AMBIGUOUS = "skip_ambiguous"
+    SKIP_PAUSED = "skip_paused"
+    SKIP_ALREADY_RUNNING = "skip_already_running"
+    SKIP_COOLDOWN = "skip_cooldown"
+    SKIP_NO_SNAPSHOT = "skip_no_snapshot"
+    SKIP_STALE_SNAPSHOT = "skip_stale_snapshot"
+    SKIP_UNHEALTHY = "skip_unhealthy"
+    SKIP_DUPLICATE = "skip_duplicate"
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    """What the latest exporter snapshot says about a cluster (built by the webhook from metrics)."""
+
+    taken_at: datetime
+    healthy: bool
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A cluster's defrag runs as the executor knows them."""
+
+    running: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: str = ""
+
+
+@dataclass(frozen=True)
+class ActingFilter:
+    """Which alerts may launch a run: by alertname (empty: any name) and label matchers (all must match)."""
+
+    names: frozenset[str]
+    matchers: tuple[Matcher, ...] = ()
+
+    @classmethod
+    def from_settings(cls, webhook: WebhookSettings) -> "ActingFilter":
+        """The filter the webhook settings describe (None names: the alerts this project ships)."""
+        names = DEFAULT_ACTING_ALERTS if webhook.acting_alerts is None else webhook.acting_alerts
+        return cls(frozenset(names), parse_matchers(webhook.acting_matchers))
+
+    def acts(self, labels: Mapping[str, str]) -> bool:
+        """Whether an alert with these labels is one that launches runs."""
+        named = not self.names or labels.get("alertname", "") in self.names
+        return named and matches_all(self.matchers, labels)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The knobs of `decide`, from the settings."""
+
+    acting: ActingFilter
+    cooldown_seconds: float
+    max_snapshot_age_seconds: float
+
+
+@dataclass(frozen=True)
+class AlertDecision:
+    """The decision for one alert, with a reason a person understands."""
+
+    decision: Decision
+    reason: str
+    alertname: str
+    fingerprint: str
+    cluster: str | None = None
+
+    @property
+    def launch(self) -> bool:
+        """True when this alert launches a run."""
+        return self.decision is Decision.LAUNCH
+
+
+def cooldown_seconds(cluster: ClusterConfig, default: float) -> float:
+    """The cluster's cooldown: its Job's own (`kubernetes.cooldown_seconds`) when set, else the default."""
+    target = cluster.kubernetes
+    return (
+        float(target.cooldown_seconds)
+        if target is not None and target.cooldown_seconds is not None
+        else default
+    )
+
+
+def decide(
+    *,
+    alert: AlertmanagerAlert,
+    clusters: Sequence[ClusterConfig],
+    snapshots: Mapping[str, ClusterHealth],
+    runs: Mapping[str, RunState],
+    now: datetime,
+    policy: Policy,
+) -> AlertDecision:
+    """Whether this alert launches a defrag run and on which cluster; performs nothing.
+
+    Checked in order: firing, acting, routed to exactly one cluster, not paused, no run in flight,
+    out of cooldown, a fresh snapshot that shows the cluster healthy.
+    """
+
+    def result(decision: Decision, reason: str, cluster: str | None = None) -> AlertDecision:
+        return AlertDecision(decision, reason, alert.name, alert.fingerprint, cluster)
+
+    if alert.status is AlertStatus.RESOLVED:
+        return result(Decision.SKIP_RESOLVED, "alert resolved: acknowledged, nothing to do")
+    if not policy.acting.acts(alert.labels):
+        return result(
+            Decision.SKIP_NOT_ACTING, f"alert {alert.name or '(no alertname)'} does not launch runs"
+        )
+    matched = route(labels=alert.labels, clusters=clusters)
+    if not matched:
+        return result(Decision.SKIP_UNROUTED, f"labels {_labels(alert.labels)} match no configured cluster")
+    if len(matched) > 1:
+        names = ", ".join(c.name for c in matched)
+        return result(
+            Decision.SKIP_AMBIGUOUS,
+            f"labels {_labels(alert.labels)} match several clusters ({names}): fix their alerts matchers",
+        )
+    cluster = matched[0]
+    name = cluster.name
+    if cluster.paused:
+        return result(Decision.SKIP_PAUSED, f"cluster {name} is paused in the configuration", name)
+    run = runs.get(name, RunState())
+    if run.running:
+        since = f" since {run.started_at.isoformat(timespec='seconds')}" if run.started_at else ""
+        return result(Decision.SKIP_ALREADY_RUNNING, f"a run on cluster {name} is in flight{since}", name)
+    if run.finished_at is not None:
+        until = run.finished_at + timedelta(seconds=cooldown_seconds(cluster, policy.cooldown_seconds))
+        if now < until:
+            return result(
+                Decision.SKIP_COOLDOWN,
+                f"cluster {name} cools down until {until.isoformat(timespec='seconds')} "
+                f"after its last run ({run.result or 'unknown result'})",
+                name,
+            )
+    health = snapshots.get(name)
+    if health is None:
+        return result(Decision.SKIP_NO_SNAPSHOT, f"cluster {name} has not been observed yet", name)
+    age = (now - health.taken_at).total_seconds()
+    if age > policy.max_snapshot_age_seconds:
+        return result(
+            Decision.SKIP_STALE_SNAPSHOT,
+            f"latest snapshot of cluster {name} is {age:.0f}s old "
+            f"(limit {policy.max_snapshot_age_seconds:g}s)",
+            name,
+        )
+    if not health.healthy:
+        return result(Decision.SKIP_UNHEALTHY, f"cluster {name} is not healthy: {health.problem}", name)
+    return result(Decision.LAUNCH, f"alert {alert.name} fired for cluster {name}", name)
+
+
+def decide_all(
+    *,
+    alerts: Sequence[AlertmanagerAlert],
+    clusters: Sequence[ClusterConfig],
+    snapshots: Mapping[str, ClusterHealth],
+    runs: Mapping[str, RunState],
+    now: datetime,
+    policy: Policy,
+) -> list[AlertDecision]:
+    """`decide` for every alert of a notification, with at most one launch per cluster."""
+    decisions = []
+    launching: dict[str, str] = {}
+    for alert in alerts:
+        decision = decide(
+            alert=alert, clusters=clusters, snapshots=snapshots, runs=runs, now=now, policy=policy
+        )
+        cluster = decision.cluster
+        if decision.launch and cluster is not None:
+            if cluster in launching:
+                decision = AlertDecision(
+                    Decision.SKIP_DUPLICATE,
+                    f"alert {launching[cluster]} of the same notification already launches a run on "
+                    f"cluster {cluster}",
+                    decision.alertname,
+                    decision.fingerprint,
+                    cluster,
+                )
+            else:
+                launching[cluster] = decision.alertname
+        decisions.append(decision)
+    return decisions
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"

@@ -1,0 +1,404 @@
+"""The Alertmanager webhook: `POST /webhook/alertmanager`.
+
+Thin on purpose: authenticate, bound and parse the body, then `routing.decide_all` decides and an
+executor launches. Alertmanager retries 5xx and network errors and never 4xx, and re-sends a
+group every `repeat_interval` (Alertmanager docs, "webhook_config"; notify/webhook). So:
+
+- 2xx once every launch is durably recorded (created, or found in flight or cooling down), and for
+  alerts that launch nothing (resolved, unrouted, ambiguous...): retrying would not change that;
+- 503 when the executor cannot be reached (Kubernetes API down): Alertmanager retries;
+- 422 when the executor refuses for good (e.g. the API rejects the Job); 400/401/405/413/415 for
+  bad requests. Never a 500 for bad input.
+
+No defrag work happens inside the request: launching creates a Job or starts a process.
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import SecretStr, ValidationError
+
+from exporter import clock
+from exporter.executors import Executor, ExecutorRejected, ExecutorUnavailable
+from exporter.jobs import LaunchOutcome, LaunchResult, Trigger
+from exporter.metrics import RunMetrics, cluster_problems
+from exporter.refresh import Refresher
+from exporter.routing import (
+    ActingFilter,
+    AlertDecision,
+    AlertmanagerAlert,
+    AlertmanagerPayload,
+    ClusterHealth,
+    Decision,
+    Policy,
+    decide,
+    decide_all,
+)
+from exporter.settings import ClusterConfig, ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+PATH = "/webhook/alertmanager"
+_READ_CHUNK = 64 * 1024
+_MAX_REASON = 300  # characters of a parse error quoted back to the sender
+
+
+class RequestOutcome(StrEnum):
+    """Outcomes of a whole request, counted next to the per-alert `Decision`s."""
+
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    DRY_RUN = "dry_run"
+    LAUNCH_UNAVAILABLE = "launch_unavailable"
+    LAUNCH_REJECTED = "launch_rejected"
+
+
+ALERT_OUTCOMES = [*(d.value for d in Decision), *(o.value for o in RequestOutcome)]
+
+
+# --- credentials ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a request must present; both None means the webhook is open (loopback only)."""
+
+    token: SecretStr | None = None
+    basic: tuple[str, SecretStr] | None = None
+
+    @property
+    def open(self) -> bool:
+        """No authentication configured."""
+        return self.token is None and self.basic is None
+
+
+def _read_secret(path: Path, what: str) -> SecretStr:
+    try:
+        value = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"webhook.{what}: cannot read {path}: {exc.strerror}") from None
+    if not value:
+        raise ConfigError(f"webhook.{what}: {path} is empty")
+    return SecretStr(value)
+
+
+def load_credentials(settings: Settings) -> Credentials:
+    """Secrets from the settings and their files, checked against where the service listens.
+
+    An open webhook (no token, no basic auth) is allowed only on a loopback address: anyone who can
+    reach it could otherwise launch defrag runs.
+    """
+    webhook = settings.webhook
+    token = webhook.token
+    if webhook.token_file is not None:
+        token = _read_secret(webhook.token_file, "token_file")
+    if token is not None and not token.get_secret_value().strip():
+        raise ConfigError("webhook.token is empty")
+    basic = None
+    if webhook.basic_auth_username is not None:
+        password = webhook.basic_auth_password
+        if webhook.basic_auth_password_file is not None:
+            password = _read_secret(webhook.basic_auth_password_file, "basic_auth_password_file")
+        assert password is not None  # the settings validate that they come together
+        basic = (webhook.basic_auth_username, password)
+    credentials = Credentials(token, basic)
+    if credentials.open and not is_loopback(settings.listen_host):
+        raise ConfigError(
+            f"the webhook has no credentials but the service listens on {settings.listen_address}, "
+            "beyond this host: set webhook.token_file (or ETCD_AUTODEFRAG_WEBHOOK__TOKEN, or basic "
+            "auth), or listen on 127.0.0.1"
+        )
+    return credentials
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; any other name or address counts as reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authorized(header: str | None, credentials: Credentials) -> bool:
+    """Whether the Authorization header carries the bearer token or the basic credentials.
+
+    Compared with hmac.compare_digest so the time taken says nothing about how much matched.
+    """
+    if credentials.open:
+        return True
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and credentials.token is not None:
+        return hmac.compare_digest(value.encode(), credentials.token.get_secret_value().encode())
+    if scheme.lower() == "basic" and credentials.basic is not None:
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(b":")
+        expected_user, expected_password = credentials.basic
+        user_ok = hmac.compare_digest(user, expected_user.encode())
+        password_ok = hmac.compare_digest(password, expected_password.get_secret_value().encode())
+        return bool(sep) and user_ok and password_ok
+    return False
+
+
+# --- the handler ---------------------------------------------------------------------------------
+
+
+def health_of(refresher: Refresher) -> dict[str, ClusterHealth]:
+    """What the latest snapshots say about each cluster's health."""
+    out = {}
+    for watch, snapshot in refresher.snapshots():
+        problems = cluster_problems(snapshot)
+        out[watch.config.name] = ClusterHealth(snapshot.taken_at, not problems, "; ".join(problems))
+    return out
+
+
+def trigger_for(alert: AlertmanagerAlert, payload: AlertmanagerPayload) -> Trigger:
+    """Why a run starts, recorded on the Job and in the log."""
+    return Trigger(
+        alertname=alert.name,
+        group_key=payload.group_key,
+        fingerprint=alert.fingerprint,
+        receiver=payload.receiver,
+        fired_at=alert.starts_at,
+    )
+
+
+def _reply(status: int, body: dict[str, Any], **headers: str) -> web.Response:
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "(body)"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "invalid payload: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class Webhook:
+    """The request handler, with its collaborators passed in."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        credentials: Credentials,
+        executor: Executor,
+        metrics: RunMetrics,
+        refresher: Refresher,
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.executor = executor
+        self.metrics = metrics
+        self.refresher = refresher
+        self.policy = Policy(
+            acting=ActingFilter.from_settings(settings.webhook),
+            cooldown_seconds=settings.executor.cooldown_seconds,
+            max_snapshot_age_seconds=settings.webhook.max_snapshot_age_seconds,
+        )
+        # Serialises deciding-and-launching per cluster inside this process, so concurrent
+        # notifications for one cluster launch once; executors guard across processes.
+        self._launching: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def _refuse(self, outcome: RequestOutcome, status: int, reason: str, **headers: str) -> web.Response:
+        self.metrics.count_alert(outcome.value)
+        return _reply(status, {"status": "error", "error": reason}, **headers)
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            return self._refuse(RequestOutcome.METHOD_NOT_ALLOWED, 405, "use POST", Allow="POST")
+        if not authorized(request.headers.get("Authorization"), self.credentials):
+            # Never log the header: it may hold a near-miss of the real token.
+            log.warning("webhook: unauthorized request from %s", request.remote)
+            return self._refuse(
+                RequestOutcome.UNAUTHORIZED,
+                401,
+                "missing or wrong credentials",
+                **{"WWW-Authenticate": 'Bearer realm="etcd-autodefrag"'},
+            )
+        if request.content_type != "application/json":
+            return self._refuse(
+                RequestOutcome.UNSUPPORTED_MEDIA_TYPE,
+                415,
+                f"Content-Type must be application/json, not {request.content_type}",
+            )
+        limit = int(self.settings.webhook.max_body_bytes)
+        body = await _read_limited(request, limit)
+        if body is None:
+            log.warning(
+                "webhook: refused a body over %d bytes: raise webhook.max_body_bytes or set max_alerts "
+                "in the Alertmanager receiver",
+                limit,
+            )
+            return self._refuse(RequestOutcome.PAYLOAD_TOO_LARGE, 413, f"body larger than {limit} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:  # UnicodeDecodeError included
+            return self._refuse(RequestOutcome.BAD_REQUEST, 400, f"malformed JSON: {exc}"[:_MAX_REASON])
+        try:
+            payload = AlertmanagerPayload.model_validate(data)
+        except ValidationError as exc:
+            return self._refuse(RequestOutcome.BAD_REQUEST, 400, _validation_reason(exc)[:_MAX_REASON])
+        return await self.handle(payload)
+
+    async def handle(self, payload: AlertmanagerPayload) -> web.Response:
+        """Decide for every alert, launch what is to be launched, answer per the retry contract."""
+        # The background refresh keeps snapshots about that fresh already; this only waits (at most
+        # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
+        await self.refresher.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
+        clusters = {w.config.name: w.config for w in self.refresher.watches.values()}
+        decisions = decide_all(
+            alerts=payload.alerts,
+            clusters=list(clusters.values()),
+            snapshots=health_of(self.refresher),
+            runs=self.executor.runs(list(clusters)),
+            now=clock.utcnow(),
+            policy=self.policy,
+        )
+        launches = {
+            index: self._launch(d, clusters[d.cluster], alert, payload)
+            for index, (alert, d) in enumerate(zip(payload.alerts, decisions, strict=True))
+            if d.launch and d.cluster is not None
+        }
+        launched = dict(zip(launches, await asyncio.gather(*launches.values()), strict=True))
+        outcomes = [launched.get(i) or _skipped(d) for i, d in enumerate(decisions)]
+        for _, outcome in outcomes:
+            self.metrics.count_alert(outcome)
+        body = {
+            "status": "ok",
+            "decisions": [
+                {
+                    "alertname": d.alertname,
+                    "fingerprint": d.fingerprint,
+                    "cluster": d.cluster,
+                    "outcome": outcome,
+                    "reason": d.reason,
+                }
+                for d, outcome in outcomes
+            ],
+        }
+        found = {outcome for _, outcome in outcomes}
+        if RequestOutcome.LAUNCH_UNAVAILABLE in found:
+            return _reply(503, {**body, "status": "retry"})
+        if RequestOutcome.LAUNCH_REJECTED in found:
+            return _reply(422, {**body, "status": "rejected"})
+        return _reply(200, body)
+
+    async def _launch(
+        self,
+        decision: AlertDecision,
+        cluster: ClusterConfig,
+        alert: AlertmanagerAlert,
+        payload: AlertmanagerPayload,
+    ) -> tuple[AlertDecision, str]:
+        """Decide again under the cluster's lock with fresh run states, then launch."""
+        async with self._launching[cluster.name]:
+            fresh = decide(
+                alert=alert,
+                clusters=[cluster],
+                snapshots=health_of(self.refresher),
+                runs=self.executor.runs([cluster.name]),
+                now=clock.utcnow(),
+                policy=self.policy,
+            )
+            if not fresh.launch:  # a concurrent notification launched it meanwhile
+                return _skipped(fresh)
+            try:
+                result = await self.executor.launch(cluster, trigger_for(alert, payload))
+            except ExecutorUnavailable as exc:
+                log.error("cluster %s: launch failed, Alertmanager will retry: %s", cluster.name, exc)
+                return replace(decision, reason=str(exc)), RequestOutcome.LAUNCH_UNAVAILABLE.value
+            except ExecutorRejected as exc:
+                log.error("cluster %s: launch refused: %s", cluster.name, exc)
+                return replace(decision, reason=str(exc)), RequestOutcome.LAUNCH_REJECTED.value
+        return self._launched(decision, result)
+
+    def _launched(self, decision: AlertDecision, result: LaunchResult) -> tuple[AlertDecision, str]:
+        """The outcome of a launch the executor answered."""
+        cluster = decision.cluster
+        if result.outcome is LaunchOutcome.CREATED:
+            log.info(
+                "cluster %s: launched %s: %s",
+                cluster,
+                result.job_name,
+                decision.reason,
+                extra={"etcd_cluster": cluster},
+            )
+            return decision, Decision.LAUNCH.value
+        if result.outcome is LaunchOutcome.DRY_RUN:
+            return replace(decision, reason=result.reason), RequestOutcome.DRY_RUN.value
+        if result.outcome is LaunchOutcome.NAME_TAKEN:
+            log.error("cluster %s: cannot launch: %s", cluster, result.reason)
+            return replace(decision, reason=result.reason), RequestOutcome.LAUNCH_REJECTED.value
+        # A run recorded that our view of run states did not show yet (another replica or service
+        # launched it): the launch is durably recorded, which is all Alertmanager needs to know.
+        skip = (
+            Decision.SKIP_COOLDOWN
+            if result.outcome is LaunchOutcome.COOLING_DOWN
+            else Decision.SKIP_ALREADY_RUNNING
+        )
+        return _skipped(replace(decision, decision=skip, reason=result.reason))
+
+
+def _skipped(decision: AlertDecision) -> tuple[AlertDecision, str]:
+    _log_decision(decision)
+    return decision, decision.decision.value
+
+
+def _log_decision(decision: AlertDecision) -> None:
+    level = {
+        Decision.SKIP_RESOLVED: logging.DEBUG,
+        Decision.SKIP_NOT_ACTING: logging.DEBUG,
+        Decision.SKIP_DUPLICATE: logging.DEBUG,
+        Decision.SKIP_UNROUTED: logging.WARNING,
+        Decision.SKIP_AMBIGUOUS: logging.WARNING,
+        Decision.SKIP_UNHEALTHY: logging.WARNING,
+        Decision.SKIP_NO_SNAPSHOT: logging.WARNING,
+        Decision.SKIP_STALE_SNAPSHOT: logging.WARNING,
+    }.get(decision.decision, logging.INFO)
+    log.log(
+        level,
+        "alert %s (%s): %s: %s",
+        decision.alertname or "(no alertname)",
+        decision.fingerprint or "no fingerprint",
+        decision.decision.value,
+        decision.reason,
+        extra={"etcd_cluster": decision.cluster} if decision.cluster else None,
+    )
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it exceeds `limit` bytes (announced or actually sent)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

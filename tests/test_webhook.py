@@ -1,0 +1,1125 @@
+"""The Alertmanager webhook of `etcd-autodefrag serve`, over real HTTP with snapshots of real etcd.
+
+Launches go to a counting fake executor where only the webhook is under test, and to the real local
+executor (with a controllable stand-in for the defrag child, or the real engine end to end) where the
+single-flight guarantees across restarts and processes are.
+"""
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from etcd_harness import EtcdCluster
+from fake_kube import FakeKube
+from kubernetes_asyncio.client import ApiClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.app import create_app
+from exporter.engine import MemberReport, RunReport, RunResult
+from exporter.executors import (
+    ExecutorRejected,
+    ExecutorUnavailable,
+    KubernetesExecutor,
+    LocalExecutor,
+    OnFinished,
+    child_environment,
+    local_executor,
+)
+from exporter.jobs import LaunchOutcome, LaunchResult, Trigger
+from exporter.kube import kube_api_client
+from exporter.routing import RunState
+from exporter.settings import ClusterConfig, ConfigError, Settings, load_settings
+
+pytestmark = pytest.mark.etcd
+
+ClientFactory = Callable[..., Awaitable[TestClient]]
+TOKEN = "s3cr3t-t0ken-that-must-never-be-logged"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FAKE_DEFRAG = Path(__file__).with_name("fake_defrag.py")
+
+
+# --- payloads ------------------------------------------------------------------------------------
+
+
+def fingerprint(labels: dict[str, str]) -> str:
+    return hashlib.sha1(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def alert(
+    cluster: str | None = "c0", name: str = "EtcdDefragRecommended", status: str = "firing", **labels: str
+) -> dict[str, Any]:
+    """One alert as Alertmanager sends it."""
+    all_labels = {"alertname": name, "severity": "warning", **labels}
+    if cluster is not None:
+        all_labels["etcd_cluster"] = cluster
+    return {
+        "status": status,
+        "labels": all_labels,
+        "annotations": {
+            "summary": f"etcd cluster {cluster} should be defragmented",
+            "runbook_url": "https://example.com/runbooks/etcd-defrag",
+        },
+        "startsAt": "2026-11-22T11:55:00.123456789Z",
+        "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-22T12:05:00Z",
+        "generatorURL": "http://prometheus:9090/graph?g0.expr=etcd_autodefrag_cluster_defrag_recommended",
+        "fingerprint": fingerprint(all_labels),
+    }
+
+
+def notification(*alerts: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A webhook body (version 4), including fields we do not model."""
+    firing = any(a["status"] == "firing" for a in alerts)
+    common = dict(alerts[0]["labels"]) if alerts else {}
+    for a in alerts[1:]:
+        common = {k: v for k, v in common.items() if a["labels"].get(k) == v}
+    return {
+        "receiver": "etcd-autodefrag",
+        "status": "firing" if firing else "resolved",
+        "alerts": list(alerts),
+        "groupLabels": {"alertname": common.get("alertname", "")},
+        "commonLabels": common,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+        "version": "4",
+        "groupKey": '{}/{severity="warning"}:{alertname="EtcdDefragRecommended"}',
+        "truncatedAlerts": 0,
+        **extra,
+    }
+
+
+# --- collaborators -------------------------------------------------------------------------------
+
+
+class FakeExecutor:
+    """Counts launches and remembers them as running; fails with `fail` when told to."""
+
+    def __init__(
+        self, *, fail: Exception | None = None, outcome: LaunchOutcome = LaunchOutcome.CREATED
+    ) -> None:
+        self.fail = fail
+        self.outcome = outcome
+        self.launched: list[tuple[str, Trigger]] = []
+        self.running: set[str] = set()
+        self.on_finished: OnFinished | None = None
+        self.stopped = False
+
+    async def start(self, on_finished: OnFinished) -> None:
+        self.on_finished = on_finished
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        await asyncio.sleep(0)  # a real launch awaits I/O: let concurrent requests interleave here
+        if self.fail is not None:
+            raise self.fail
+        if self.outcome is not LaunchOutcome.CREATED:
+            reason = f"fake says {self.outcome.value}"
+            return LaunchResult(False, f"fake-{cluster.name}", reason, self.outcome)
+        self.launched.append((cluster.name, trigger))
+        self.running.add(cluster.name)
+        return LaunchResult(True, f"fake-{cluster.name}", "created", LaunchOutcome.CREATED)
+
+    def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
+        return {name: RunState(running=name in self.running) for name in clusters}
+
+
+@dataclass
+class Child:
+    """One started stand-in defrag process, waiting for the test to say how it ends."""
+
+    argv: list[str]
+    writer: asyncio.StreamWriter
+    done: bool = False
+
+    @property
+    def cluster(self) -> str:
+        return self.argv[self.argv.index("--cluster") + 1]
+
+    def finish(self, report: dict[str, Any] | None = None, *, exit_code: int = 0) -> None:
+        stdout = json.dumps(report) + "\n" if report is not None else ""
+        self.writer.write(json.dumps({"stdout": stdout, "exit": exit_code}).encode())
+        self.writer.close()
+        self.done = True
+
+
+@dataclass
+class FakeDefrag:
+    """Serves the stand-in children (tests/fake_defrag.py) and hands each one to the test as it starts."""
+
+    socket_path: str
+    started: asyncio.Queue[Child] = field(default_factory=asyncio.Queue)
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(FAKE_DEFRAG), self.socket_path]
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        child = Child(json.loads(await reader.readline()), writer)
+        self.children.append(child)
+        await self.started.put(child)
+
+    async def next(self, timeout: float = 30) -> Child:
+        async with asyncio.timeout(timeout):
+            return await self.started.get()
+
+
+def report(cluster: str, result: str = "success", reclaimed: int = 5 * 1024 * 1024) -> dict[str, Any]:
+    return {"cluster": cluster, "result": result, "reason": "", "reclaimed_bytes": reclaimed, "members": []}
+
+
+@pytest.fixture
+async def fake_defrag() -> AsyncIterator[FakeDefrag]:
+    # Unix socket paths are limited to ~100 bytes: pytest's tmp_path can be longer.
+    directory = tempfile.mkdtemp(prefix="fd-", dir="/tmp")
+    fake = FakeDefrag(os.path.join(directory, "s"))
+    server = await asyncio.start_unix_server(fake.accept, fake.socket_path)
+    try:
+        yield fake
+    finally:
+        for child in fake.children:
+            if not child.done:
+                child.finish(exit_code=99)
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clusters(etcd: EtcdCluster, count: int = 10, **overrides: Any) -> list[ClusterConfig]:
+    """`count` configured clusters c0, c1, ... all observing the same healthy etcd."""
+    return [
+        ClusterConfig.model_validate({"name": f"c{i}", "endpoints": etcd.endpoints[:1], **overrides})
+        for i in range(count)
+    ]
+
+
+def settings(**overrides: Any) -> Settings:
+    options: dict[str, Any] = {
+        "min_refresh_interval_seconds": 0,
+        "scrape_budget_seconds": 3,
+        "webhook": {"token": TOKEN},
+    }
+    return Settings(**{**options, **overrides})
+
+
+Serve = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def serve(aiohttp_client: ClientFactory) -> Serve:
+    async def start(cluster_list: list[ClusterConfig], runner: Any = None, /, **options: Any) -> TestClient:
+        """A service for these clusters; `runner` is its executor (None: the one the settings describe)."""
+        config_file = options.pop("config_file", None)
+        app = create_app(settings(**options), clusters=cluster_list, executor=runner, config_file=config_file)
+        return await aiohttp_client(app)
+
+    return start
+
+
+async def post(client: TestClient, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    response = await client.post(
+        "/webhook/alertmanager", json=body, headers=AUTH if headers is None else headers
+    )
+    text = await response.text()
+    return response.status, json.loads(text) if response.content_type == "application/json" else text
+
+
+class Scrape:
+    def __init__(self, text: str) -> None:
+        self.samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sample's value; 0 when the series does not exist (yet)."""
+        found = [s.value for s in self.samples if s.name == name and labels.items() <= s.labels.items()]
+        assert len(found) <= 1, f"{name}{labels}: {len(found)} samples"
+        return found[0] if found else 0.0
+
+
+async def scrape(client: TestClient) -> Scrape:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    return Scrape(await response.text())
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
+    """Poll `check` until it is true; fail after `timeout` seconds naming `what`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def outcomes(body: dict[str, Any]) -> list[str]:
+    return [d["outcome"] for d in body["decisions"]]
+
+
+# --- the happy paths -----------------------------------------------------------------------------
+
+
+async def test_firing_alert_launches_with_the_trigger(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 2), executor)
+    the_alert = alert("c1")
+    status, body = await post(client, notification(the_alert))
+    assert status == 200
+    assert body["status"] == "ok"
+    assert body["decisions"] == [
+        {
+            "alertname": "EtcdDefragRecommended",
+            "fingerprint": the_alert["fingerprint"],
+            "cluster": "c1",
+            "outcome": "launch",
+            "reason": "alert EtcdDefragRecommended fired for cluster c1",
+        }
+    ]
+    [(cluster, trigger)] = executor.launched
+    assert cluster == "c1"
+    assert trigger.alertname == "EtcdDefragRecommended"
+    assert trigger.fingerprint == the_alert["fingerprint"]
+    assert trigger.receiver == "etcd-autodefrag"
+    assert trigger.group_key.endswith(':{alertname="EtcdDefragRecommended"}')
+    assert trigger.fired_at is not None
+    assert trigger.fired_at.year == 2026
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="launch") == 1
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_unrouted") == 0  # exported at 0
+
+
+async def test_resolved_alerts_are_acknowledged(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor)
+    status, body = await post(client, notification(alert("c0", status="resolved")))
+    assert (status, outcomes(body)) == (200, ["skip_resolved"])
+    assert executor.launched == []
+
+
+async def test_a_group_launches_once_per_cluster(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 3), executor)
+    alerts = [alert("c0", member=f"m{i}") for i in range(50)]
+    alerts += [alert("c1", name="EtcdNoSpaceAlarm"), alert("c1", name="EtcdQuotaUsageCritical")]
+    alerts += [alert("c2", status="resolved"), alert("c2", name="EtcdMembersDown")]
+    status, body = await post(client, notification(*alerts))
+    assert status == 200
+    assert sorted(c for c, _ in executor.launched) == ["c0", "c1"]
+    assert outcomes(body).count("launch") == 2
+    assert outcomes(body).count("skip_duplicate") == 50
+    assert outcomes(body)[-2:] == ["skip_resolved", "skip_not_acting"]
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_duplicate") == 50
+
+
+async def test_unknown_fields_are_tolerated(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor)
+    body = notification(
+        {**alert("c0"), "silencedBy": [], "inhibitedBy": None},
+        truncatedAlerts=3,
+        notification_reason="repeat_interval",
+        routeLabels={"team": "platform"},
+        someFutureField={"nested": [1, 2]},
+    )
+    status, answer = await post(client, body)
+    assert (status, outcomes(answer)) == (200, ["launch"])
+
+
+async def test_unrouted_and_ambiguous_alerts_answer_2xx_and_are_counted(
+    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    executor = FakeExecutor()
+    kube = {"alerts": ['job="kube-etcd"']}
+    configured = [
+        *clusters(etcd, 1),
+        ClusterConfig.model_validate({"name": "k1", "endpoints": etcd.endpoints[:1], **kube}),
+        ClusterConfig.model_validate({"name": "k2", "endpoints": etcd.endpoints[:1], **kube}),
+    ]
+    client = await serve(configured, executor)
+    status, body = await post(client, notification(alert("nope"), alert(None), alert(None, job="kube-etcd")))
+    assert status == 200
+    assert outcomes(body) == ["skip_unrouted", "skip_unrouted", "skip_ambiguous"]
+    assert "match several clusters (k1, k2)" in body["decisions"][2]["reason"]
+    assert executor.launched == []
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_unrouted") == 2
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_ambiguous") == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("skip_ambiguous" in m and "k1, k2" in m for m in warnings)
+
+
+async def test_paused_and_unhealthy_clusters_launch_nothing(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    dead = f"http://127.0.0.1:{free_port()}"
+    configured = [
+        ClusterConfig(name="paused", endpoints=etcd.endpoints[:1], paused=True),
+        ClusterConfig(name="dead", endpoints=[dead], request_timeout_seconds=1),
+    ]
+    client = await serve(configured, executor)
+    status, body = await post(client, notification(alert("paused"), alert("dead")))
+    assert status == 200
+    assert outcomes(body) == ["skip_paused", "skip_unhealthy"]
+    assert dead in body["decisions"][1]["reason"]
+    assert executor.launched == []
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer"}, 401),
+        ({"Authorization": "Bearer wrong"}, 401),
+        ({"Authorization": f"Bearer {TOKEN}x"}, 401),
+        ({"Authorization": f"Bearer {TOKEN[:-1]}"}, 401),
+        ({"Authorization": f"Token {TOKEN}"}, 401),
+        (basic("alertmanager", "wrong"), 401),
+        (basic("someone", "pa55"), 401),
+        ({"Authorization": "Basic !!!not-base64"}, 401),
+        ({"Authorization": "Basic " + base64.b64encode(b"no-colon").decode()}, 401),
+        (AUTH, 200),
+        ({"Authorization": f"bearer  {TOKEN} "}, 200),
+        (basic("alertmanager", "pa55"), 200),
+    ],
+)
+async def test_authentication(
+    etcd: EtcdCluster,
+    serve: Serve,
+    tmp_path: Path,
+    headers: dict[str, str],
+    status: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password_file = tmp_path / "password"
+    password_file.write_text("pa55\n")
+    webhook = {
+        "token": TOKEN,
+        "basic_auth_username": "alertmanager",
+        "basic_auth_password_file": password_file,
+    }
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor, webhook=webhook)
+    caplog.set_level(logging.DEBUG)
+    answer, body = await post(client, notification(alert("c0")), headers)
+    assert answer == status
+    if status == 401:
+        assert body == {"status": "error", "error": "missing or wrong credentials"}
+        assert executor.launched == []
+        assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="unauthorized") == 1
+    assert TOKEN not in caplog.text
+    assert "pa55" not in caplog.text
+
+
+async def test_token_from_a_file_and_from_the_environment(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("from-a-file\n")
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token_file": token_file})
+    assert (await post(client, notification(), {"Authorization": "Bearer from-a-file"}))[0] == 200
+    assert (await post(client, notification(), AUTH))[0] == 401
+
+    monkeypatch.setenv("ETCD_AUTODEFRAG_WEBHOOK__TOKEN", "from-the-env")
+    from_env = load_settings()
+    assert from_env.webhook.token is not None
+    assert from_env.webhook.token.get_secret_value() == "from-the-env"
+    assert "from-the-env" not in repr(from_env)
+    assert "from-the-env" not in str(from_env.model_dump())
+    assert "ETCD_AUTODEFRAG_WEBHOOK__TOKEN" not in child_environment(os.environ)
+
+
+@pytest.mark.parametrize(
+    ("listen", "webhook", "message"),
+    [
+        ("0.0.0.0:9479", {}, "the webhook has no credentials but the service listens on 0.0.0.0:9479"),
+        ("[::]:9479", {}, "has no credentials"),
+        ("10.0.0.5:9479", {}, "set webhook.token_file"),
+        ("etcd-autodefrag:9479", {}, "has no credentials"),
+        ("0.0.0.0:9479", {"token_file": "/nonexistent/token"}, "webhook.token_file: cannot read"),
+        ("0.0.0.0:9479", {"token": "  "}, "webhook.token is empty"),
+    ],
+)
+def test_start_up_refuses_an_open_webhook_beyond_loopback(
+    listen: str, webhook: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        create_app(Settings(listen_address=listen, webhook=webhook), clusters=[], executor=FakeExecutor())
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9479", "[::1]:9479", "localhost:9479", "127.0.0.2:1"])
+async def test_an_open_webhook_serves_on_loopback(etcd: EtcdCluster, serve: Serve, listen: str) -> None:
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={}, listen_address=listen)
+    assert (await post(client, notification(alert("c0")), headers={}))[0] == 200
+
+
+def test_start_up_message_through_the_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from exporter.cli import main
+
+    assert main(["serve", "--listen", "0.0.0.0:1"]) == 2
+    err = capsys.readouterr().err
+    assert "the webhook has no credentials but the service listens on 0.0.0.0:1" in err
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def valid_body() -> bytes:
+    return json.dumps(notification(alert("c0"))).encode()
+
+
+def chunks(data: bytes) -> Any:
+    async def gen() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 4096):
+            yield data[i : i + 4096]
+
+    return gen()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "body", "status", "outcome", "error"),
+    [
+        ("GET", {}, None, 405, "method_not_allowed", "use POST"),
+        ("PUT", JSON, valid_body(), 405, "method_not_allowed", "use POST"),
+        ("DELETE", {}, None, 405, "method_not_allowed", "use POST"),
+        ("POST", {"Content-Type": "text/plain"}, valid_body(), 415, "unsupported_media_type", "text/plain"),
+        ("POST", {}, valid_body(), 415, "unsupported_media_type", "must be application/json"),
+        (
+            "POST",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            b"a=b",
+            415,
+            "unsupported_media_type",
+            "must be application/json",
+        ),
+        ("POST", JSON, b"x" * 2049, 413, "payload_too_large", "larger than 2048 bytes"),
+        ("POST", JSON, "chunked", 413, "payload_too_large", "larger than 2048 bytes"),
+        ("POST", JSON, b"", 400, "bad_request", "malformed JSON"),
+        ("POST", JSON, b'{"version": "4",', 400, "bad_request", "malformed JSON"),
+        ("POST", JSON, b"\xff\xfe{}", 400, "bad_request", "malformed JSON"),
+        ("POST", JSON, b"[]", 400, "bad_request", "invalid payload: (body): Input should be a valid dict"),
+        ("POST", JSON, b"null", 400, "bad_request", "invalid payload"),
+        ("POST", JSON, b'{"version": "4"}', 400, "bad_request", "groupKey: Field required"),
+        (
+            "POST",
+            JSON,
+            json.dumps({**notification(alert("c0")), "version": "3"}).encode(),
+            400,
+            "bad_request",
+            "version: Value error, unsupported webhook payload version '3'",
+        ),
+        (
+            "POST",
+            JSON,
+            json.dumps(notification({**alert("c0"), "status": "pending"})).encode(),
+            400,
+            "bad_request",
+            "alerts.0.status: Input should be 'firing' or 'resolved'",
+        ),
+        (
+            "POST",
+            JSON,
+            json.dumps(notification({**alert("c0"), "labels": {"etcd_cluster": 7}})).encode(),
+            400,
+            "bad_request",
+            "alerts.0.labels.etcd_cluster: Input should be a valid string",
+        ),
+        (
+            "POST",
+            JSON,
+            json.dumps(notification({**alert("c0"), "startsAt": "yesterday"})).encode(),
+            400,
+            "bad_request",
+            "alerts.0.startsAt",
+        ),
+        (
+            "POST",
+            JSON,
+            json.dumps({**notification(alert("c0")), "alerts": "many"}).encode(),
+            400,
+            "bad_request",
+            "alerts: Input should be a valid list",
+        ),
+    ],
+)
+async def test_bad_requests_get_a_4xx_and_a_short_reason(
+    etcd: EtcdCluster,
+    serve: Serve,
+    method: str,
+    headers: dict[str, str],
+    body: Any,
+    status: int,
+    outcome: str,
+    error: str,
+) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_body_bytes": 2048})
+    data = chunks(b"[" + b" " * 4096 + b"]") if body == "chunked" else body
+    response = await client.request(method, "/webhook/alertmanager", data=data, headers={**AUTH, **headers})
+    assert response.status == status
+    answer = await response.json()
+    assert answer["status"] == "error"
+    assert error in answer["error"]
+    assert len(answer["error"]) <= 300
+    if status == 405:
+        assert response.headers["Allow"] == "POST"
+    assert executor.launched == []
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome=outcome) == 1
+
+
+async def test_no_field_of_any_type_makes_a_5xx(etcd: EtcdCluster, serve: Serve) -> None:
+    """Every field of a valid notification, dropped or replaced by each JSON type: 200 or 400, never 5xx."""
+    client = await serve(clusters(etcd, 1), FakeExecutor())
+    valid = notification(alert("c0"))
+    wrong: list[Any] = [None, 0, -1.5, True, "", "x" * 300, [], [1], {}, {"a": {"b": []}}]
+    variants: list[dict[str, Any]] = []
+    for key in [*valid, "alerts.0", *(f"alerts.0.{k}" for k in valid["alerts"][0])]:
+        for value in [*wrong, "DROP"]:
+            body = json.loads(json.dumps(valid))
+            *path, last = key.split(".")
+            target = body
+            for part in path:
+                target = target[int(part)] if part.isdigit() else target[part]
+            if value == "DROP":
+                del target[int(last) if last.isdigit() else last]
+            elif last.isdigit():
+                target[int(last)] = value
+            else:
+                target[last] = value
+            variants.append(body)
+    answers = await asyncio.gather(*(post(client, body) for body in variants))
+    assert {status for status, _ in answers} <= {200, 400}
+    assert sum(status == 400 for status, _ in answers) > 100
+
+
+async def test_the_default_body_cap_holds_a_large_group(etcd: EtcdCluster, serve: Serve) -> None:
+    """1,000 alerts with their labels and annotations (~650 KiB) fit the default 4 MiB cap."""
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor)
+    body = notification(*(alert("c0", member=f"member-{i}", pod=f"etcd-{i}") for i in range(1000)))
+    assert 500_000 < len(json.dumps(body)) < 4 * 1024 * 1024
+    status, answer = await post(client, body)
+    assert status == 200
+    assert outcomes(answer).count("launch") == 1
+
+
+# --- executor failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("executor", "status", "outcome"),
+    [
+        (
+            FakeExecutor(fail=ExecutorUnavailable("Kubernetes API: connection refused")),
+            503,
+            "launch_unavailable",
+        ),
+        (FakeExecutor(fail=ExecutorRejected("Job rejected: 422 Invalid")), 422, "launch_rejected"),
+        (FakeExecutor(outcome=LaunchOutcome.NAME_TAKEN), 422, "launch_rejected"),
+        (FakeExecutor(outcome=LaunchOutcome.ALREADY_RUNNING), 200, "skip_already_running"),
+        (FakeExecutor(outcome=LaunchOutcome.COOLING_DOWN), 200, "skip_cooldown"),
+    ],
+)
+async def test_executor_answers_map_to_the_retry_contract(
+    etcd: EtcdCluster, serve: Serve, executor: FakeExecutor, status: int, outcome: str
+) -> None:
+    client = await serve(clusters(etcd, 2), executor)
+    answer, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
+    assert answer == status
+    assert outcomes(body) == [outcome, "skip_resolved"]
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome=outcome) == 1
+
+
+# --- concurrency ---------------------------------------------------------------------------------
+
+
+async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(etcd: EtcdCluster, serve: Serve) -> None:
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 10), executor)
+    answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
+    assert {status for status, _ in answers} == {200}
+    assert sorted(c for c, _ in executor.launched) == [f"c{i}" for i in range(10)]
+    found = [o for _, body in answers for o in outcomes(body)]
+    assert found.count("launch") == 10
+    assert found.count("skip_already_running") == 990
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="launch") == 10
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_already_running") == 990
+
+
+# --- the local executor --------------------------------------------------------------------------
+
+
+def local(
+    state_dir: Path, fake: FakeDefrag, *, cooldown: float = 3600, config: Path | None = None
+) -> LocalExecutor:
+    return LocalExecutor(
+        state_dir=state_dir,
+        config_file=config,
+        embedded_default=False,
+        cooldown_seconds=cooldown,
+        command=fake.command,
+        reconcile_interval_seconds=0.05,
+    )
+
+
+async def test_dry_run_decides_and_logs_but_starts_nothing(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    state_dir = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    # The executor the settings describe (local, outside a Pod), as `serve` builds it.
+    client = await serve(
+        clusters(etcd, 2), None, executor={"dry_run": True, "state_dir": state_dir}, config_file=config
+    )
+    status, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
+    assert status == 200
+    assert outcomes(body) == ["dry_run", "skip_resolved"]
+    assert body["decisions"][0]["reason"] == "dry run: nothing started"
+    dry = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DRY-RUN: would run ")]
+    assert len(dry) == 1
+    assert (
+        f"-m exporter defrag --output json --log-format text --log-level INFO --config {config} --cluster c0"
+        in dry[0]
+    )
+    assert not state_dir.exists()  # not even a lock file
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="dry_run") == 1
+
+
+async def test_local_run_end_to_end_with_the_stand_in(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    config = tmp_path / "config.yaml"
+    executor = local(tmp_path / "state", fake_defrag, config=config)
+    client = await serve(clusters(etcd, 2), executor)
+    status, body = await post(client, notification(alert("c1")))
+    assert (status, outcomes(body)) == (200, ["launch"])
+    child = await fake_defrag.next()
+    assert child.argv[:2] == ["defrag", "--output"]
+    assert child.argv[-4:] == ["--config", str(config.absolute()), "--cluster", "c1"]
+    assert (await scrape(client)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c1") == 1
+    assert (await scrape(client)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
+    # While it runs, the same alert is acknowledged without a second run.
+    status, body = await post(client, notification(alert("c1")))
+    assert (status, outcomes(body)) == (200, ["skip_already_running"])
+
+    child.finish(report("c1", reclaimed=7 * 1024 * 1024))
+
+    async def recorded() -> bool:
+        return (await scrape(client)).value(
+            "etcd_autodefrag_runs_total", etcd_cluster="c1", result="success"
+        ) == 1
+
+    await eventually(recorded, timeout=10, what="the run's outcome on /metrics")
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_reclaimed_bytes_total", etcd_cluster="c1") == 7 * 1024 * 1024
+    assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="c1") == 0
+    assert (
+        metrics.value("etcd_autodefrag_last_run_timestamp_seconds", etcd_cluster="c1", result="success") > 0
+    )
+    assert metrics.value("etcd_autodefrag_run_duration_seconds", etcd_cluster="c1") > 0
+    # Cooling down now.
+    status, body = await post(client, notification(alert("c1")))
+    assert (status, outcomes(body)) == (200, ["skip_cooldown"])
+    assert "cools down until" in body["decisions"][0]["reason"]
+    assert len(fake_defrag.children) == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "exit_code", "result"),
+    [
+        (None, 1, "job_failed"),
+        ({"result": "refused", "reason": "cluster unhealthy"}, 3, "refused"),
+        ({"result": "failed", "reclaimed_bytes": 1024}, 1, "failed"),
+        ({"result": "nothing_to_do"}, 0, "nothing_to_do"),
+        ({"result": "something-new"}, 0, "job_failed"),
+    ],
+)
+async def test_local_run_results_become_metrics(
+    etcd: EtcdCluster,
+    serve: Serve,
+    tmp_path: Path,
+    fake_defrag: FakeDefrag,
+    answer: dict[str, Any] | None,
+    exit_code: int,
+    result: str,
+) -> None:
+    client = await serve(clusters(etcd, 1), local(tmp_path, fake_defrag))
+    assert (await post(client, notification(alert("c0"))))[0] == 200
+    (await fake_defrag.next()).finish(answer, exit_code=exit_code)
+
+    async def recorded() -> bool:
+        return (await scrape(client)).value(
+            "etcd_autodefrag_runs_total", etcd_cluster="c0", result=result
+        ) == 1
+
+    await eventually(recorded, timeout=10, what=f"runs_total{{result={result!r}}}")
+
+
+async def test_a_restarted_service_sees_the_run_and_records_its_end(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    state_dir = tmp_path / "state"
+    first = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    assert outcomes((await post(first, notification(alert("c0"))))[1]) == ["launch"]
+    child = await fake_defrag.next()
+    await first.close()  # the service stops; its child runs on and keeps the lock
+
+    second = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    status, body = await post(second, notification(alert("c0")))
+    assert (status, outcomes(body)) == (200, ["skip_already_running"])
+    assert (await scrape(second)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 1
+
+    child.finish(report("c0"))
+
+    async def recorded() -> bool:
+        metrics = await scrape(second)
+        return metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="success") == 1
+
+    await eventually(recorded, timeout=10, what="the restarted service to record the run's end")
+    assert (await scrape(second)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
+    status, body = await post(second, notification(alert("c0")))
+    assert (status, outcomes(body)) == (200, ["skip_cooldown"])
+
+    third = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))  # and after another restart
+    assert outcomes((await post(third, notification(alert("c0"))))[1]) == ["skip_cooldown"]
+    assert len(fake_defrag.children) == 1
+
+
+async def test_two_services_on_one_host_launch_one_run_per_cluster(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    state_dir = tmp_path / "state"
+    one = await serve(clusters(etcd, 10), local(state_dir, fake_defrag))
+    two = await serve(clusters(etcd, 10), local(state_dir, fake_defrag))
+    answers = await asyncio.gather(
+        *(post(one if i % 2 else two, notification(alert(f"c{i % 10}"))) for i in range(1000))
+    )
+    assert {status for status, _ in answers} == {200}
+    found = [o for _, body in answers for o in outcomes(body)]
+    assert found.count("launch") == 10
+    assert found.count("skip_already_running") == 990
+    started = [await fake_defrag.next() for _ in range(10)]
+    assert sorted(child.cluster for child in started) == [f"c{i}" for i in range(10)]
+    for child in started:
+        child.finish(report(child.cluster))
+
+    async def all_recorded() -> bool:
+        total = 0.0
+        for client in (one, two):
+            metrics = await scrape(client)
+            total += sum(
+                metrics.value("etcd_autodefrag_runs_total", etcd_cluster=f"c{i}", result="success")
+                for i in range(10)
+            )
+        return total == 10
+
+    await eventually(all_recorded, timeout=20, what="10 recorded runs over both services")
+    assert len(fake_defrag.children) == 10
+
+
+SECOND_PROCESS = """
+import asyncio, sys
+from pathlib import Path
+from exporter.executors import LocalExecutor
+from exporter.jobs import Trigger
+from exporter.settings import ClusterConfig
+
+async def main():
+    executor = LocalExecutor(
+        state_dir=Path(sys.argv[1]), config_file=None, embedded_default=False, cooldown_seconds=0,
+        command=[sys.executable, "-c", "raise SystemExit(7)"],
+    )
+    cluster = ClusterConfig(name="c0", endpoints=["http://127.0.0.1:2379"])
+    print((await executor.launch(cluster, Trigger(alertname="A"))).outcome.value)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_lock_alone_keeps_another_process_out(tmp_path: Path, fake_defrag: FakeDefrag) -> None:
+    """Even when a second process reads the state before the first wrote it, the flock decides."""
+    state_dir = tmp_path / "state"
+    executor = local(state_dir, fake_defrag, cooldown=0)
+    finished: list[str] = []
+    await executor.start(lambda outcome: finished.append(outcome.result))
+    cluster = ClusterConfig(name="c0", endpoints=["http://127.0.0.1:2379"])
+    assert (await executor.launch(cluster, Trigger(alertname="A"))).created
+    child = await fake_defrag.next()
+
+    async def launch_from_another_process() -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", SECOND_PROCESS, str(state_dir), stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await process.communicate()
+        return stdout.decode().strip()
+
+    (state_dir / "c0.json").unlink()  # as if the other process had read the state before it was written
+    assert await launch_from_another_process() == "already_running"
+    child.finish(report("c0"))
+
+    async def recorded() -> bool:  # the executor records the end before it lets go of the lock
+        return bool(finished)
+
+    await eventually(recorded, timeout=10, what="the first run's end to be recorded")
+    assert await launch_from_another_process() == "created"  # no cooldown: the lock was all that held it
+    await executor.stop()
+
+
+async def test_state_dir_problems_answer_503(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    client = await serve(clusters(etcd, 1), local(blocker / "state", fake_defrag))
+    status, body = await post(client, notification(alert("c0")))
+    assert (status, body["status"], outcomes(body)) == (503, "retry", ["launch_unavailable"])
+
+
+async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Serve, tmp_path: Path) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    before = {name: int(s["dbSize"]) for name, s in cluster.statuses().items()}
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "clusters:\n"
+        "  - name: e2e\n"
+        f"    endpoints: [{cluster.endpoints[0]}]\n"
+        "    rule: 'dbSizeFree > 1024*1024'\n"
+        "    health_timeout_seconds: 20\n"
+    )
+    configured = load_settings(config).clusters
+    executor = LocalExecutor(
+        state_dir=tmp_path / "state",
+        config_file=config,
+        embedded_default=False,
+        cooldown_seconds=3600,
+    )
+    client = await serve(configured, executor)
+    status, body = await post(client, notification(alert("e2e", name="EtcdNoSpaceAlarm")))
+    assert (status, outcomes(body)) == (200, ["launch"])
+
+    async def succeeded() -> bool:
+        metrics = await scrape(client)
+        return metrics.value("etcd_autodefrag_runs_total", etcd_cluster="e2e", result="success") == 1
+
+    await eventually(succeeded, timeout=60, what="the defrag run to succeed")
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_reclaimed_bytes_total", etcd_cluster="e2e") > 0
+    assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="e2e") == 0
+    after = {name: int(s["dbSize"]) for name, s in cluster.statuses().items()}
+    assert all(after[name] < before[name] for name in before), (before, after)
+    saved = json.loads((tmp_path / "state" / "e2e.report.json").read_text())
+    assert saved["result"] == "success"
+    assert saved["reclaimed_bytes"] == metrics.value(
+        "etcd_autodefrag_reclaimed_bytes_total", etcd_cluster="e2e"
+    )
+
+
+def test_child_command_for_the_embedded_default(tmp_path: Path) -> None:
+    """Without configured clusters, the child runs `defrag` on its own default (no --cluster)."""
+    from exporter.settings import default_cluster
+
+    executor = local_executor(Settings(executor={"state_dir": tmp_path}), config_file=None)
+    assert executor.child_command(default_cluster())[-4:] == ["--log-format", "text", "--log-level", "INFO"]
+    configured = local_executor(
+        Settings(clusters=[default_cluster()], executor={"state_dir": tmp_path}), config_file=None
+    )
+    assert configured.child_command(default_cluster())[-2:] == ["--cluster", "local"]
+
+
+def test_tokens_never_in_logs_or_reprs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    configured = Settings(webhook={"token": TOKEN, "basic_auth_username": "am", "basic_auth_password": TOKEN})
+    logging.getLogger("test").info("settings: %r %s", configured, configured.model_dump())
+    assert TOKEN not in caplog.text
+    assert TOKEN not in repr(configured)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The executor kind `auto` looks at KUBERNETES_SERVICE_HOST: keep CI pods from changing the tests.
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+# --- the kubernetes executor against the fake API server ------------------------------------------
+
+NAMESPACE = "etcd"
+
+
+def kube_clusters(etcd: EtcdCluster, count: int) -> list[ClusterConfig]:
+    return clusters(etcd, count, kubernetes={"namespace": NAMESPACE, "variant": "plain"})
+
+
+def kube_executor(api: ApiClient, *, dry_run: bool = False) -> KubernetesExecutor:
+    return KubernetesExecutor(
+        api_client=api,
+        image="ghcr.io/etcd-autodefrag/etcd-autodefrag:test",
+        cooldown_seconds=3600,
+        timeout_seconds=5,
+        dry_run=dry_run,
+        namespaces=[NAMESPACE],
+    )
+
+
+def job_report(cluster: str, reclaimed: int) -> str:
+    members = [MemberReport(name="m1", id="1", endpoint="e", leader=True, reclaimed_bytes=reclaimed)]
+    return RunReport(cluster=cluster, result=RunResult.SUCCESS, members=members).summary_json()
+
+
+async def test_kubernetes_1000_concurrent_posts_for_10_clusters_create_10_jobs(
+    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    client = await serve(kube_clusters(etcd, 10), kube_executor(kube_api))
+    answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
+    assert {status for status, _ in answers} == {200}
+    found = [o for _, body in answers for o in outcomes(body)]
+    assert found.count("launch") == 10
+    assert found.count("skip_already_running") == 990
+    assert sorted(name for _, name in fake_kube.jobs) == sorted(f"etcd-autodefrag-c{i}" for i in range(10))
+    job = fake_kube.job(NAMESPACE, "etcd-autodefrag-c3")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["etcd-autodefrag.io/alertname"] == "EtcdDefragRecommended"
+    assert annotations["etcd-autodefrag.io/receiver"] == "etcd-autodefrag"
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    metrics = await scrape(client)
+    assert sum(metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster=f"c{i}") for i in range(10)) == 10
+
+
+async def test_kubernetes_restart_between_posts_creates_no_second_job(
+    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    first = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    assert outcomes((await post(first, notification(alert("c0"))))[1]) == ["launch"]
+    fake_kube.start_job(NAMESPACE, "etcd-autodefrag-c0")
+    await first.close()
+
+    second = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    status, body = await post(second, notification(alert("c0")))
+    assert (status, outcomes(body)) == (200, ["skip_already_running"])
+    assert "already running: Job etcd-autodefrag-c0" in body["decisions"][0]["reason"]
+    assert len(fake_kube.jobs) == 1
+
+    fake_kube.finish_job(NAMESPACE, "etcd-autodefrag-c0", message=job_report("c0", 3 * 1024 * 1024))
+
+    async def recorded() -> bool:
+        metrics = await scrape(second)
+        return metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="success") == 1
+
+    await eventually(recorded, timeout=10, what="the Job's end on /metrics")
+    metrics = await scrape(second)
+    assert metrics.value("etcd_autodefrag_reclaimed_bytes_total", etcd_cluster="c0") == 3 * 1024 * 1024
+    assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
+    # Seen ending: the pure decision already says cooldown, without asking the API.
+    assert outcomes((await post(second, notification(alert("c0"))))[1]) == ["skip_cooldown"]
+    await second.close()
+    # Restarted again: the finished Job (kept for its TTL) says cooldown.
+    third = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    status, body = await post(third, notification(alert("c0")))
+    assert (status, outcomes(body)) == (200, ["skip_cooldown"])
+    assert len(fake_kube.jobs) == 1
+    # ... and it did not count the run the previous service counted.
+    assert (await scrape(third)).value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="success") == 0
+
+
+async def test_kubernetes_job_failing_without_a_report_counts_job_failed(
+    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    assert outcomes((await post(client, notification(alert("c0"))))[1]) == ["launch"]
+    fake_kube.finish_job(NAMESPACE, "etcd-autodefrag-c0", succeeded=False)
+
+    async def recorded() -> bool:
+        metrics = await scrape(client)
+        return metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="job_failed") == 1
+
+    await eventually(recorded, timeout=10, what="runs_total{result='job_failed'}")
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "outcome"),
+    [
+        (500, 503, "launch_unavailable"),
+        (503, 503, "launch_unavailable"),
+        (429, 503, "launch_unavailable"),
+        (403, 422, "launch_rejected"),
+        (422, 422, "launch_rejected"),
+    ],
+)
+async def test_kubernetes_api_failures_map_to_the_retry_contract(
+    etcd: EtcdCluster,
+    serve: Serve,
+    fake_kube: FakeKube,
+    kube_api: ApiClient,
+    status: int,
+    answer: int,
+    outcome: str,
+) -> None:
+    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    fake_kube.fail_next(1, status, match="POST /apis/batch/v1/namespaces/etcd/jobs")
+    code, body = await post(client, notification(alert("c0")))
+    assert (code, outcomes(body)) == (answer, [outcome])
+    assert f"Kubernetes API: {status}" in body["decisions"][0]["reason"]
+    assert fake_kube.jobs == {}
+    # Alertmanager retries the 503: the retry goes through.
+    code, body = await post(client, notification(alert("c0")))
+    assert (code, outcomes(body)) == (200, ["launch"])
+
+
+async def test_kubernetes_unreachable_answers_503(etcd: EtcdCluster, serve: Serve) -> None:
+    async with await kube_api_client(host=f"http://127.0.0.1:{free_port()}") as api:
+        client = await serve(kube_clusters(etcd, 1), kube_executor(api))
+        code, body = await post(client, notification(alert("c0")))
+    assert (code, body["status"], outcomes(body)) == (503, "retry", ["launch_unavailable"])
+
+
+async def test_kubernetes_dry_run_creates_nothing(
+    etcd: EtcdCluster,
+    serve: Serve,
+    fake_kube: FakeKube,
+    kube_api: ApiClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api, dry_run=True))
+    code, body = await post(client, notification(alert("c0")))
+    assert (code, outcomes(body)) == (200, ["dry_run"])
+    assert fake_kube.jobs == {}
+    assert "DRY-RUN: would create Job etcd-autodefrag-c0 in namespace etcd" in caplog.text
+
+
+async def test_a_cluster_without_a_kubernetes_section_is_rejected(
+    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    client = await serve(clusters(etcd, 1), kube_executor(kube_api))
+    code, body = await post(client, notification(alert("c0")))
+    assert (code, outcomes(body)) == (422, ["launch_rejected"])
+    assert "no kubernetes section" in body["decisions"][0]["reason"]
