@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
-TEST_DEBS := etcd-server:etcd etcd-client:etcdctl
+TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus-alertmanager:amtool
 
 .PHONY: test lint fmt venv debs clean demo
 
