@@ -97,7 +97,7 @@ DEFAULT_THRESHOLDS = Thresholds(
 
 
 class KubernetesTarget(_Model):
-    """Where and how this cluster's defrag Job runs on Kubernetes (owned by exporter/jobs.py, kube.py).
+    """Where and how this cluster's defrag Job runs on Kubernetes.
 
     Whatever the variant, the Job finds the etcd client TLS files at one fixed place,
     `/etc/etcd-autodefrag/tls/{ca.crt,tls.crt,tls.key}`, and passes them with `--cacert/--cert/--key`,
@@ -272,7 +272,7 @@ class KubernetesTarget(_Model):
 
 
 class AlertRouting(_Model):
-    """Which Alertmanager alerts belong to this cluster (owned by exporter/routing.py).
+    """Which Alertmanager alerts belong to this cluster.
 
     An alert belongs to the cluster when its labels match every matcher (Alertmanager syntax:
     `name="v"`, `name!="v"`, `name=~"re"`, `name!~"re"`, regexes anchored). Without matchers:
@@ -385,7 +385,7 @@ class ClusterConfig(_Model):
 
 
 class WebhookSettings(_Model):
-    """The Alertmanager webhook: authentication, limits, which alerts act (owned by exporter/webhook.py).
+    """The Alertmanager webhook: authentication, limits, which alerts act.
 
     Secrets are SecretStr and files are read at start-up, so neither a repr nor a log line shows them.
     """
@@ -449,7 +449,7 @@ class WebhookSettings(_Model):
 
 
 class ExecutorSettings(_Model):
-    """How a launched defrag runs: a Kubernetes Job or a local subprocess (owned by exporter/executors.py)."""
+    """How a launched defrag runs: a Kubernetes Job or a local subprocess."""
 
     class Kind(StrEnum):
         """`auto`: `kubernetes` when running in a Pod (KUBERNETES_SERVICE_HOST is set), else `local`."""
