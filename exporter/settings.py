@@ -43,6 +43,18 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
 
+def checked_matchers(matchers: list[str]) -> list[str]:
+    """The matchers unchanged if every one parses in Alertmanager syntax, else a ValueError saying why."""
+    from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
+
+    for text in matchers:
+        try:
+            parse_matcher(text)
+        except MatcherSyntaxError as exc:
+            raise ValueError(str(exc)) from None
+    return matchers
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which field and why."""
 
@@ -292,14 +304,7 @@ class AlertRouting(_Model):
     @field_validator("matchers")
     @classmethod
     def _valid_matchers(cls, matchers: list[str]) -> list[str]:
-        from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
-
-        for text in matchers:
-            try:
-                parse_matcher(text)
-            except MatcherSyntaxError as exc:
-                raise ValueError(str(exc)) from None
-        return matchers
+        return checked_matchers(matchers)
 
 
 class ClusterConfig(_Model):
@@ -422,14 +427,7 @@ class WebhookSettings(_Model):
     @field_validator("acting_matchers")
     @classmethod
     def _valid_matchers(cls, matchers: list[str]) -> list[str]:
-        from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
-
-        for text in matchers:
-            try:
-                parse_matcher(text)
-            except MatcherSyntaxError as exc:
-                raise ValueError(str(exc)) from None
-        return matchers
+        return checked_matchers(matchers)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
