@@ -575,7 +575,8 @@ class EtcdCluster:
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run etcdctl (API v3) against the running members; raises on failure when `check`.
 
-        A later `--endpoints=...` in `args` overrides the default, as etcdctl takes the last one.
+        Do not pass `--endpoints` in `args`: etcdctl 3.4 adds repeated `--endpoints` flags up rather than
+        taking the last one.
         """
         flags = ["--endpoints=" + ",".join(m.client_url for m in self.running_members())]
         if self.tls is not None:
