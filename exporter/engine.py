@@ -551,7 +551,9 @@ class DefragEngine:
         self._say("compacted history up to revision %d%s", revision, "" if compacted else " (already)")
 
     async def _disarm_if_recovered(self, topology: _Topology) -> None:
-        if any(m.outcome is Outcome.FAILED for m in self.report.members):
+        # Every health check lists the alarms, the last one just before the last member: without
+        # NOSPACE then, there is nothing to disarm and no reason for another round of requests.
+        if not self._nospace or any(m.outcome is Outcome.FAILED for m in self.report.members):
             return
         statuses = await self._statuses(topology)
         endpoint = topology.endpoints[leader_of(statuses.values())]
