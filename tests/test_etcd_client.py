@@ -1,8 +1,17 @@
 """Parsing etcd's JSON gateway replies: strings for 64-bit ints, omitted zero values."""
 
+from pathlib import Path
+
 import pytest
 
-from exporter.etcd import parse_alarm_error, parse_alarms, parse_members, parse_quota_line, parse_status
+from exporter.etcd import (
+    find_quota,
+    parse_alarm_error,
+    parse_alarms,
+    parse_members,
+    parse_quota_line,
+    parse_status,
+)
 from exporter.model import Alarm, AlarmKind
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
@@ -94,3 +103,25 @@ def test_alarm_list() -> None:
 )
 def test_quota_line(line: str, quota: int | None) -> None:
     assert parse_quota_line(line) == quota
+
+
+@pytest.mark.parametrize(
+    ("page", "quota"),
+    [
+        (
+            b"# HELP etcd_server_quota_backend_bytes x\netcd_server_quota_backend_bytes 2.147483648e+09\n",
+            2**31,
+        ),
+        (b"etcd_server_quota_backend_bytes 1024", 1024),  # first line, no newline at the end
+        (b"x_etcd_server_quota_backend_bytes 5\netcd_server_quota_backend_bytes_total 6\n", None),
+        (b"", None),
+    ],
+)
+def test_find_quota_in_a_whole_page(page: bytes, quota: int | None) -> None:
+    assert find_quota(page) == quota
+
+
+def test_find_quota_in_a_recorded_etcd_page() -> None:
+    page = (Path(__file__).parent.parent / "bench" / "data" / "metrics.txt").read_bytes()
+    assert len(page) > 100_000  # the real page, not a stub
+    assert find_quota(page) == int(float(page.split(b"\netcd_server_quota_backend_bytes ")[1].split()[0]))

@@ -54,9 +54,11 @@ class Scrape:
 
 
 async def scrape(client: TestClient) -> Scrape:
-    response = await client.get("/metrics")
+    # What Prometheus sends; we answer in the text format, which it accepts too.
+    accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1"
+    response = await client.get("/metrics", headers={"Accept": accept})
     assert response.status == 200
-    assert response.headers["Content-Type"].startswith("text/plain")
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     return Scrape(await response.text())
 
 
