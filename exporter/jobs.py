@@ -16,7 +16,10 @@ Files in the container, the same for every variant:
     /dev/termination-log               the JSON report (--report-file), read back by kube.watch_jobs
 
 The flags override the cluster's `tls` paths from the config file, so the ConfigMap can hold the
-very file the service uses. The report goes out through the container's termination message
+very file the service uses. One function, `defrag_pod_template`, builds this pod for the webhook's
+Job and for the CronJob of `etcd-autodefrag render cronjob` (exporter/render.py), which passes the
+endpoints and rule as flags and so mounts no config. The report goes out through the container's
+termination message
 (https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/), which
 Kubernetes caps at 4096 bytes; `RunReport.summary_json` keeps it under that.
 
@@ -157,60 +160,10 @@ def build_job(
     annotations = {**target.annotations, **_trigger_annotations(trigger)}
     ttl = target.cooldown_seconds if target.cooldown_seconds is not None else round(cooldown_seconds)
     deadline = target.active_deadline_seconds or round(cluster.deadline_seconds) + DEADLINE_MARGIN_SECONDS
-    tls = _tls(target)
-    root = target.variant is Variant.KUBEADM
     args = ["defrag", "--cluster", cluster.name, "--output", "json", "--report-file", TERMINATION_LOG]
     if trigger.dry_run:
         args.append("--dry-run")
-    args += tls.flags
-    container: Json = {
-        "name": CONTAINER_NAME,
-        "image": resolved_image(cluster, image),
-        "imagePullPolicy": "IfNotPresent",
-        "command": ["etcd-autodefrag"],
-        "args": args,
-        "env": [{"name": "ETCD_AUTODEFRAG_CONFIG", "value": CONFIG_FILE}],
-        "resources": {kind: dict(amounts) for kind, amounts in target.resources.items()},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "File",
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_FILE, "subPath": CONFIG_KEY, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-            *tls.mounts,
-        ],
-    }
-    pod_spec: Json = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": _pod_security(root=root),
-        "containers": [container],
-        "volumes": [
-            {
-                "name": "config",
-                "configMap": {"name": target.config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
-            },
-            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-            *tls.volumes,
-        ],
-    }
-    if target.service_account is not None:
-        pod_spec["serviceAccountName"] = target.service_account
-    if root:
-        # kubeadm's etcd listens on the node addresses and its certificates live on control-plane nodes.
-        pod_spec["hostNetwork"] = True
-        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
-        pod_spec["nodeSelector"] = {CONTROL_PLANE: ""}
-        pod_spec["tolerations"] = [{"key": CONTROL_PLANE, "operator": "Exists", "effect": "NoSchedule"}]
-    pod_metadata: Json = {"labels": dict(labels)}
-    if target.annotations:
-        pod_metadata["annotations"] = dict(target.annotations)
+    template = defrag_pod_template(target, image=resolved_image(cluster, image), args=args, labels=labels)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -225,9 +178,81 @@ def build_job(
             "backoffLimit": 0,
             "activeDeadlineSeconds": deadline,
             "ttlSecondsAfterFinished": ttl,
-            "template": {"metadata": pod_metadata, "spec": pod_spec},
+            "template": template,
         },
     }
+
+
+def defrag_pod_template(
+    target: KubernetesTarget,
+    *,
+    image: str,
+    args: Sequence[str],
+    labels: Mapping[str, str],
+    mount_config: bool = True,
+) -> Json:
+    """The pod template of one defrag run, `etcd-autodefrag <args> <TLS flags>`, for a Job or a CronJob.
+
+    The TLS flags and files follow `target.variant` (the layout in the module docstring). With
+    `mount_config` the ConfigMap `target.config_map` is mounted at CONFIG_FILE for `--cluster NAME`;
+    a run that gets everything from its flags (`render cronjob`) mounts no config.
+    """
+    tls = _tls(target)
+    root = target.variant is Variant.KUBEADM
+    config_mounts: list[Json] = []
+    config_volumes: list[Json] = []
+    env: list[Json] = []
+    if mount_config:
+        config_mounts = [
+            {"name": "config", "mountPath": CONFIG_FILE, "subPath": CONFIG_KEY, "readOnly": True}
+        ]
+        config_volumes = [
+            {
+                "name": "config",
+                "configMap": {"name": target.config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
+            }
+        ]
+        env = [{"name": "ETCD_AUTODEFRAG_CONFIG", "value": CONFIG_FILE}]
+    container: Json = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["etcd-autodefrag"],
+        "args": [*args, *tls.flags],
+        "env": env,
+        "resources": {kind: dict(amounts) for kind, amounts in target.resources.items()},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
+        "volumeMounts": [*config_mounts, {"name": "tmp", "mountPath": "/tmp"}, *tls.mounts],
+    }
+    if not env:
+        del container["env"]
+    pod_spec: Json = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(root=root),
+        "containers": [container],
+        "volumes": [*config_volumes, {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}, *tls.volumes],
+    }
+    if target.service_account is not None:
+        pod_spec["serviceAccountName"] = target.service_account
+    if root:
+        # kubeadm's etcd listens on the node addresses and its certificates live on control-plane nodes.
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+        pod_spec["nodeSelector"] = {CONTROL_PLANE: ""}
+        pod_spec["tolerations"] = [{"key": CONTROL_PLANE, "operator": "Exists", "effect": "NoSchedule"}]
+    pod_metadata: Json = {"labels": dict(labels)}
+    if target.annotations:
+        pod_metadata["annotations"] = dict(target.annotations)
+    return {"metadata": pod_metadata, "spec": pod_spec}
 
 
 def _trigger_annotations(trigger: Trigger) -> dict[str, str]:
