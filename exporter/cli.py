@@ -1,4 +1,4 @@
-"""The `etcd-autodefrag` command line: `defrag`, `status` and `serve`.
+"""The `etcd-autodefrag` command line: `defrag`, `status`, `serve` and `render`.
 
 Exit codes (README, "Exit codes"): 0 success or nothing to do, 1 a member failed, 2 bad usage or
 configuration, 3 refused by the safety gate.
@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
-from exporter import __version__, logs
+from exporter import __version__, jobs, logs
+from exporter import render as render_mod
 from exporter.engine import DefragEngine, LockUnavailable, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
 from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
@@ -117,7 +119,78 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without a config file: one cluster 'local' at " + DEFAULT_ENDPOINT + ".",
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+    add_render_parser(sub)
     return parser
+
+
+def add_render_parser(sub: Any) -> None:
+    """`render cronjob` (kamaji-etcd's defrag.sh flags, or Talos) and `render job --cluster NAME`."""
+    render = sub.add_parser(
+        "render",
+        help="print (or --apply) the CronJob of a scheduled defrag, or the Job the webhook would create",
+    )
+    objects = render.add_subparsers(dest="render_command", required=True, metavar="OBJECT")
+    cronjob = objects.add_parser(
+        "cronjob",
+        help="a CronJob that runs this engine on a schedule (replaces kamaji-etcd's defrag.sh)",
+        description="Same flags and defaults as kamaji-etcd's defrag.sh. DEBUG=1 prints every derived "
+        "value to stderr. --apply creates it, or replaces the CronJob of that name, with your own "
+        "kubeconfig; without it the YAML goes to stdout.",
+    )
+    defaults = render_mod.DEFRAG_SH_DEFAULTS
+    cronjob.add_argument(
+        "-e",
+        dest="etcd_name",
+        metavar="ETCD_NAME",
+        help=f"kamaji: etcd StatefulSet ({defaults['etcd_name']})",
+    )
+    cronjob.add_argument(
+        "-s", dest="service", metavar="SERVICE", help=f"kamaji: etcd Service ({defaults['service']})"
+    )
+    cronjob.add_argument(
+        "-n",
+        dest="namespace",
+        metavar="NAMESPACE",
+        help=f"of etcd and the CronJob ({defaults['namespace']}; talos: {render_mod.TALOS_NAMESPACE})",
+    )
+    cronjob.add_argument(
+        "-j", dest="schedule", metavar="SCHEDULE", help=f"cron schedule ('{defaults['schedule']}')"
+    )
+    cronjob.add_argument("--variant", choices=render_mod.VARIANTS, default="kamaji")
+    cronjob.add_argument("--secret", metavar="NAME", help="talos: Secret with keys ca, crt, key")
+    cronjob.add_argument(
+        "--endpoints",
+        metavar="URL[,URL...]",
+        help="etcd client URLs (talos: required; kamaji: instead of -s)",
+    )
+    cronjob.add_argument(
+        "--replicas", type=int, metavar="N", help="kamaji: members (default: the StatefulSet's, with --apply)"
+    )
+    cronjob.add_argument(
+        "--cluster-domain", metavar="DOMAIN", help=f"kamaji: ({render_mod.DEFAULT_CLUSTER_DOMAIN})"
+    )
+    cronjob.add_argument("--rule", metavar="EXPR", help="defrag rule (default: the default thresholds)")
+    cronjob.add_argument("--image", metavar="IMAGE", help=f"({jobs.DEFAULT_IMAGE})")
+    cronjob.add_argument("--name", metavar="NAME", help="CronJob name (kamaji: <ETCD_NAME>-defrag-job)")
+    cronjob.add_argument("--apply", action="store_true", help="create or replace it through the API")
+    cronjob.add_argument("--kubeconfig", type=Path, metavar="FILE", help="with --apply (default $KUBECONFIG)")
+    cronjob.add_argument("--context", metavar="NAME", help="with --apply: kubeconfig context")
+
+    job = objects.add_parser(
+        "job",
+        help="the Job the webhook creates for a configured cluster",
+        description="Exactly the Job the webhook's Kubernetes executor creates for an alert of that "
+        "name: the same name (the lock), so `kubectl create -f -` waits its turn like any other run.",
+    )
+    job.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
+        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG)",
+    )
+    job.add_argument("--cluster", metavar="NAME", required=True, help="the configured cluster")
+    job.add_argument("--alertname", default="manual", help="recorded on the Job (default: manual)")
+    job.add_argument("--dry-run", action="store_true", help="the Job runs `defrag --dry-run`")
 
 
 def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
@@ -353,9 +426,125 @@ def serve(settings: Settings, config_file: Path | None) -> int:
     return 0
 
 
+# --- render -----------------------------------------------------------------------------------------
+
+RENDER_API_TIMEOUT_SECONDS = 30.0
+
+
+def render(args: argparse.Namespace) -> int:
+    """`render cronjob` / `render job`: YAML on stdout, or `--apply`; exit 2 for bad flags."""
+    try:
+        if args.render_command == "job":
+            manifest = render_job(args)
+        else:
+            flags = cronjob_flags(args)
+            plan = render_mod.plan_cronjob(flags)  # every flag checked before any API call
+            if args.apply:
+                if args.kubeconfig is not None and not args.kubeconfig.is_file():
+                    raise UsageError(f"--kubeconfig: {args.kubeconfig}: no such file")
+                return asyncio.run(apply_cronjob(args, flags))
+            if args.kubeconfig or args.context:
+                raise UsageError("--kubeconfig and --context go with --apply")
+            debug_notes(plan)
+            manifest = render_mod.build_cronjob(plan)
+    except (UsageError, ConfigError, render_mod.RenderError, jobs.JobConfigError) as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(yaml.safe_dump(manifest, sort_keys=False, width=4096), end="")
+    return 0
+
+
+def render_job(args: argparse.Namespace) -> dict[str, Any]:
+    """The Job of exporter.executors.KubernetesExecutor.launch for this cluster and alert name."""
+    settings = load_settings(args.config)
+    return jobs.build_job(
+        settings.cluster(args.cluster),
+        image=settings.executor.image or jobs.DEFAULT_IMAGE,
+        trigger=jobs.Trigger(alertname=args.alertname, dry_run=args.dry_run),
+        cooldown_seconds=settings.executor.cooldown_seconds,
+    )
+
+
+def cronjob_flags(args: argparse.Namespace) -> render_mod.CronJobFlags:
+    """The `render cronjob` flags as given (None: not given)."""
+    endpoints = None
+    if args.endpoints is not None:
+        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    return render_mod.CronJobFlags(
+        variant=args.variant,
+        etcd_name=args.etcd_name,
+        service=args.service,
+        namespace=args.namespace,
+        schedule=args.schedule,
+        replicas=args.replicas,
+        secret=args.secret,
+        endpoints=endpoints,
+        cluster_domain=args.cluster_domain,
+        rule=args.rule,
+        image=args.image,
+        name=args.name,
+    )
+
+
+def debug_notes(plan: render_mod.CronJobPlan) -> None:
+    """With DEBUG set (defrag.sh's DEBUG=1), every derived value and where it came from, on stderr."""
+    if os.environ.get("DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        for note in plan.notes:
+            print(f"render cronjob: {note}", file=sys.stderr)
+
+
+async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags) -> int:
+    """Read the StatefulSet's replicas (kamaji), then create or replace the CronJob; 1 on API errors."""
+    from exporter import kube
+
+    timeout = RENDER_API_TIMEOUT_SECONDS
+    try:
+        async with await kube.kube_api_client(kubeconfig=args.kubeconfig, context=args.context) as api:
+            replicas = None
+            if render_mod.needs_statefulset(flags):
+                namespace, name = render_mod.kamaji_names(flags)
+                try:
+                    statefulset = await kube.read_statefulset(api, namespace, name, timeout=timeout)
+                except kube.KubeRejected as exc:
+                    if exc.status != 404:
+                        raise
+                    raise UsageError(
+                        f"-e/-n: StatefulSet {namespace}/{name} not found; name the kamaji etcd "
+                        "StatefulSet with -e and -n, or give --replicas or --endpoints"
+                    ) from None
+                given = statefulset.get("spec", {}).get("replicas")
+                replicas = 1 if given is None else int(given)  # Kubernetes' default for an unset one
+            plan = render_mod.plan_cronjob(flags, statefulset_replicas=replicas)
+            debug_notes(plan)
+            applied = await kube.apply_cronjob(api, render_mod.build_cronjob(plan), timeout=timeout)
+    except kube.KubeError as exc:
+        print(f"etcd-autodefrag: render cronjob --apply: {exc}", file=sys.stderr)
+        if exc.status in (401, 403):
+            rules = "; ".join(
+                f"{'/'.join(filter(None, [*r['apiGroups'], *r['resources']]))} {','.join(r['verbs'])}"
+                for r in kube.RENDER_APPLY_RBAC_RULES
+            )
+            print(
+                "etcd-autodefrag: --apply uses your own kubeconfig (not the service's Role); it needs "
+                f"{rules} in the namespace. Or print the YAML and apply it with kubectl.",
+                file=sys.stderr,
+            )
+        return 1
+    endpoints = plan.cluster.endpoints
+    what = f"{plan.namespace}/{plan.name} (schedule '{plan.schedule}', {len(endpoints)} endpoints)"
+    if applied.created:
+        print(f"created CronJob {what}")
+    else:
+        before = ", ".join(applied.previous_images) or "no container"
+        print(f"replaced CronJob {what}; the old one ran {before}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etcd-autodefrag` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "render":
+        return render(args)
     overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
     try:
         settings = load_settings(args.config, **overrides)

@@ -1,4 +1,5 @@
-"""Talking to Kubernetes: create the defrag Job, watch how Jobs end, record Events, discover etcd.
+"""Talking to Kubernetes: create the defrag Job, watch how Jobs end, record Events, discover etcd,
+and apply the CronJob of `render cronjob --apply`.
 
 Thin I/O over kubernetes_asyncio. What to send and what an answer means (the manifest, a 409's
 meaning, how a Job ended, endpoints from a StatefulSet or static pods) are pure functions in
@@ -17,8 +18,10 @@ gives up on any other status (notify/util.go, `Retrier`):
   route's repeat_interval, which picks up a fix.
 - 409 AlreadyExists on a create is no error: it is the lock (LaunchResult with created=False).
 
-RBAC: RBAC_RULES lists every verb on every resource this module calls, so the shipped Role can be
-compared with it; tests/test_kube.py checks that the calls the tests make stay within it.
+RBAC: RBAC_RULES lists every verb on every resource the service calls, so the shipped Role can be
+compared with it; tests/test_kube.py checks that the calls the tests make stay within it. The
+CronJob calls of `render cronjob --apply` (read_statefulset, apply_cronjob) run with the user's own
+credentials and are listed apart, in RENDER_APPLY_RBAC_RULES: the service never needs them.
 """
 
 import asyncio
@@ -56,16 +59,20 @@ from exporter.settings import ConfigError
 __all__ = [
     "KUBEADM_ETCD_SELECTOR",
     "RBAC_RULES",
+    "RENDER_APPLY_RBAC_RULES",
+    "AppliedCronJob",
     "JobOutcome",
     "KubeError",
     "KubeRejected",
     "KubeUnavailable",
     "LaunchOutcome",
     "LaunchResult",
+    "apply_cronjob",
     "create_job",
     "discover_kamaji",
     "discover_kubeadm",
     "kube_api_client",
+    "read_statefulset",
     "record_event",
     "watch_jobs",
 ]
@@ -84,6 +91,12 @@ RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
+]
+# What `etcd-autodefrag render cronjob --apply` calls, with the user's own kubeconfig (or the pod's
+# service account where it runs): never part of the service's Role above, which stays as narrow.
+RENDER_APPLY_RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["batch"], "resources": ["cronjobs"], "verbs": ["create", "get", "update"]},
     {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
 ]
 
@@ -473,3 +486,76 @@ async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) 
         core.list_namespaced_pod, "kube-system", label_selector=KUBEADM_ETCD_SELECTOR, timeout=timeout
     )
     return kubeadm_endpoints(pods)
+
+
+# --- render cronjob --apply -------------------------------------------------------------------------
+
+
+async def read_statefulset(
+    api_client: k8s.ApiClient, namespace: str, name: str, *, timeout: float = 10.0
+) -> Json:
+    """The StatefulSet as the API returns it (404 and 403 raise KubeRejected)."""
+    apps = k8s.AppsV1Api(api_client)
+    return await _call(apps.read_namespaced_stateful_set, name, namespace, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class AppliedCronJob:
+    """What apply_cronjob did: created the CronJob, or replaced the one of that name."""
+
+    created: bool
+    cronjob: Json  # as the API server stored it
+    previous_images: list[str]  # the images the replaced CronJob ran ([] when created)
+    previous_labels: dict[str, str]
+
+
+async def apply_cronjob(
+    api_client: k8s.ApiClient, manifest: Json, *, timeout: float = 10.0
+) -> AppliedCronJob:
+    """Create the CronJob, or replace the existing one of that name (e.g. defrag.sh's) with it.
+
+    Replace, not merge: nothing of the old CronJob (its image, args, volumes, restartPolicy) survives.
+    The replace carries the resourceVersion just read, so a concurrent change answers 409 Conflict
+    and is retried from the read. Raises KubeUnavailable or KubeRejected (e.g. 403 Forbidden).
+    """
+    batch = k8s.BatchV1Api(api_client)
+    name = manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    deadline = clock.monotonic() + timeout
+
+    def left() -> float:
+        return max(deadline - clock.monotonic(), 0.001)
+
+    for _attempt in range(3):
+        try:
+            stored = await _call(batch.create_namespaced_cron_job, namespace, manifest, timeout=left())
+        except KubeError as exc:
+            if not _already_exists(exc):
+                raise
+        else:
+            log.info("created CronJob %s/%s", namespace, name)
+            return AppliedCronJob(True, stored, [], {})
+        try:
+            existing = await _call(batch.read_namespaced_cron_job, name, namespace, timeout=left())
+        except KubeRejected as exc:
+            if exc.status == 404:  # deleted between our create and this read: create again
+                continue
+            raise
+        metadata = existing.get("metadata", {})
+        body = {
+            **manifest,
+            "metadata": {**manifest["metadata"], "resourceVersion": metadata.get("resourceVersion")},
+        }
+        try:
+            stored = await _call(batch.replace_namespaced_cron_job, name, namespace, body, timeout=left())
+        except KubeError as exc:
+            if exc.status in (404, 409):  # deleted or changed since our read: start over
+                continue
+            raise
+        pod_spec = existing.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {})
+        containers = pod_spec.get("spec", {}).get("containers") or []
+        log.info("replaced CronJob %s/%s", namespace, name)
+        return AppliedCronJob(
+            False, stored, [str(c.get("image", "")) for c in containers], dict(metadata.get("labels") or {})
+        )
+    raise KubeUnavailable(f"CronJob {namespace}/{name} kept changing under us; try again")

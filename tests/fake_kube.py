@@ -1,7 +1,9 @@
 """A fake Kubernetes API server over real loopback HTTP, for the tests of exporter/kube.py.
 
 It serves exactly the calls exporter.kube makes, with Kubernetes' JSON shapes and status codes
-(Status objects for errors, JSON lines for watches, 410 for an expired resourceVersion). Any other
+(Status objects for errors, JSON lines for watches, 410 for an expired resourceVersion; for the
+CronJobs of `render cronjob --apply`, 409 AlreadyExists on a create and 409 Conflict on a replace
+with a stale resourceVersion). `received` keeps every create and replace body exactly as sent. Any other
 request is answered 404 and recorded in `unexpected`; the `fake_kube` fixture fails a test that
 leaves anything there. Faults are queued for the next matching requests: a status (500, 429,
 403, ...), a hang (no answer until the server closes) or a delay.
@@ -78,6 +80,7 @@ class Fault:
     retry_after: str | None = None
     seconds: float = 0.0
     match: str | None = None
+    reason: str | None = None  # the Status reason when it is not the usual one for `status` (Conflict)
 
     def matches(self, request: web.Request) -> bool:
         return self.match is None or self.match in f"{request.method} {request.path}"
@@ -125,6 +128,8 @@ class FakeKube:
         self.jobs: dict[tuple[str, str], Json] = {}
         self.pods: dict[tuple[str, str], Json] = {}
         self.statefulsets: dict[tuple[str, str], Json] = {}
+        self.cronjobs: dict[tuple[str, str], Json] = {}
+        self.received: list[Json] = []  # the bodies of creates and replaces, exactly as sent
         self.events: list[Json] = []
         self.requests: list[Recorded] = []
         self.unexpected: list[str] = []
@@ -148,6 +153,10 @@ class FakeKube:
         app.router.add_get("/api/v1/namespaces/{ns}/pods", self._list_pods)
         app.router.add_post("/api/v1/namespaces/{ns}/events", self._create_event)
         app.router.add_get("/apis/apps/v1/namespaces/{ns}/statefulsets/{name}", self._read_statefulset)
+        cronjobs = "/apis/batch/v1/namespaces/{ns}/cronjobs"
+        app.router.add_post(cronjobs, self._create_cronjob)
+        app.router.add_get(cronjobs + "/{name}", self._read_cronjob)
+        app.router.add_put(cronjobs + "/{name}", self._replace_cronjob)
         app.router.add_route("*", "/{tail:.*}", self._unexpected)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -173,9 +182,10 @@ class FakeKube:
         message: str = "",
         retry_after: str | None = None,
         match: str | None = None,
+        reason: str | None = None,
     ) -> None:
         """The next `count` matching requests are answered `status` with a Status object."""
-        self.faults.append(Fault("status", count, status, message, retry_after, match=match))
+        self.faults.append(Fault("status", count, status, message, retry_after, match=match, reason=reason))
 
     def hang_next(self, count: int = 1, *, match: str | None = None) -> None:
         """The next `count` matching requests get no answer at all (until the server closes)."""
@@ -363,7 +373,8 @@ class FakeKube:
                     break
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 message = fault.message or f"injected {fault.status}"
-                return _json(status_object(fault.status, message), fault.status, headers)
+                status = status_object(fault.status, message, reason=fault.reason)
+                return _json(status, fault.status, headers)
         return await handler(request)
 
     async def _unexpected(self, request: web.Request) -> web.Response:
@@ -376,6 +387,7 @@ class FakeKube:
         if dry_run not in (None, "All"):
             return _json(status_object(400, f"invalid dry run option: {dry_run}"), 400)
         body = await request.json()
+        self.received.append(copy.deepcopy(body))
         # From here to the insert there is no await: the name check and the insert are atomic.
         metadata = body.get("metadata") or {}
         name = metadata.get("name", "")
@@ -536,6 +548,105 @@ class FakeKube:
             details = {"name": name, "group": "apps", "kind": "statefulsets"}
             return _json(status_object(404, f'statefulsets.apps "{name}" not found', details=details), 404)
         return _json(sts, 200)
+
+    # --- CronJobs (render cronjob --apply) ---------------------------------------------------------
+
+    def add_cronjob(self, manifest: Json) -> Json:
+        """A CronJob that already exists (say, the one kamaji-etcd's defrag.sh applied)."""
+        cronjob = copy.deepcopy(manifest)
+        metadata = cronjob["metadata"]
+        cronjob["metadata"] = {**metadata, **self._new_metadata(metadata["namespace"], metadata["name"])}
+        cronjob["metadata"]["generation"] = 1
+        cronjob.setdefault("status", {})
+        self.cronjobs[(metadata["namespace"], metadata["name"])] = cronjob
+        return cronjob
+
+    def _cronjob_problems(self, body: Json, namespace: str) -> web.Response | None:
+        """The API server's answer to a CronJob body it refuses; None for one it accepts."""
+        metadata = body.get("metadata") or {}
+        name = metadata.get("name", "")
+        if metadata.get("namespace", namespace) != namespace:
+            message = "the namespace of the provided object does not match the namespace sent on the request"
+            return _json(status_object(400, message), 400)
+        problems = []
+        if body.get("apiVersion") != "batch/v1" or body.get("kind") != "CronJob":
+            problems.append("kind/apiVersion: must be batch/v1 CronJob")
+        if not _DNS_LABEL.match(name) or len(name) > 52:
+            problems.append(f"metadata.name: Invalid value: {name!r}: must be no more than 52 characters")
+        if not (body.get("spec") or {}).get("schedule"):
+            problems.append("spec.schedule: Required value")
+        if not problems:
+            return None
+        details = {"name": name, "group": "batch", "kind": "CronJob"}
+        message = f'CronJob.batch "{name}" is invalid: ' + "; ".join(problems)
+        return _json(status_object(422, message, details=details), 422)
+
+    async def _create_cronjob(self, request: web.Request) -> web.Response:
+        namespace = request.match_info["ns"]
+        body = await request.json()
+        self.received.append(copy.deepcopy(body))
+        if (refused := self._cronjob_problems(body, namespace)) is not None:
+            return refused
+        name = body["metadata"]["name"]
+        if (namespace, name) in self.cronjobs:
+            details = {"name": name, "group": "batch", "kind": "cronjobs"}
+            return _json(status_object(409, f'cronjobs.batch "{name}" already exists', details=details), 409)
+        cronjob = copy.deepcopy(body)
+        cronjob["metadata"] = {**body["metadata"], **self._new_metadata(namespace, name), "generation": 1}
+        cronjob["spec"].setdefault("suspend", False)
+        cronjob["status"] = {}
+        self.cronjobs[(namespace, name)] = cronjob
+        return _json(cronjob, 201)
+
+    async def _read_cronjob(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["ns"], request.match_info["name"]
+        cronjob = self.cronjobs.get((namespace, name))
+        if cronjob is None:
+            details = {"name": name, "group": "batch", "kind": "cronjobs"}
+            return _json(status_object(404, f'cronjobs.batch "{name}" not found', details=details), 404)
+        return _json(cronjob, 200)
+
+    async def _replace_cronjob(self, request: web.Request) -> web.Response:
+        namespace, name = request.match_info["ns"], request.match_info["name"]
+        body = await request.json()
+        self.received.append(copy.deepcopy(body))
+        if (refused := self._cronjob_problems(body, namespace)) is not None:
+            return refused
+        if body["metadata"]["name"] != name:
+            given = body["metadata"]["name"]
+            message = f"the name of the object ({given}) does not match the name on the URL ({name})"
+            return _json(status_object(400, message), 400)
+        existing = self.cronjobs.get((namespace, name))
+        if existing is None:
+            details = {"name": name, "group": "batch", "kind": "cronjobs"}
+            return _json(status_object(404, f'cronjobs.batch "{name}" not found', details=details), 404)
+        version = body["metadata"].get("resourceVersion")
+        if not version:
+            message = (
+                f'CronJob.batch "{name}" is invalid: metadata.resourceVersion: Invalid value: 0x0: '
+                "must be specified for an update"
+            )
+            return _json(status_object(422, message), 422)
+        if version != existing["metadata"]["resourceVersion"]:
+            message = (
+                f'Operation cannot be fulfilled on cronjobs.batch "{name}": the object has been '
+                "modified; please apply your changes to the latest version and try again"
+            )
+            details = {"name": name, "group": "batch", "kind": "cronjobs"}
+            return _json(status_object(409, message, reason="Conflict", details=details), 409)
+        cronjob = copy.deepcopy(body)
+        old = existing["metadata"]
+        cronjob["metadata"] = {
+            **body["metadata"],
+            "uid": old["uid"],
+            "creationTimestamp": old["creationTimestamp"],
+            "resourceVersion": self._next_rv(),
+            "generation": old.get("generation", 1) + 1,
+        }
+        cronjob["spec"].setdefault("suspend", False)
+        cronjob["status"] = existing.get("status", {})
+        self.cronjobs[(namespace, name)] = cronjob
+        return _json(cronjob, 200)
 
     # --- helpers ----------------------------------------------------------------------------------
 
