@@ -1,0 +1,587 @@
+"""deploy/: every kustomization builds with the real `kubectl kustomize`, every object is schema-valid,
+the copies of alerts/ and grafana/ agree with their sources, and what the manifests promise (config,
+RBAC, probes, security, image) matches what the code does.
+
+kubectl ships kustomize; on this project's machines it is preinstalled (Debian's own
+kubernetes-client is 1.20, whose kustomize v2.0.3 is too old for these files). Without kubectl the
+kustomize tests skip, saying so; the rest still run.
+"""
+
+import copy
+import importlib.util
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from test_jobs import validate
+
+from exporter.jobs import (
+    CONFIG_FILE,
+    DEFAULT_IMAGE,
+    JOB_SELECTOR,
+    NONROOT_ID,
+    TLS_DIR,
+    Trigger,
+    build_job,
+)
+from exporter.kube import RBAC_RULES
+from exporter.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "base"
+OVERLAYS = sorted(p for p in (DEPLOY / "overlays").iterdir() if (p / "kustomization.yaml").exists())
+KUSTOMIZATIONS = {"base": BASE} | {p.name: p for p in OVERLAYS}
+RULES = ROOT / "alerts" / "etcd-autodefrag-rules.yaml"
+DASHBOARD = ROOT / "grafana" / "etcd-autodefrag.json"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+NAMESPACE = "etcd-autodefrag"
+NAME = "etcd-autodefrag"
+SERVICE_JOB = "etcd-autodefrag"  # the scrape job the alert rules select (alerts/README.md)
+PORT = 9479
+CRD_GROUP = "monitoring.coreos.com"
+RELEASE = "kube-prometheus-stack"
+# What the webhook's Job executor needs in a Job namespace, whatever the etcd flavour.
+JOB_PERMISSIONS = {("batch", "jobs", v) for v in ("create", "get", "list", "watch")} | {
+    ("", "pods", "list"),
+    ("", "events", "create"),
+}
+KAMAJI_DISCOVERY = {("apps", "statefulsets", "get")}
+POD_IP = "10.244.1.7"  # what the downward API's status.podIP gives in test_config_*
+
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="kubectl not on PATH: it builds the kustomizations (`kubectl kustomize`)"
+)
+Json = dict[str, Any]
+
+
+def kustomize(path: Path) -> list[Json]:
+    """The objects `kubectl kustomize path` prints; a failed build fails the test with kubectl's words."""
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@cache
+def _built(name: str) -> tuple[Json, ...]:
+    return tuple(kustomize(KUSTOMIZATIONS[name]))
+
+
+def built(name: str) -> list[Json]:
+    """The build of one kustomization (cached: a fresh deep copy for every caller)."""
+    return copy.deepcopy(list(_built(name)))
+
+
+def find(objects: list[Json], kind: str, name: str | None = None, namespace: str | None = None) -> list[Json]:
+    return [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (name is None or o["metadata"]["name"] == name)
+        and (namespace is None or o["metadata"].get("namespace") == namespace)
+    ]
+
+
+def one(objects: list[Json], kind: str, name: str | None = None, namespace: str | None = None) -> Json:
+    found = find(objects, kind, name, namespace)
+    assert len(found) == 1, f"expected one {kind} {name or ''} in {namespace or 'any namespace'}: {found}"
+    return found[0]
+
+
+def deployment(objects: list[Json]) -> Json:
+    return one(objects, "Deployment", NAME, NAMESPACE)
+
+
+def pod_spec(objects: list[Json]) -> Json:
+    spec: Json = deployment(objects)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: list[Json]) -> Json:
+    containers: list[Json] = pod_spec(objects)["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def volume(objects: list[Json], name: str) -> Json:
+    found: list[Json] = [v for v in pod_spec(objects)["volumes"] if v["name"] == name]
+    assert len(found) == 1, f"volume {name}: {found}"
+    return found[0]
+
+
+def service_config(objects: list[Json]) -> str:
+    """config.yaml of the ConfigMap the Deployment mounts at exporter.jobs.CONFIG_FILE."""
+    (mount,) = [m for m in container(objects)["volumeMounts"] if m["mountPath"] == CONFIG_FILE]
+    config_map = volume(objects, mount["name"])["configMap"]["name"]
+    data: str = one(objects, "ConfigMap", config_map, NAMESPACE)["data"][mount["subPath"]]
+    return data
+
+
+def container_env(objects: list[Json]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: podIP from the downward API, $(VAR) expanded."""
+    env: dict[str, str] = {}
+    for item in container(objects).get("env", []):
+        if "value" in item:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), item["value"])
+        else:
+            assert item["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}, item
+            env[item["name"]] = POD_IP
+    return env
+
+
+def settings_of(objects: list[Json], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings the service's container loads: its config file and its environment."""
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for key, value in container_env(objects).items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(service_config(objects))
+    return load_settings(path)
+
+
+def mounted_path(objects: list[Json], path: PurePosixPath) -> Json | None:
+    """The volume that provides `path` in the container (a file mount, or a directory mount above it)."""
+    for mount in container(objects)["volumeMounts"]:
+        if path == PurePosixPath(mount["mountPath"]) or PurePosixPath(mount["mountPath"]) in path.parents:
+            return volume(objects, mount["name"])
+    return None
+
+
+def permissions(rules: list[Json]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples a Role's rules grant; a wildcard or resourceNames fails."""
+    granted = set()
+    for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, f"unexpected rule fields: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert "*" not in (group, resource, verb), f"wildcard in {rule}"
+                    granted.add((group, resource, verb))
+    return granted
+
+
+def load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the generated copies ----------------------------------------------------------------------
+
+
+def test_generated_copies_match_alerts_and_grafana() -> None:
+    generator = load_generator()
+    stale = [str(path.relative_to(ROOT)) for path in generator.stale()]
+    assert not stale, f"{', '.join(stale)} out of date: run .venv/bin/python deploy/generate.py"
+
+
+def test_generate_check_mode_reports_a_drifted_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = load_generator()
+    drifted = tmp_path / "prometheusrule.yaml"
+    drifted.write_text(generator.render_prometheus_rule().replace("> 0.8", "> 0.7"))
+    monkeypatch.setattr(generator, "PROMETHEUS_RULE", drifted)
+    monkeypatch.setattr(generator, "DASHBOARD_COPY", tmp_path / "missing.json")
+    assert generator.stale() == [drifted, tmp_path / "missing.json"]
+    assert generator.main(["deploy/generate.py", "--check"]) == 1
+
+
+# --- every kustomization -------------------------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_kustomization_builds_the_whole_service(name: str) -> None:
+    objects = built(name)
+    kinds = {o["kind"] for o in objects}
+    assert {
+        "Namespace",
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+    } <= kinds
+    if name != "base":
+        assert {"Role", "RoleBinding"} <= kinds
+    assert not {"Secret", "ClusterRole", "ClusterRoleBinding"} & kinds  # secrets are never shipped
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_core_objects_pass_strict_schema_validation(name: str) -> None:
+    core = [o for o in built(name) if not o["apiVersion"].startswith(CRD_GROUP + "/")]
+    core_kinds = {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service", "NetworkPolicy"}
+    assert core_kinds <= {o["kind"] for o in core}
+    for manifest in core:
+        validate(manifest)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_service_monitor_scrapes_the_service_as_the_job_the_alerts_select(name: str) -> None:
+    objects = built(name)
+    service = one(objects, "Service", namespace=NAMESPACE)
+    monitor = one(objects, "ServiceMonitor", namespace=NAMESPACE)
+    # Under a ServiceMonitor without jobLabel, the job label is the Service's name.
+    assert service["metadata"]["name"] == SERVICE_JOB
+    assert "jobLabel" not in monitor["spec"]
+    assert monitor["apiVersion"] == f"{CRD_GROUP}/v1"
+    assert monitor["metadata"]["labels"]["release"] == RELEASE
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    seconds = {key: int(endpoint[key].removesuffix("s")) for key in ("interval", "scrapeTimeout")}
+    assert Settings().scrape_budget_seconds < seconds["scrapeTimeout"] <= seconds["interval"]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_prometheus_rule_is_the_alert_rules_and_passes_promtool(name: str, tmp_path: Path) -> None:
+    rule = one(built(name), "PrometheusRule", namespace=NAMESPACE)
+    assert rule["apiVersion"] == f"{CRD_GROUP}/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert set(rule["spec"]) == {"groups"}
+    assert rule["metadata"]["labels"]["release"] == RELEASE
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"], (
+        "the PrometheusRule differs from alerts/: run .venv/bin/python deploy/generate.py"
+    )
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not found: install Debian's prometheus (`make debs` does)", pytrace=False)
+    extracted = tmp_path / "rules.yaml"
+    extracted.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(extracted)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 9 rules found" in result.stdout
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_dashboard_config_map_is_the_grafana_dashboard_for_the_sidecar(name: str) -> None:
+    (config_map,) = [
+        o
+        for o in built(name)
+        if o["kind"] == "ConfigMap" and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
+    assert config_map["metadata"]["name"] == "etcd-autodefrag-dashboard"  # no hash suffix
+    (text,) = config_map["data"].values()
+    assert json.loads(text) == json.loads(DASHBOARD.read_text())
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_config_loads_and_listens_beyond_the_pod(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = built(name)
+    settings = settings_of(objects, tmp_path, monkeypatch)
+    host = ipaddress.ip_address(settings.listen_host)
+    if pod_spec(objects).get("hostNetwork"):
+        assert str(host) == POD_IP  # the node's own address, not every interface of the node
+    else:
+        assert host.is_unspecified, f"{settings.listen_address} is not reachable from outside the pod"
+    (port,) = container(objects)["ports"]
+    assert (port["name"], port["containerPort"], settings.listen_port) == ("http", PORT, PORT)
+    service = one(objects, "Service", SERVICE_JOB, NAMESPACE)
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(PORT, "http")]
+    assert settings.executor.kind is settings.executor.Kind.KUBERNETES
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_file_the_config_names_is_mounted(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = built(name)
+    settings = settings_of(objects, tmp_path, monkeypatch)
+    # The webhook token: from the Secret that is not shipped, loudly required.
+    assert settings.webhook.token_file is not None
+    token = volume(objects, "webhook-token")
+    assert mounted_path(objects, PurePosixPath(settings.webhook.token_file)) == token
+    assert token["secret"]["secretName"] == "etcd-autodefrag-webhook"
+    assert token["secret"]["optional"] is False
+    assert token["secret"]["items"] == [{"key": "token", "path": "token"}]
+    for cluster in settings.clusters:
+        tls = cluster.tls
+        files = [tls.ca_file, tls.cert_file, tls.key_file] if tls is not None else []
+        for path in filter(None, files):
+            source = mounted_path(objects, PurePosixPath(path))
+            assert source is not None, f"cluster {cluster.name}: {path} is not mounted"
+            assert str(path).startswith(TLS_DIR + "/")  # where the Jobs put them too
+            if "secret" in source:
+                assert source["secret"]["optional"] is False
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", [p.name for p in OVERLAYS])
+def test_overlays_configure_clusters_whose_jobs_can_run(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For each cluster: the Job builds and is valid, its ConfigMap and a Role await it in its namespace."""
+    objects = built(name)
+    config = service_config(objects)
+    settings = settings_of(objects, tmp_path, monkeypatch)
+    assert settings.clusters, f"overlay {name} configures no cluster"
+    account = pod_spec(objects)["serviceAccountName"]
+    for cluster in settings.clusters:
+        assert cluster.kubernetes is not None, f"cluster {cluster.name}: no kubernetes section"
+        job = build_job(cluster, image=DEFAULT_IMAGE, trigger=Trigger(alertname="EtcdDefragRecommended"))
+        validate(job)
+        target = cluster.kubernetes
+        # The Job mounts ConfigMap `config_map` of its own namespace and reads the very same file.
+        job_config = one(objects, "ConfigMap", target.config_map, target.namespace)
+        assert job_config["data"] == {"config.yaml": config}
+        one(objects, "Role", NAME, target.namespace)
+        binding = one(objects, "RoleBinding", NAME, target.namespace)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", [p.name for p in OVERLAYS])
+def test_roles_grant_what_the_code_calls_and_nothing_more(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = built(name)
+    settings = settings_of(objects, tmp_path, monkeypatch)
+    allowed = permissions(RBAC_RULES)
+    kamaji_namespaces = {
+        c.kubernetes.namespace
+        for c in settings.clusters
+        if c.kubernetes is not None and c.kubernetes.variant is KubernetesTarget.Variant.KAMAJI
+    }
+    roles = find(objects, "Role")
+    assert roles
+    for role in roles:
+        granted = permissions(role["rules"])
+        namespace = role["metadata"]["namespace"]
+        assert granted <= allowed, f"Role in {namespace} grants more than RBAC_RULES: {granted - allowed}"
+        assert granted >= JOB_PERMISSIONS, f"Role in {namespace} lacks {JOB_PERMISSIONS - granted}"
+        if namespace in kamaji_namespaces:
+            assert granted == allowed  # exactly exporter.kube.RBAC_RULES
+        else:
+            assert not granted & KAMAJI_DISCOVERY
+
+
+def test_the_job_permissions_are_in_rbac_rules() -> None:
+    """JOB_PERMISSIONS above stays a part of what the code declares it calls."""
+    assert permissions(RBAC_RULES) == JOB_PERMISSIONS | KAMAJI_DISCOVERY
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_probes_hit_healthz_and_readyz_on_the_named_port(name: str) -> None:
+    probes = container(built(name))
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert probes["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_container_is_locked_down(name: str) -> None:
+    objects = built(name)
+    pod = pod_spec(objects)
+    box = container(objects)
+    assert box["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["enableServiceLinks"] is False
+    assert box["resources"]["requests"].keys() == {"cpu", "memory"}
+    assert box["resources"]["limits"].keys() == {"memory"}
+    assert mounted_path(objects, PurePosixPath("/tmp/x")) == {
+        "name": "tmp",
+        "emptyDir": {"sizeLimit": "64Mi"},
+    }
+    assert deployment(objects)["spec"]["replicas"] == 1
+    labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    # The service's pods must never look like defrag Jobs' pods to the Job watch.
+    job_labels = dict(term.split("=") for term in JOB_SELECTOR.split(","))
+    assert not job_labels.items() <= labels.items()
+    assert labels["app.kubernetes.io/name"] == NAME
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", [n for n in KUSTOMIZATIONS if n != "kubeadm"])
+def test_the_service_runs_as_the_images_non_root_user(name: str) -> None:
+    objects = built(name)
+    pod = pod_spec(objects)
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": NONROOT_ID,
+        "runAsGroup": NONROOT_ID,
+        "fsGroup": NONROOT_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
+    assert not any("hostPath" in v for v in pod["volumes"])
+    namespace = one(objects, "Namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+@needs_kubectl
+def test_kubeadm_reads_the_nodes_client_certificate_as_root_without_capabilities() -> None:
+    objects = built("kubeadm")
+    pod = pod_spec(objects)
+    assert pod["securityContext"] == {
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["nodeSelector"] == {"node-role.kubernetes.io/control-plane": ""}
+    # Port 9479 on the node: a surge Pod could never start beside the old one.
+    assert deployment(objects)["spec"]["strategy"] == {"type": "Recreate"}
+    host_paths = sorted(v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v)
+    assert host_paths == [
+        "/etc/kubernetes/pki/etcd/ca.crt",
+        "/etc/kubernetes/pki/etcd/healthcheck-client.crt",
+        "/etc/kubernetes/pki/etcd/healthcheck-client.key",
+    ]
+    assert all(v["hostPath"]["type"] == "File" for v in pod["volumes"] if "hostPath" in v)
+    # The same files the kubeadm defrag Job mounts.
+    settings = load_settings(None, clusters=[yaml.safe_load(service_config(objects))["clusters"][0]])
+    job_pod = build_job(settings.clusters[0], image=DEFAULT_IMAGE, trigger=Trigger(alertname="x"))
+    job_paths = sorted(
+        v["hostPath"]["path"] for v in job_pod["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
+    )
+    assert host_paths == job_paths
+    namespace = one(objects, "Namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_service_runs_the_image_its_jobs_run(name: str) -> None:
+    assert container(built(name))["image"] == DEFAULT_IMAGE
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_network_policy_admits_only_monitoring_and_reaches_etcd_dns_and_the_api(name: str) -> None:
+    objects = built(name)
+    policy = one(objects, "NetworkPolicy", NAME, NAMESPACE)["spec"]
+    pod_labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": PORT, "protocol": "TCP"}]
+    (source,) = ingress["from"]
+    assert source["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    egress_ports = {(p["port"], p["protocol"]) for rule in policy["egress"] for p in rule["ports"]}
+    assert egress_ports == {(2379, "TCP"), (53, "UDP"), (53, "TCP"), (443, "TCP"), (6443, "TCP")}
+
+
+# The knob README "Deploy on Kubernetes" shows for a Prometheus released under another name.
+RELEASE_PATCH = """\
+  - target: {group: monitoring.coreos.com}
+    patch: |-
+      - op: replace
+        path: /metadata/labels/release
+        value: prometheus
+"""
+
+
+@needs_kubectl
+def test_the_release_label_is_one_patch_away(tmp_path: Path) -> None:
+    overlay = tmp_path / "my-overlay"
+    overlay.mkdir()
+    base = os.path.relpath(DEPLOY / "overlays" / "kamaji", overlay)
+    (overlay / "kustomization.yaml").write_text(f"resources:\n  - {base}\npatches:\n{RELEASE_PATCH}")
+    objects = kustomize(overlay)
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert one(objects, kind)["metadata"]["labels"]["release"] == "prometheus"
+    readme = (ROOT / "README.md").read_text()
+    assert RELEASE_PATCH in readme, "README's `release` example differs from the tested one"
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions (keyword, arguments) per stage, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, arguments = line.partition(" ")
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), arguments.strip()))
+    return stages
+
+
+def test_image_runs_our_console_script_as_the_deployments_numeric_user() -> None:
+    final = dockerfile_stages()[-1]
+    instructions = dict(final)
+    assert json.loads(instructions["ENTRYPOINT"]) == ["etcd-autodefrag"]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'etcd-autodefrag = "exporter.cli:main"' in pyproject
+    user, _, group = instructions["USER"].partition(":")
+    assert user.isdigit(), "runAsNonRoot can only check a numeric USER"
+    assert group.isdigit()
+    assert int(user) == int(group) == NONROOT_ID
+    deployment_yaml = yaml.safe_load((BASE / "deployment.yaml").read_text())
+    assert deployment_yaml["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
+
+
+def test_image_is_a_slim_python_with_nothing_built_in_its_final_stage() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) == 2
+    for stage in stages:
+        image = stage[0][1].split()[0]
+        match = re.fullmatch(r"python:3\.(\d+)-slim(-\w+)?", image)
+        assert match, f"{image}: not a slim Python image"
+        assert int(match[1]) >= 11, image
+    final = stages[-1]
+    assert not [args for keyword, args in final if keyword == "RUN"], "the final stage must only copy"
+    assert ("COPY", "--from=build /opt/etcd-autodefrag /opt/etcd-autodefrag") in final
+    environment = dict(final)["ENV"]
+    assert "ETCD_AUTODEFRAG_LOCK_DIR=/tmp" in environment  # the emptyDir of the service and the Jobs
+
+
+def test_build_context_holds_what_pip_install_needs() -> None:
+    build = dockerfile_stages()[0]
+    copied = [args.split()[:-1] for keyword, args in build if keyword == "COPY"]
+    sources = {source.rstrip("/") for group in copied for source in group}
+    assert sources == {"pyproject.toml", "README.md", "exporter"}  # pyproject's readme is README.md
+    assert 'readme = "README.md"' in (ROOT / "pyproject.toml").read_text()
+    patterns = [line for line in DOCKERIGNORE.read_text().splitlines() if line and not line.startswith("#")]
+    assert patterns[0] == "*"
+    for source in sources:
+        assert f"!{source}" in patterns or f"!{source}/" in patterns, f".dockerignore drops {source}"
