@@ -9,6 +9,7 @@ import pytest
 from etcd_harness import EtcdCluster, EtcdHarnessError, start_cluster
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
+from reliability_counts import COUNTS, Counts
 
 from exporter.kube import kube_api_client
 
@@ -98,3 +99,24 @@ async def kube_api(fake_kube: FakeKube) -> AsyncIterator[ApiClient]:
     """A real kubernetes_asyncio client talking to `fake_kube`."""
     async with await kube_api_client(host=fake_kube.url) as api:
         yield api
+
+
+# --- the reliability suite's tally (tests/reliability_counts.py) ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def reliability_counts() -> Counts:
+    """The session-wide tally the reliability tests add to; written and printed at the end."""
+    return COUNTS
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not COUNTS.empty():
+        COUNTS.write(Path(session.config.rootpath) / "build" / "reliability-counts.json")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not COUNTS.empty():
+        terminalreporter.section("reliability counts (build/reliability-counts.json)")
+        for line in COUNTS.lines():
+            terminalreporter.write_line(line)

@@ -369,6 +369,9 @@ class FakeKube:
                     await self._closing.wait()
                     raise web.HTTPServiceUnavailable
                 if fault.kind == "delay":
+                    # Received in full first, as by the API server: the answer is late, not the
+                    # request, so a client that gives up meanwhile still gets its object created.
+                    await request.read()
                     await asyncio.sleep(fault.seconds)
                     break
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
