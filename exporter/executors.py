@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from exporter import clock, jobs, kube
 from exporter.engine import RunResult
 from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
+from exporter.policy import human_bytes
 from exporter.routing import RunState
 from exporter.settings import (
     ENV_PREFIX,
@@ -545,6 +546,7 @@ class KubernetesExecutor:
             log.debug("Job %s ended at %s, before this service started: not counted", job.job_name, finished)
             return
         self._on_finished(outcome)
+        self._best_effort_event(*finished_event(job, outcome))
 
     def _best_effort_event(self, manifest: dict[str, Any], reason: str, message: str, kind: str) -> None:
         async def send() -> None:
@@ -563,6 +565,21 @@ class KubernetesExecutor:
         task = asyncio.create_task(send())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def finished_event(job: JobOutcome, outcome: RunOutcome) -> tuple[dict[str, Any], str, str, str]:
+    """The Event about a finished Job (`kubectl describe job`): manifest, reason, message, type."""
+    manifest = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": job.job_name, "namespace": job.namespace, "uid": job.uid},
+    }
+    took = f" in {outcome.duration_seconds:.0f} s" if outcome.started_at else ""
+    if outcome.result in (RunResult.SUCCESS, RunResult.NOTHING_TO_DO, RunResult.DRY_RUN):
+        message = f"{outcome.result}: reclaimed {human_bytes(outcome.reclaimed_bytes)}{took}"
+        return manifest, "DefragSucceeded", message, "Normal"
+    message = f"{outcome.result}{took}: {outcome.reason or 'see the log of the Job pod'}"
+    return manifest, "DefragFailed", message, "Warning"
 
 
 # --- choosing ------------------------------------------------------------------------------------

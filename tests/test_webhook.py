@@ -1037,6 +1037,11 @@ async def test_kubernetes_restart_between_posts_creates_no_second_job(
     await eventually(recorded, timeout=10, what="the Job's end on /metrics")
     metrics = await scrape(second)
     assert metrics.value("etcd_autodefrag_reclaimed_bytes_total", etcd_cluster="c0") == 3 * 1024 * 1024
+    # The outcome is an Event on the Job too (the launch's DefragTriggered came from the first service).
+    event = await finished_event(fake_kube)
+    assert (event["reason"], event["type"]) == ("DefragSucceeded", "Normal")
+    assert event["involvedObject"]["name"] == "etcd-autodefrag-c0"
+    assert "reclaimed 3.0 MiB" in event["message"]
     assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
     # Seen ending: the pure decision already says cooldown, without asking the API.
     assert outcomes((await post(second, notification(alert("c0"))))[1]) == ["skip_cooldown"]
@@ -1062,6 +1067,24 @@ async def test_kubernetes_job_failing_without_a_report_counts_job_failed(
         return metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="job_failed") == 1
 
     await eventually(recorded, timeout=10, what="runs_total{result='job_failed'}")
+    event = await finished_event(fake_kube)
+    assert (event["reason"], event["type"]) == ("DefragFailed", "Warning")
+    assert event["message"].startswith("job_failed")
+    assert "without a report" in event["message"]
+
+
+async def finished_event(fake_kube: FakeKube) -> dict[str, Any]:
+    """The one Event about a finished run the service recorded (not a DefragTriggered one)."""
+
+    def events() -> list[dict[str, Any]]:
+        return [e for e in fake_kube.events if e["reason"] in ("DefragSucceeded", "DefragFailed")]
+
+    async def recorded() -> bool:
+        return bool(events())
+
+    await eventually(recorded, timeout=10, what="the Event about the finished run")
+    (event,) = events()
+    return event
 
 
 @pytest.mark.parametrize(
