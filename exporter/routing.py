@@ -188,9 +188,15 @@ def matches_all(matchers: Sequence[Matcher], labels: Mapping[str, str]) -> bool:
 
 def cluster_matchers(cluster: ClusterConfig) -> tuple[Matcher, ...]:
     """The matchers identifying this cluster's alerts; default `etcd_cluster="<name>"`."""
-    if cluster.alerts.matchers:
-        return parse_matchers(cluster.alerts.matchers)
-    return (Matcher(CLUSTER_LABEL, MatchOp.EQUAL, cluster.name),)
+    return _cluster_matchers(cluster.name, tuple(cluster.alerts.matchers))
+
+
+@lru_cache(maxsize=4096)
+def _cluster_matchers(name: str, matchers: tuple[str, ...]) -> tuple[Matcher, ...]:
+    # Cached: every alert is routed against every configured cluster (bench/webhook_storm.py).
+    if matchers:
+        return parse_matchers(matchers)
+    return (Matcher(CLUSTER_LABEL, MatchOp.EQUAL, name),)
 
 
 def route(*, labels: Mapping[str, str], clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:

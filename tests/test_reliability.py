@@ -95,16 +95,14 @@ pytestmark = pytest.mark.etcd
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
 REPO = Path(__file__).resolve().parent.parent
-# Requests that change a member; anything else (status, member list, range, health, listing the
-# alarms) only reads.
+# Requests that act on a member: defragment, compact, disarm an alarm, move the leader. Reads (status,
+# member list, range, health, listing the alarms) are not, nor the engine's own lock key if it keeps
+# one in etcd: no user key is written or deleted by a run (check_data proves that separately).
 MUTATING = (
     "/v3/maintenance/defragment",
     "/v3/kv/compaction",
     "/v3/maintenance/alarm",
     "/v3/maintenance/transfer-leadership",
-    "/v3/kv/put",
-    "/v3/kv/txn",
-    "/v3/kv/deleterange",
 )
 DEFRAG = "/v3/maintenance/defragment"
 ALARM = "/v3/maintenance/alarm"
@@ -702,3 +700,31 @@ async def test_tokens_never_reach_the_logs(
         root.handlers[:], level = saved
         root.setLevel(level)
     reliability_counts.add("tokens_in_logs", 0)
+
+
+# --- the webhook's health cache (found by bench/webhook_storm.py) -----------------------------------
+
+
+def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
+    """The cache never serves an old verdict: a new snapshot (every refresh makes one) is judged anew."""
+    from types import SimpleNamespace
+
+    from exporter.clock import utcnow
+    from exporter.snapshot import ClusterSnapshot
+    from exporter.webhook import HealthCache, health_of
+
+    def refresher(*snapshots: ClusterSnapshot) -> Any:
+        watches = [(SimpleNamespace(config=SimpleNamespace(name=s.cluster)), s) for s in snapshots]
+        return SimpleNamespace(snapshots=lambda: watches)
+
+    cache: HealthCache = {}
+    first = ClusterSnapshot(cluster="c0", taken_at=utcnow(), error="member list: connection refused")
+    other = ClusterSnapshot(cluster="c1", taken_at=utcnow(), error="no leader")
+    judged = health_of(refresher(first, other), cache)
+    assert (judged["c0"].healthy, judged["c0"].problem) == (False, "member list: connection refused")
+    assert health_of(refresher(first, other), cache)["c0"] is judged["c0"]  # the same snapshot: cached
+    newer = ClusterSnapshot(cluster="c0", taken_at=utcnow(), error="member etcd-1 did not answer")
+    assert health_of(refresher(newer, other), cache)["c0"].problem == "member etcd-1 did not answer"
+    assert health_of(refresher(newer), cache).keys() == {"c0"}
+    assert set(cache) == {"c0"}  # a cluster removed by a reload leaves the cache too
+    assert health_of(refresher(first)) == {"c0": judged["c0"]}  # and without a cache, the same verdicts
