@@ -34,5 +34,6 @@ test: venv debs lint
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
+# KEEP=1 leaves the demo's etcd, service, Prometheus and Alertmanager running until Ctrl-C.
 demo: venv debs
-	$(BIN)/python demo/run.py
+	KEEP="$(KEEP)" $(BIN)/python demo/run.py

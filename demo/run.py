@@ -1,158 +1,364 @@
-"""`make demo`: the product on one machine, with a real 3-member etcd cluster.
+"""`make demo`: an etcd cluster fragments, Prometheus fires the alert, the webhook defragments it.
 
-1. start etcd (3 members, 64 MiB quota) on free loopback ports in a temporary directory;
-2. start `etcd-autodefrag serve` for it and watch its /metrics;
-3. write, overwrite and compact until the rule recommends a defrag;
-4. run `etcd-autodefrag defrag` (followers first, leader last) and show the gauges fall.
+Everything is real and runs on 127.0.0.1, on free ports, in one temporary directory
+(demo/stack.py): a 3-member etcd cluster, `etcd-autodefrag serve` with the local executor,
+Alertmanager with the shipped route and receiver, Prometheus with the shipped alert rules (only their
+`for:` shortened from minutes to seconds). The demo writes, overwrites and compacts until the rule
+selects every member, then narrates what follows on its own: the alert firing, Alertmanager calling
+the webhook, each member defragmented (leader last), the gauges falling, the alert resolving.
 
-The alert-driven path (Prometheus rule -> Alertmanager -> webhook) joins this demo with the
-webhook and alert-rules issues. `KEEP=1` leaves everything running until Ctrl-C.
+`--keep` (or KEEP=1) leaves everything running until Ctrl-C. Otherwise, and on failure, Ctrl-C or
+SIGTERM, every process the demo started is stopped and its directory removed.
 """
 
+from __future__ import annotations
+
+import argparse
 import os
+import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from stack import STACK_ERRORS, MiB, Samples, Stack, StackError, StackOptions
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from etcd_harness import EtcdCluster, start_cluster, wait_until
+from exporter.policy import human_bytes
 
-RULE = "dbSizeFree > 12*1024*1024 && dbSizeFree > 0.5*dbSize"
-CLUSTER = "demo"
-
-
-def say(text: str) -> None:
-    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gauges(url: str) -> dict[tuple[str, str], float]:
-    """(metric, member) -> value for the demo cluster, from one scrape."""
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("etcd_cluster") == CLUSTER:
-                values[(sample.name, sample.labels.get("member", ""))] = sample.value
-    return values
+ALERT = "EtcdDefragRecommended"
+# What the shipped rule's 100 MiB floor needs, with bbolt's page overhead to spare: every member
+# then has well over 100 MiB to give back (the engine defragments only members that do).
+KEYS = 32
+VALUE_BYTES = 512 * 1024
+# Round 1 stays below the floor on purpose; later rounds add up to it (multiples of KEYS * VALUE_BYTES).
+ROUNDS_BYTES = (48 * MiB, 112 * MiB, 176 * MiB)
+FLOOR_BYTES = 100 * MiB  # EtcdDefragRecommended and the default thresholds (README, "The defrag rule")
+# Generous for a busy 2-CPU machine; the whole demo takes about a minute.
+ALERT_TIMEOUT_SECONDS = 60.0
+RUN_TIMEOUT_SECONDS = 120.0
+RESOLVE_TIMEOUT_SECONDS = 60.0
+# Lines of the service's log (its defrag runs log there too) worth showing, by logger.
+SHOWN_LOGGERS = {"exporter.engine": "run", "exporter.webhook": "webhook", "exporter.executors": "executor"}
 
 
-def show(url: str, cluster: EtcdCluster) -> dict[tuple[str, str], float]:
-    values = gauges(url)
-    for member in cluster.members:
-        size = values.get(("etcd_autodefrag_db_size_bytes", member.name), 0)
-        free = values.get(("etcd_autodefrag_db_free_bytes", member.name), 0)
-        ratio = values.get(("etcd_autodefrag_db_fragmentation_ratio", member.name), 0)
-        leader = " (leader)" if values.get(("etcd_autodefrag_member_is_leader", member.name)) else ""
-        print(
-            f"    {member.name}{leader:<9} size {size / 2**20:6.1f} MiB   "
-            f"free {free / 2**20:6.1f} MiB   fragmentation {ratio:5.1%}"
+class Narrator:
+    """Prints what happens, each line with the wall-clock time."""
+
+    def __init__(self) -> None:
+        self.bold = sys.stdout.isatty()
+
+    def say(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"\033[1m{stamp} {text}\033[0m" if self.bold else f"{stamp} {text}", flush=True)
+
+    def detail(self, text: str) -> None:
+        print(f"         {text}", flush=True)
+
+
+def show_members(out: Narrator, metrics: Samples, cluster: str) -> None:
+    """A table of the service's gauges for the cluster, one line per member."""
+    sizes = metrics.by_member("etcd_autodefrag_db_size_bytes", etcd_cluster=cluster)
+    in_use = metrics.by_member("etcd_autodefrag_db_size_in_use_bytes", etcd_cluster=cluster)
+    free = metrics.by_member("etcd_autodefrag_db_free_bytes", etcd_cluster=cluster)
+    ratio = metrics.by_member("etcd_autodefrag_db_fragmentation_ratio", etcd_cluster=cluster)
+    leader = metrics.by_member("etcd_autodefrag_member_is_leader", etcd_cluster=cluster)
+    recommended = metrics.by_member("etcd_autodefrag_defrag_recommended", etcd_cluster=cluster)
+    out.detail(f"{'MEMBER':<16}{'FILE SIZE':>11}{'IN USE':>11}{'FREE':>11}{'FRAGMENTED':>12}  DEFRAG?")
+    for member in sorted(sizes):
+        name = member + (" (leader)" if leader.get(member) else "")
+        out.detail(
+            f"{name:<16}{human_bytes(sizes[member]):>11}{human_bytes(in_use.get(member, 0)):>11}"
+            f"{human_bytes(free.get(member, 0)):>11}{ratio.get(member, 0):>12.0%}  "
+            f"{'yes' if recommended.get(member) else 'no'}"
         )
-    return values
 
 
-def main() -> int:
-    keep = os.environ.get("KEEP", "") not in ("", "0")
-    workdir = Path(tempfile.mkdtemp(prefix="etcd-autodefrag-demo-"))
-    processes: list[subprocess.Popen[bytes]] = []
-    cluster: EtcdCluster | None = None
+def start(stack: Stack, out: Narrator) -> None:
+    out.say(f"Starting the demo stack in {stack.workdir} (127.0.0.1 only, free ports)")
+    etcd = stack.start_etcd()
+    out.detail(
+        f"etcd: 3 members, quota {human_bytes(stack.options.quota_bytes)} each: {', '.join(etcd.endpoints)}"
+    )
+    stack.start_service()
+    out.detail(
+        f"etcd-autodefrag serve: {stack.service_url} (local executor; the webhook wants a bearer token)"
+    )
+    stack.start_alertmanager()
+    out.detail(
+        f"Alertmanager: {stack.alertmanager_url}, routing EtcdDefragRecommended, EtcdNoSpaceAlarm and "
+        "EtcdQuotaUsageCritical to the webhook (alerts/alertmanager/alertmanager.yml)"
+    )
+    stack.start_prometheus()
+    out.detail(
+        f"Prometheus: {stack.prometheus_url}, scraping the 3 members and the service every "
+        f"{stack.options.scrape_interval}, with alerts/etcd-autodefrag-rules.yaml (for the demo only, "
+        f"every `for:` is {stack.options.alert_for} instead of minutes)"
+    )
 
-    def stop(*_: object) -> None:
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        say("starting a 3-member etcd cluster (quota 64 MiB) on free loopback ports")
-        cluster = start_cluster(workdir, quota_bytes=64 * 2**20)
-        print(f"    endpoints: {', '.join(cluster.endpoints)}")
-
-        config = workdir / "config.yaml"
-        config.write_text(
-            f"clusters:\n  - name: {CLUSTER}\n    endpoints: [{cluster.endpoints[0]}]\n    rule: '{RULE}'\n"
+def fragment(stack: Stack, out: Narrator) -> None:
+    """Write, overwrite and compact, in ever larger rounds, until the rule selects every member."""
+    out.say("The cluster now:")
+    show_members(out, stack.service_metrics(), stack.cluster)
+    for round_number, total in enumerate(ROUNDS_BYTES, 1):
+        out.say(
+            f"Round {round_number}: overwriting {KEYS} keys of {human_bytes(VALUE_BYTES)} until "
+            f"{human_bytes(total)} are written; etcd keeps every old version until the history is compacted"
+            + ("" if round_number == 1 else ", and fills the pages the last compaction freed first")
         )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        say(f"starting etcd-autodefrag serve on {url} (rule: {RULE})")
-        processes.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "exporter",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--listen",
-                    f"127.0.0.1:{port}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=open(workdir / "serve.log", "wb"),  # noqa: SIM115 - closed with the process
+
+        def progress(written: int) -> None:
+            sizes = stack.service_metrics().by_member(
+                "etcd_autodefrag_db_size_bytes", etcd_cluster=stack.cluster
             )
-        )
-        wait_until(
-            lambda: urllib.request.urlopen(f"{url}/readyz", timeout=2).status == 200,
-            timeout=20,
-            what=f"{url}/readyz (log: {workdir / 'serve.log'})",
-            ignore=(OSError,),
-        )
-        show(url, cluster)
+            out.detail(
+                f"{human_bytes(written)} written; database files now "
+                + ", ".join(human_bytes(size) for size in sizes.values())
+            )
 
-        say("writing, overwriting and compacting 200 ever larger keys until the rule recommends a defrag")
-        for round_number in range(1, 11):
-            cluster.churn(keys=200, value_size=round_number * 12 * 1024, rounds=2)
-            print(f"    round {round_number}:")
-            values = show(url, cluster)
-            if values.get(("etcd_autodefrag_cluster_defrag_recommended", "")) == 1:
-                print('    etcd_autodefrag_cluster_defrag_recommended{etcd_cluster="demo"} = 1')
-                break
-        else:
-            print("    the rule never matched; see the README's rule section")
-            return 1
+        stack.write_history(
+            total, keys=KEYS, value_size=VALUE_BYTES, on_progress=progress, progress_every_bytes=32 * MiB
+        )
+        revision = stack.compact()
+        out.say(
+            f"Compacted the history up to revision {revision} (kube-apiserver does this every 5 minutes): "
+            "the old versions' pages are free now, but the files do not shrink"
+        )
+        stack.wait_free_everywhere(int(total * 0.9))
+        metrics = stack.wait_metrics(
+            lambda m: _settled(stack, m),
+            timeout=30,
+            what="the service's gauges to show the compaction",
+        )
+        show_members(out, metrics, stack.cluster)
+        free = metrics.by_member("etcd_autodefrag_db_free_bytes", etcd_cluster=stack.cluster)
+        recommended = metrics.by_member("etcd_autodefrag_defrag_recommended", etcd_cluster=stack.cluster)
+        if recommended and all(recommended.values()):
+            out.say(
+                f"The rule now selects all {len(recommended)} members: each has at least 100 MiB to give "
+                "back and is more than half free"
+            )
+            return
+        out.detail(
+            f"Not worth a defrag yet: the rule wants at least 100 MiB to reclaim on a member "
+            f"(the most now: {human_bytes(max(free.values()))}); writing more"
+        )
+    raise StackError(f"{len(ROUNDS_BYTES)} rounds did not make every member worth a defrag")
 
-        say("running etcd-autodefrag defrag --cluster demo (one member at a time, leader last)")
-        started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "exporter", "defrag", "--config", str(config), "--cluster", CLUSTER],
-            check=False,
-        )
-        elapsed = time.monotonic() - started
-        say("after the defrag")
-        after = show(url, cluster)
-        reclaimed = sum(
-            values.get(("etcd_autodefrag_db_size_bytes", m.name), 0) for m in cluster.members
-        ) - sum(after.get(("etcd_autodefrag_db_size_bytes", m.name), 0) for m in cluster.members)
-        say(
-            f"summary: exit code {result.returncode}, reclaimed {reclaimed / 2**20:.1f} MiB over 3 members "
-            f"in {elapsed:.1f}s; recommended now = "
-            f"{after.get(('etcd_autodefrag_cluster_defrag_recommended', ''), 0):.0f}"
-        )
-        if keep:
-            say(f"KEEP=1: metrics at {url}/metrics, etcd at {cluster.endpoints[0]}; Ctrl-C stops everything")
-            signal.pause()
-        return result.returncode
+
+def _settled(stack: Stack, metrics: Samples) -> bool:
+    """Whether every member's free bytes in this scrape match what etcd reports now."""
+    etcd = stack.etcd
+    assert etcd is not None
+    free = metrics.by_member("etcd_autodefrag_db_free_bytes", etcd_cluster=stack.cluster)
+    expected = {
+        name: int(s.get("dbSize", 0)) - int(s.get("dbSizeInUse", 0)) for name, s in etcd.statuses().items()
+    }
+    return free == {k: float(v) for k, v in expected.items()}
+
+
+@dataclass
+class Follower:
+    """Notices, one poll at a time, what the stack does on its own, and narrates it."""
+
+    stack: Stack
+    out: Narrator
+    alert_state: str | None = None
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    outcomes: dict[str, float] = field(default_factory=dict)
+    run_result: str | None = None
+    run_finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.log = self.stack.service_log()
+        self.log.new_records()  # start-up lines are not news
+
+    def poll(self) -> None:
+        self._alert()
+        # The log before the counters: the webhook counts an alert after the launch it logs, so
+        # this order prints the call before what it caused.
+        records = self.log.new_records()
+        self._webhook_calls()
+        self._log_lines(records)
+        self._run()
+
+    def _alert(self) -> None:
+        state, value = None, 0.0
+        for alert in self.stack.prometheus_alerts():
+            labels = alert["labels"]
+            if labels.get("alertname") == ALERT and labels.get("etcd_cluster") == self.stack.cluster:
+                state, value = str(alert["state"]), float(alert["value"])
+        if state == self.alert_state:
+            return
+        if state == "pending":
+            self.out.say(f"Prometheus: {ALERT} is pending (it must hold for {self.stack.options.alert_for})")
+        elif state == "firing":
+            self.fired_at = time.monotonic()
+            self.out.say(
+                f"Prometheus: {ALERT} is FIRING: the most fragmented member would give back "
+                + human_bytes(value)
+            )
+        elif self.alert_state == "firing":
+            self.resolved_at = time.monotonic()
+            self.out.say(f"Prometheus: {ALERT} is resolved: no member is worth a defrag any more")
+        self.alert_state = state
+
+    def _log_lines(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            source = SHOWN_LOGGERS.get(str(record.get("logger")))
+            if source and record.get("level") in ("info", "warning", "error"):
+                self.out.say(f"{source}: {record.get('message')}")
+
+    def _webhook_calls(self) -> None:
+        if failed := self.stack.webhook_notifications()[1]:
+            raise StackError(f"Alertmanager failed to post to the webhook {failed:g} times")
+        metrics = self.stack.service_metrics()
+        for labels, value in metrics.select("etcd_autodefrag_alerts_total"):
+            outcome = labels["outcome"]
+            if value > self.outcomes.get(outcome, 0):
+                count = value - self.outcomes.get(outcome, 0)
+                meaning = {
+                    "launch": "launched a defrag run",
+                    "skip_resolved": "a resolved alert, acknowledged: nothing to do",
+                    "skip_already_running": "a run is already going: nothing launched",
+                    "skip_cooldown": "the cluster cools down after its run: nothing launched",
+                }.get(outcome, outcome)
+                self.out.say(
+                    "Alertmanager called the webhook (POST /webhook/alertmanager, bearer token): "
+                    f"{count:g} alert(s) -> {outcome}: {meaning}"
+                )
+                self.outcomes[outcome] = value
+
+    def _run(self) -> None:
+        if self.run_result is not None:
+            return
+        state = self.stack.run_state()
+        if state and state.get("finished_at"):
+            self.run_result = str(state.get("result"))
+            self.run_finished_at = time.monotonic()
+
+    def until(self, condition: Any, *, timeout: float, what: str) -> None:
+        """Poll (narrating) until `condition()` holds."""
+
+        def check() -> bool:
+            self.poll()
+            return bool(condition())
+
+        self.stack.wait(check, timeout=timeout, what=what)
+
+
+def follow(stack: Stack, out: Narrator) -> tuple[Follower, dict[str, Any], Samples]:
+    """From the alert to its resolution; returns the follower, the run's report and the gauges after."""
+    follower = Follower(stack, out)
+    follower.until(lambda: follower.fired_at, timeout=ALERT_TIMEOUT_SECONDS, what=f"{ALERT} to fire")
+    follower.until(lambda: follower.run_result, timeout=RUN_TIMEOUT_SECONDS, what="the defrag run to end")
+    report = stack.run_report()
+    if follower.run_result != "success" or report is None:
+        raise StackError(f"the defrag run ended with {follower.run_result!r}, not success")
+    metrics = stack.wait_metrics(
+        lambda m: m.value("etcd_autodefrag_cluster_defrag_recommended", etcd_cluster=stack.cluster) == 0,
+        timeout=30,
+        what="the gauges to show the defrag",
+    )
+    out.say("The gauges after the run:")
+    show_members(out, metrics, stack.cluster)
+    follower.until(
+        lambda: follower.resolved_at and follower.outcomes.get("skip_resolved"),
+        timeout=RESOLVE_TIMEOUT_SECONDS,
+        what=f"{ALERT} to resolve and Alertmanager to send the resolved notification",
+    )
+    return follower, report, metrics
+
+
+def summary(stack: Stack, out: Narrator, follower: Follower, report: dict[str, Any], began: float) -> None:
+    members = report["members"]
+    order = " -> ".join(m["name"] + (" (leader)" if m["leader"] else "") for m in members)
+    assert follower.fired_at is not None
+    assert follower.run_finished_at is not None
+    out.say("Summary")
+    out.detail(
+        f"reclaimed {human_bytes(report['reclaimed_bytes'])} on {len(members)} members, in order {order}"
+    )
+    out.detail(
+        f"from the alert firing to the run's end: {follower.run_finished_at - follower.fired_at:.1f}s "
+        f"(the run itself: {report['duration_seconds']:.1f}s); "
+        f"the whole demo: {time.monotonic() - began:.0f}s"
+    )
+    metrics = stack.service_metrics()
+    runs = metrics.total("etcd_autodefrag_runs_total", etcd_cluster=stack.cluster)
+    alerts = ", ".join(f"{count:g} {outcome}" for outcome, count in follower.outcomes.items())
+    out.detail(f"runs: {runs:g} (etcd_autodefrag_runs_total); alerts at the webhook: {alerts}")
+    out.detail(
+        f"Prometheus: {stack.prometheus_url}/alerts and "
+        f"{stack.prometheus_url}/graph?g0.expr=etcd_autodefrag_db_size_bytes "
+        "(`make demo KEEP=1` keeps them running)"
+    )
+
+
+def keep_running(stack: Stack, out: Narrator) -> None:
+    assert stack.etcd is not None
+    out.say(f"KEEP: everything stays up until Ctrl-C (or kill {os.getpid()}):")
+    out.detail(f"Prometheus    {stack.prometheus_url}  (alerts: {stack.prometheus_url}/alerts)")
+    out.detail(f"Alertmanager  {stack.alertmanager_url}")
+    out.detail(f"the service   {stack.service_url}/metrics")
+    out.detail(f"etcd          {','.join(stack.etcd.endpoints)}")
+    out.detail(
+        f"e.g.  .venv/bin/etcd-autodefrag status --endpoints {stack.etcd.endpoints[0]}   "
+        f"(logs in {stack.workdir / 'logs'})"
+    )
+    while True:
+        signal.pause()
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        default=os.environ.get("KEEP", "") not in ("", "0"),
+        help="leave everything running until Ctrl-C (default: KEEP=1 in the environment)",
+    )
+    args = parser.parse_args(argv)
+    # Also SIGINT: a shell starts background jobs with it ignored, which would make Python ignore it too.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    out = Narrator()
+    began = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="etcd-autodefrag-demo-"))
+    stack = Stack(workdir, StackOptions(quota_bytes=512 * MiB))
+    try:
+        start(stack, out)
+        fragment(stack, out)
+        follower, report, _ = follow(stack, out)
+        summary(stack, out, follower, report, began)
+        if args.keep:
+            keep_running(stack, out)
+        return 0
     except KeyboardInterrupt:
-        print("\ninterrupted")
+        print(flush=True)
+        out.say("Interrupted")
         return 130
+    except STACK_ERRORS as error:
+        out.say(f"The demo failed: {error}")
+        if "--- " not in str(error):  # Stack.wait's timeouts carry the log tails already
+            print(stack.log_tails(), flush=True)
+        return 1
     finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=10)
-        if cluster is not None:
-            cluster.stop()
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
-        print("stopped every process the demo started and removed its files")
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        out.say("Stopped every process the demo started and removed its files")
 
 
 if __name__ == "__main__":
