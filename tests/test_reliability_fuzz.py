@@ -336,27 +336,30 @@ _content_types = st.one_of(
 
 
 @st.composite
-def wrong_method_or_type(draw: st.DrawFn) -> tuple[str, dict[str, str], int]:
-    """A request with the valid body and token, sent with another method or Content-Type."""
+def wrong_method_or_type(draw: st.DrawFn) -> tuple[str, bytes | None, dict[str, str], int]:
+    """The token, and another method (any body, any type) or a POST of the valid body as another type."""
     if draw(st.booleans()):
         method = draw(st.sampled_from(["GET", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND", "PURGE"]))
-        return method, {**AUTH, **JSON}, 405
+        body = draw(st.sampled_from([VALID_BODY, None, b"", b"{}"]) | malformed_bodies)
+        content_type = draw(_content_types | st.just("application/json"))
+        headers = {**AUTH, "Content-Type": content_type} if content_type else dict(AUTH)
+        return method, body, headers, 405
     content_type = draw(_content_types)
     headers = {**AUTH, "Content-Type": content_type} if content_type else dict(AUTH)
-    return "POST", headers, 415
+    return "POST", VALID_BODY, headers, 415
 
 
 def test_fuzz_wrong_methods_and_content_types(service: Service, reliability_counts: Counts) -> None:
     @settings(PROFILE, max_examples=1500)
     @given(case=wrong_method_or_type())
-    def case(case: tuple[str, dict[str, str], int]) -> None:
-        method, headers, expected = case
-        status, data = service.send(method, VALID_BODY, headers)
+    def case(case: tuple[str, bytes | None, dict[str, str], int]) -> None:
+        method, body, headers, expected = case
+        status, data = service.send(method, body, headers)
         assert status == expected, (method, headers, data)
         assert data["status"] == "error"
 
     case()
-    finish(service, reliability_counts, "wrong methods and content types", 1000)
+    finish(service, reliability_counts, "wrong methods and content types", 1400)
 
 
 def _basic(user: str, password: str) -> str:
