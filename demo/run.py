@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,19 +31,28 @@ from stack import STACK_ERRORS, MiB, Samples, Stack, StackError, StackOptions
 from exporter.policy import human_bytes
 
 ALERT = "EtcdDefragRecommended"
-# What the shipped rule's 100 MiB floor needs, with bbolt's page overhead to spare: every member
-# then has well over 100 MiB to give back (the engine defragments only members that do).
+# The shipped alert and the default rule want at least 100 MiB to give back on a member; large
+# values write that much history fastest (~8 MiB/s here, with 16 MiB of live data).
 KEYS = 32
 VALUE_BYTES = 512 * 1024
-# Round 1 stays below the floor on purpose; later rounds add up to it (multiples of KEYS * VALUE_BYTES).
+# Round 1 stays below the floor on purpose; round 2 passes it with bbolt's page overhead to spare
+# (~150 MiB free per member), round 3 is for a machine where it does not. Multiples of 16 MiB.
 ROUNDS_BYTES = (48 * MiB, 112 * MiB, 176 * MiB)
 FLOOR_BYTES = 100 * MiB  # EtcdDefragRecommended and the default thresholds (README, "The defrag rule")
 # Generous for a busy 2-CPU machine; the whole demo takes about a minute.
 ALERT_TIMEOUT_SECONDS = 60.0
 RUN_TIMEOUT_SECONDS = 120.0
 RESOLVE_TIMEOUT_SECONDS = 60.0
-# Lines of the service's log (its defrag runs log there too) worth showing, by logger.
-SHOWN_LOGGERS = {"exporter.engine": "run", "exporter.webhook": "webhook", "exporter.executors": "executor"}
+# The service's log (its defrag runs log there too): the engine's progress lines are the story;
+# of the webhook's and the executor's, only trouble (their launches are told from the counters).
+ENGINE_LOGGER = "exporter.engine"
+OTHER_LOGGERS = {"exporter.webhook": "webhook", "exporter.executors": "executor", "exporter.app": "service"}
+WEBHOOK_OUTCOMES = {
+    "launch": "the service started a defrag run",
+    "skip_resolved": "a resolved alert, acknowledged: nothing to do",
+    "skip_already_running": "a run is already going: nothing launched",
+    "skip_cooldown": "the cluster cools down after its run: nothing launched",
+}
 
 
 class Narrator:
@@ -51,8 +61,9 @@ class Narrator:
     def __init__(self) -> None:
         self.bold = sys.stdout.isatty()
 
-    def say(self, text: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
+    def say(self, text: str, *, at: float | None = None) -> None:
+        """One line, stamped with `at` (Unix time) or now."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(at))
         print(f"\033[1m{stamp} {text}\033[0m" if self.bold else f"{stamp} {text}", flush=True)
 
     def detail(self, text: str) -> None:
@@ -139,13 +150,14 @@ def fragment(stack: Stack, out: Narrator) -> None:
         recommended = metrics.by_member("etcd_autodefrag_defrag_recommended", etcd_cluster=stack.cluster)
         if recommended and all(recommended.values()):
             out.say(
-                f"The rule now selects all {len(recommended)} members: each has at least 100 MiB to give "
+                f"The rule now selects all {len(recommended)} members: each has at least "
+                f"{human_bytes(FLOOR_BYTES)} to give "
                 "back and is more than half free"
             )
             return
         out.detail(
-            f"Not worth a defrag yet: the rule wants at least 100 MiB to reclaim on a member "
-            f"(the most now: {human_bytes(max(free.values()))}); writing more"
+            f"Not worth a defrag yet: the rule wants at least {human_bytes(FLOOR_BYTES)} to reclaim "
+            f"on a member (the most now: {human_bytes(max(free.values()))}); writing more"
         )
     raise StackError(f"{len(ROUNDS_BYTES)} rounds did not make every member worth a defrag")
 
@@ -173,19 +185,22 @@ class Follower:
     outcomes: dict[str, float] = field(default_factory=dict)
     run_result: str | None = None
     run_finished_at: float | None = None
+    held: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.log = self.stack.service_log()
         self.log.new_records()  # start-up lines are not news
 
     def poll(self) -> None:
-        self._alert()
-        # The log before the counters: the webhook counts an alert after the launch it logs, so
-        # this order prints the call before what it caused.
-        records = self.log.new_records()
-        self._webhook_calls()
-        self._log_lines(records)
+        """Narrate what changed since the last poll, in the order it happened."""
+        # Log lines were written before this poll looks at anything else, so they go first; but a
+        # run's lines wait until the webhook call that launched it has been told.
+        self.held += self.log.new_records()
+        self._log_lines()
         self._run()
+        self._alert()
+        self._webhook_calls()
+        self._log_lines()
 
     def _alert(self) -> None:
         state, value = None, 0.0
@@ -205,14 +220,29 @@ class Follower:
             )
         elif self.alert_state == "firing":
             self.resolved_at = time.monotonic()
-            self.out.say(f"Prometheus: {ALERT} is resolved: no member is worth a defrag any more")
+            why = (
+                "no member is worth a defrag any more"
+                if self.run_result
+                else "the members done have nothing left to give back, and the one being defragmented "
+                "does not answer meanwhile, so its gauges are missing for that moment"
+            )
+            self.out.say(f"Prometheus: {ALERT} is resolved: {why}")
         self.alert_state = state
 
-    def _log_lines(self, records: list[dict[str, Any]]) -> None:
-        for record in records:
-            source = SHOWN_LOGGERS.get(str(record.get("logger")))
-            if source and record.get("level") in ("info", "warning", "error"):
-                self.out.say(f"{source}: {record.get('message')}")
+    def _log_lines(self) -> None:
+        launched = bool(self.outcomes.get("launch"))
+        waiting = []
+        for record in self.held:
+            logger, level = str(record.get("logger")), record.get("level")
+            if logger == ENGINE_LOGGER and not launched:
+                waiting.append(record)
+            elif logger == ENGINE_LOGGER and level in ("info", "warning", "error"):
+                self.out.say(f"run: {record.get('message')}", at=_record_time(record))
+            elif logger in OTHER_LOGGERS and level in ("warning", "error"):
+                self.out.say(
+                    f"{OTHER_LOGGERS[logger]}: {level}: {record.get('message')}", at=_record_time(record)
+                )
+        self.held = waiting
 
     def _webhook_calls(self) -> None:
         if failed := self.stack.webhook_notifications()[1]:
@@ -222,12 +252,11 @@ class Follower:
             outcome = labels["outcome"]
             if value > self.outcomes.get(outcome, 0):
                 count = value - self.outcomes.get(outcome, 0)
-                meaning = {
-                    "launch": "launched a defrag run",
-                    "skip_resolved": "a resolved alert, acknowledged: nothing to do",
-                    "skip_already_running": "a run is already going: nothing launched",
-                    "skip_cooldown": "the cluster cools down after its run: nothing launched",
-                }.get(outcome, outcome)
+                meaning = WEBHOOK_OUTCOMES.get(outcome, "see the README's webhook section")
+                if outcome == "launch" and (state := self.stack.run_state()):
+                    meaning += (
+                        f", `etcd-autodefrag defrag --cluster {self.stack.cluster}` (pid {state['pid']})"
+                    )
                 self.out.say(
                     "Alertmanager called the webhook (POST /webhook/alertmanager, bearer token): "
                     f"{count:g} alert(s) -> {outcome}: {meaning}"
@@ -250,6 +279,14 @@ class Follower:
             return bool(condition())
 
         self.stack.wait(check, timeout=timeout, what=what)
+
+
+def _record_time(record: dict[str, Any]) -> float | None:
+    """When a JSON log line was written (exporter/logs.py writes UTC with a Z)."""
+    try:
+        return datetime.fromisoformat(str(record["time"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return None
 
 
 def follow(stack: Stack, out: Narrator) -> tuple[Follower, dict[str, Any], Samples]:
@@ -275,7 +312,9 @@ def follow(stack: Stack, out: Narrator) -> tuple[Follower, dict[str, Any], Sampl
     return follower, report, metrics
 
 
-def summary(stack: Stack, out: Narrator, follower: Follower, report: dict[str, Any], began: float) -> None:
+def summary(
+    stack: Stack, out: Narrator, follower: Follower, report: dict[str, Any], *, began: float, keep: bool
+) -> None:
     members = report["members"]
     order = " -> ".join(m["name"] + (" (leader)" if m["leader"] else "") for m in members)
     assert follower.fired_at is not None
@@ -293,11 +332,14 @@ def summary(stack: Stack, out: Narrator, follower: Follower, report: dict[str, A
     runs = metrics.total("etcd_autodefrag_runs_total", etcd_cluster=stack.cluster)
     alerts = ", ".join(f"{count:g} {outcome}" for outcome, count in follower.outcomes.items())
     out.detail(f"runs: {runs:g} (etcd_autodefrag_runs_total); alerts at the webhook: {alerts}")
-    out.detail(
-        f"Prometheus: {stack.prometheus_url}/alerts and "
-        f"{stack.prometheus_url}/graph?g0.expr=etcd_autodefrag_db_size_bytes "
-        "(`make demo KEEP=1` keeps them running)"
-    )
+    graph = f"{stack.prometheus_url}/graph?g0.expr=etcd_autodefrag_db_size_bytes&g0.range_input=5m"
+    if keep:
+        out.detail(f"Prometheus: the alert at {stack.prometheus_url}/alerts, the sizes at {graph}")
+    else:
+        out.detail(
+            "Prometheus: run `make demo KEEP=1` to keep the stack up and open the URLs it prints "
+            "(the alerts page, the sizes graph); this run stops everything now"
+        )
 
 
 def keep_running(stack: Stack, out: Narrator) -> None:
@@ -335,18 +377,20 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="etcd-autodefrag-demo-"))
     stack = Stack(workdir, StackOptions(quota_bytes=512 * MiB))
+    done = False
     try:
         start(stack, out)
         fragment(stack, out)
         follower, report, _ = follow(stack, out)
-        summary(stack, out, follower, report, began)
+        summary(stack, out, follower, report, began=began, keep=args.keep)
+        done = True
         if args.keep:
             keep_running(stack, out)
         return 0
     except KeyboardInterrupt:
         print(flush=True)
-        out.say("Interrupted")
-        return 130
+        out.say("Stopping, as asked" if done else "Interrupted")
+        return 0 if done else 130
     except STACK_ERRORS as error:
         out.say(f"The demo failed: {error}")
         if "--- " not in str(error):  # Stack.wait's timeouts carry the log tails already
