@@ -13,10 +13,14 @@ gates and the evaluation and changes nothing: `_defragment`, `_compact`, `_move_
 """
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
+import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -162,6 +166,13 @@ class RunReport:
         return text
 
 
+# One run per etcd cluster, whatever runs it (a Job, a CronJob, a person's CLI on another host): a key
+# in etcd itself, created only if absent and bound to a lease that outlives the run's deadline, so a
+# run that dies leaves a lock that expires by itself. Kubernetes keeps its data under /registry/.
+LOCK_KEY = b"/etcd-autodefrag/defrag-lock"
+LOCK_MARGIN_SECONDS = 300
+
+
 class LockUnavailable(Exception):
     """Another run holds this cluster's lock (or the lock cannot be taken): refuse, touch nothing."""
 
@@ -196,6 +207,7 @@ class DefragEngine:
         self._quotas = QuotaCache()
         self._started = 0.0
         self._in_progress: MemberReport | None = None
+        self._defrag_in_flight: str | None = None  # a member whose defragment call got no answer
         self._nospace = False  # a NOSPACE alarm was active at the last health check
         self.report = RunReport(cluster=cluster.name, dry_run=dry_run)
 
@@ -260,7 +272,7 @@ class DefragEngine:
         if not health.healthy:
             raise self._stop(RunResult.REFUSED, "cluster unhealthy: " + "; ".join(health.problems))
         cluster_id = next(iter(statuses.values())).cluster_id
-        with ExitStack() as held:
+        async with AsyncExitStack() as held:
             try:
                 held.enter_context(self._lock(cluster_id))
             except LockUnavailable as exc:
@@ -281,6 +293,8 @@ class DefragEngine:
             for planned in plan.members:
                 if planned.step is not Step.DEFRAG:
                     self._member(planned.member.id).outcome = Outcome.SKIPPED
+            if any(planned.step is Step.DEFRAG for planned in plan.members):
+                await self._take_cluster_lock(topology, held)
             await self._execute(topology, list(plan.members))
             await self._disarm_if_recovered(topology)
         failed = [m for m in self.report.members if m.outcome is Outcome.FAILED]
@@ -296,6 +310,88 @@ class DefragEngine:
         else:
             self.report.result = RunResult.NOTHING_TO_DO
             self.report.reason = "no member matches the rule"
+
+    # --- the lock in etcd -------------------------------------------------------------------------
+
+    async def _take_cluster_lock(self, topology: _Topology, held: AsyncExitStack) -> None:
+        """Create LOCK_KEY or refuse the run; `held` releases it at the end.
+
+        Taken once the plan has a member to defragment: a dry run or a run with nothing to do
+        writes nothing. Compaction, before it, is harmless twice over.
+        """
+        if self.dry_run:
+            return
+        if self._nospace:
+            self._say(
+                "cluster %s: NOSPACE refuses every write, so the lock key %s cannot be written: "
+                "only this host's lock guards this run",
+                self.cluster.name,
+                LOCK_KEY.decode(),
+                level=logging.WARNING,
+            )
+            return
+        ttl = math.ceil(self.cluster.deadline_seconds) + LOCK_MARGIN_SECONDS
+        value = json.dumps(
+            {
+                "holder": socket.gethostname(),
+                "pid": os.getpid(),
+                "cluster": self.cluster.name,
+                "since": clock.utcnow().isoformat(timespec="seconds"),
+            }
+        ).encode()
+        errors = []
+        for endpoint in topology.endpoints.values():
+            try:
+                lease = await self.client.lease_grant(endpoint, ttl)
+                holder = await self.client.put_if_absent(endpoint, LOCK_KEY, value, lease)
+            except EtcdError as exc:
+                errors.append(str(exc))
+                continue
+            if holder is not None:
+                with contextlib.suppress(EtcdError):
+                    await self.client.lease_revoke(endpoint, lease)
+                raise self._stop(
+                    RunResult.REFUSED,
+                    f"another defrag run holds the lock key {LOCK_KEY.decode()} in etcd: {_holder(holder)}; "
+                    "it expires by itself, or delete it once no run is going on",
+                )
+            self._say(
+                "cluster %s: holding the lock key %s (it expires by itself %ds after a run that dies)",
+                self.cluster.name,
+                LOCK_KEY.decode(),
+                ttl,
+                level=logging.DEBUG,
+            )
+            held.push_async_callback(self._release_cluster_lock, topology, lease, ttl)
+            return
+        raise self._stop(RunResult.REFUSED, "cannot take the lock key in etcd: " + "; ".join(errors))
+
+    async def _release_cluster_lock(self, topology: _Topology, lease: int, ttl: int) -> None:
+        if self._defrag_in_flight is not None:
+            self._say(
+                "cluster %s: keeping the lock key %s until its lease expires (within %ds): %s may still be "
+                "defragmenting",
+                self.cluster.name,
+                LOCK_KEY.decode(),
+                ttl,
+                self._defrag_in_flight,
+                level=logging.WARNING,
+            )
+            return
+        problem = ""
+        for endpoint in topology.endpoints.values():
+            try:
+                await self.client.lease_revoke(endpoint, lease)
+                return
+            except EtcdError as exc:
+                problem = str(exc)
+        self._say(
+            "cluster %s: could not release the lock (%s); it expires with its lease within %ds",
+            self.cluster.name,
+            problem,
+            ttl,
+            level=logging.WARNING,
+        )
 
     # --- discovery and health ----------------------------------------------------------------
 
@@ -464,6 +560,7 @@ class DefragEngine:
         )
         started = clock.monotonic()
         self._in_progress = report
+        self._defrag_in_flight = label(member)  # until etcd answers: the lock stays while it may run
         try:
             await self.client.defragment(endpoint, timeout=timeout)
         except EtcdError as exc:
@@ -472,7 +569,9 @@ class DefragEngine:
                     endpoint,
                     f"defragment did not finish within {timeout:g}s (it may still be running on the member)",
                 ) from exc
+            self._defrag_in_flight = None
             raise
+        self._defrag_in_flight = None
         await self._wait_recovered(topology, member, endpoint)
         self._in_progress = None
         after = await self._status(endpoint)
@@ -575,6 +674,15 @@ class DefragEngine:
             await self.client.disarm(endpoint, alarm)
             self.report.disarmed_alarms.append(f"{alarm.kind.value}:{alarm.member_id:x}")
             self._say("disarmed NOSPACE alarm of member %x: %s", alarm.member_id, why)
+
+
+def _holder(value: bytes) -> str:
+    """Who holds the lock, from the key's value, for the refusal message."""
+    try:
+        held = json.loads(value)
+        return f"{held['holder']} (pid {held['pid']}, cluster {held['cluster']}) since {held['since']}"
+    except (ValueError, TypeError, KeyError):
+        return repr(value[:200])
 
 
 def _member_report(planned: PlannedMember, status: MemberStatus | None) -> MemberReport:

@@ -160,6 +160,11 @@ class EtcdApi(Protocol):
         self, endpoint: str, revision: int, *, physical: bool = True, timeout: float | None = None
     ) -> bool: ...
     async def defragment(self, endpoint: str, *, timeout: float) -> None: ...
+    async def lease_grant(self, endpoint: str, ttl_seconds: int, *, timeout: float | None = None) -> int: ...
+    async def lease_revoke(self, endpoint: str, lease_id: int, *, timeout: float | None = None) -> None: ...
+    async def put_if_absent(
+        self, endpoint: str, key: bytes, value: bytes, lease_id: int, *, timeout: float | None = None
+    ) -> bytes | None: ...
     async def move_leader(self, endpoint: str, target_id: int, *, timeout: float | None = None) -> None: ...
     async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None: ...
 
@@ -293,6 +298,37 @@ class EtcdClient:
                 return False
             raise
         return True
+
+    async def lease_grant(self, endpoint: str, ttl_seconds: int, *, timeout: float | None = None) -> int:
+        """A new lease of `ttl_seconds`; returns its id. Refused (NOSPACE) while the quota alarm is on."""
+        body = await self._post(endpoint, "/v3/lease/grant", {"TTL": str(ttl_seconds)}, timeout)
+        return _int(body.get("ID"))
+
+    async def lease_revoke(self, endpoint: str, lease_id: int, *, timeout: float | None = None) -> None:
+        """End the lease now; etcd deletes the keys attached to it."""
+        await self._post(endpoint, "/v3/lease/revoke", {"ID": str(lease_id)}, timeout)
+
+    async def put_if_absent(
+        self, endpoint: str, key: bytes, value: bytes, lease_id: int, *, timeout: float | None = None
+    ) -> bytes | None:
+        """Create `key` bound to the lease unless it exists, in one transaction.
+
+        Returns None when it was created, else the value the key holds.
+        """
+        encoded = base64.b64encode(key).decode()
+        put = {"key": encoded, "value": base64.b64encode(value).decode(), "lease": str(lease_id)}
+        payload = {
+            "compare": [{"key": encoded, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+            "success": [{"request_put": put}],
+            "failure": [{"request_range": {"key": encoded}}],
+        }
+        body = await self._post(endpoint, "/v3/kv/txn", payload, timeout)
+        if body.get("succeeded"):
+            return None
+        for response in body.get("responses") or []:
+            for kv in (response.get("response_range") or {}).get("kvs") or []:
+                return base64.b64decode(kv.get("value") or "")
+        return b""  # deleted between the compare and the read: still not ours
 
     async def defragment(self, endpoint: str, *, timeout: float) -> None:
         """Defragment this one member; it blocks the member's reads and writes while it runs."""

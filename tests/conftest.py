@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import COUNTS, Counts
 
+from exporter.engine import LOCK_KEY
 from exporter.kube import kube_api_client
 
 
@@ -53,6 +56,10 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
         pytest.fail(f"shared etcd cluster is damaged: {'; '.join(problems)}", pytrace=False)
     etcd_cluster.wait_healthy()
     yield etcd_cluster
+    # A run stopped while a member's defragment went unanswered keeps its lock key until the lease
+    # expires, by design (see engine.LOCK_KEY); the next test must not inherit it.
+    with contextlib.suppress(EtcdHarnessError):
+        etcd_cluster.request("/v3/kv/deleterange", {"key": base64.b64encode(LOCK_KEY).decode()})
     if problems := _damage(etcd_cluster):
         etcd_cluster.start()
         pytest.fail(
