@@ -199,7 +199,12 @@ class Follower:
         self._log_lines()
         self._run()
         self._alert()
-        self._webhook_calls()
+        calls = self._webhook_calls()
+        if calls:
+            # Alertmanager may have posted a resolution that Prometheus made after the look above.
+            self._alert()
+        for call in calls:
+            self.out.say(call)
         self._log_lines()
 
     def _alert(self) -> None:
@@ -244,7 +249,9 @@ class Follower:
                 )
         self.held = waiting
 
-    def _webhook_calls(self) -> None:
+    def _webhook_calls(self) -> list[str]:
+        """What the webhook did since the last poll, one line per outcome, from its counters."""
+        calls = []
         if failed := self.stack.webhook_notifications()[1]:
             raise StackError(f"Alertmanager failed to post to the webhook {failed:g} times")
         metrics = self.stack.service_metrics()
@@ -257,11 +264,12 @@ class Follower:
                     meaning += (
                         f", `etcd-autodefrag defrag --cluster {self.stack.cluster}` (pid {state['pid']})"
                     )
-                self.out.say(
+                calls.append(
                     "Alertmanager called the webhook (POST /webhook/alertmanager, bearer token): "
                     f"{count:g} alert(s) -> {outcome}: {meaning}"
                 )
                 self.outcomes[outcome] = value
+        return calls
 
     def _run(self) -> None:
         if self.run_result is not None:
