@@ -544,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etcd-autodefrag` console script."""
     args = build_parser().parse_args(argv)
     if args.command == "render":
+        logs.configure(level="WARNING")  # render prints what it did; only problems are logged
         return render(args)
     overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
     try:

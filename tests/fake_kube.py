@@ -445,13 +445,19 @@ class FakeKube:
         self._changed("ADDED", job)
         return _json(job, 201)
 
-    async def _read_job(self, request: web.Request) -> web.Response:
+    def _read(
+        self, store: dict[tuple[str, str], Json], request: web.Request, group: str, kind: str
+    ) -> web.Response:
+        """GET of one object: the object, or 404 NotFound as the API server words it."""
         namespace, name = request.match_info["ns"], request.match_info["name"]
-        job = self.jobs.get((namespace, name))
-        if job is None:
-            details = {"name": name, "group": "batch", "kind": "jobs"}
-            return _json(status_object(404, f'jobs.batch "{name}" not found', details=details), 404)
-        return _json(job, 200)
+        found = store.get((namespace, name))
+        if found is None:
+            details = {"name": name, "group": group, "kind": kind}
+            return _json(status_object(404, f'{kind}.{group} "{name}" not found', details=details), 404)
+        return _json(found, 200)
+
+    async def _read_job(self, request: web.Request) -> web.Response:
+        return self._read(self.jobs, request, "batch", "jobs")
 
     async def _list_jobs(self, request: web.Request) -> web.StreamResponse:
         namespace = request.match_info["ns"]
@@ -545,12 +551,7 @@ class FakeKube:
         return _json(event, 201)
 
     async def _read_statefulset(self, request: web.Request) -> web.Response:
-        namespace, name = request.match_info["ns"], request.match_info["name"]
-        sts = self.statefulsets.get((namespace, name))
-        if sts is None:
-            details = {"name": name, "group": "apps", "kind": "statefulsets"}
-            return _json(status_object(404, f'statefulsets.apps "{name}" not found', details=details), 404)
-        return _json(sts, 200)
+        return self._read(self.statefulsets, request, "apps", "statefulsets")
 
     # --- CronJobs (render cronjob --apply) ---------------------------------------------------------
 
@@ -602,12 +603,7 @@ class FakeKube:
         return _json(cronjob, 201)
 
     async def _read_cronjob(self, request: web.Request) -> web.Response:
-        namespace, name = request.match_info["ns"], request.match_info["name"]
-        cronjob = self.cronjobs.get((namespace, name))
-        if cronjob is None:
-            details = {"name": name, "group": "batch", "kind": "cronjobs"}
-            return _json(status_object(404, f'cronjobs.batch "{name}" not found', details=details), 404)
-        return _json(cronjob, 200)
+        return self._read(self.cronjobs, request, "batch", "cronjobs")
 
     async def _replace_cronjob(self, request: web.Request) -> web.Response:
         namespace, name = request.match_info["ns"], request.match_info["name"]
