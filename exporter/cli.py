@@ -39,6 +39,7 @@ from exporter.settings import (
 from exporter.snapshot import ClusterSnapshot, QuotaCache, observe_cluster
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe ended
 log = logging.getLogger("etcd_autodefrag")
 
 
@@ -542,6 +543,16 @@ async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `etcd-autodefrag` console script."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`status | head`): nothing more to say, and no traceback. Point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "render":
         logs.configure(level="WARNING")  # render prints what it did; only problems are logged

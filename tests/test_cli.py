@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,22 @@ def test_report_file_gets_the_json_report(
     # A report that cannot be written is said, and the exit code still tells how the run went.
     assert main([*args, "--report-file", str(tmp_path / "missing" / "file")]) == 3
     assert "cannot write report" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_quietly(etcd: EtcdCluster) -> None:
+    """`etcd-autodefrag status | head`: the reader is gone before the table is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, whatever the timing
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "exporter", "status", "--endpoints", etcd.endpoints[0]],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
