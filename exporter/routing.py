@@ -204,6 +204,42 @@ def route(*, labels: Mapping[str, str], clusters: Sequence[ClusterConfig]) -> li
     return [c for c in clusters if matches_all(cluster_matchers(c), labels)]
 
 
+class ClusterIndex:
+    """The configured clusters, indexed by their `etcd_cluster="<value>"` matcher; `route` in O(1).
+
+    Most clusters are identified by that one equality matcher (it is the default), so an alert
+    needs checking only against the clusters indexed under its own `etcd_cluster` value, plus the
+    clusters without such a matcher (e.g. `job="kube-etcd"`), which are checked against every
+    alert. The answer is exactly `route`'s, in configuration order.
+    """
+
+    def __init__(self, clusters: Sequence[ClusterConfig]) -> None:
+        self.clusters = tuple(clusters)
+        self.by_name = {c.name: c for c in self.clusters}
+        self._by_value: dict[str, list[int]] = {}
+        self._others: list[int] = []
+        for position, cluster in enumerate(self.clusters):
+            key = next(
+                (
+                    m.value
+                    for m in cluster_matchers(cluster)
+                    if m.name == CLUSTER_LABEL and m.op is MatchOp.EQUAL and m.value
+                ),
+                None,
+            )
+            if key is None:
+                self._others.append(position)
+            else:
+                self._by_value.setdefault(key, []).append(position)
+
+    def route(self, labels: Mapping[str, str]) -> list[ClusterConfig]:
+        """The configured clusters whose matchers all match these alert labels."""
+        indexed = self._by_value.get(labels.get(CLUSTER_LABEL, ""), [])
+        positions = sorted([*indexed, *self._others]) if self._others else indexed
+        candidates = (self.clusters[p] for p in positions)
+        return [c for c in candidates if matches_all(cluster_matchers(c), labels)]
+
+
 # --- deciding ------------------------------------------------------------------------------------
 
 
@@ -300,7 +336,7 @@ def cooldown_seconds(cluster: ClusterConfig, default: float) -> float:
 def decide(
     *,
     alert: AlertmanagerAlert,
-    clusters: Sequence[ClusterConfig],
+    clusters: Sequence[ClusterConfig] | ClusterIndex,
     snapshots: Mapping[str, ClusterHealth],
     runs: Mapping[str, RunState],
     now: datetime,
@@ -321,7 +357,10 @@ def decide(
         return result(
             Decision.SKIP_NOT_ACTING, f"alert {alert.name or '(no alertname)'} does not launch runs"
         )
-    matched = route(labels=alert.labels, clusters=clusters)
+    if isinstance(clusters, ClusterIndex):
+        matched = clusters.route(alert.labels)
+    else:
+        matched = route(labels=alert.labels, clusters=clusters)
     if not matched:
         return result(Decision.SKIP_UNROUTED, f"labels {_labels(alert.labels)} match no configured cluster")
     if len(matched) > 1:
@@ -366,7 +405,7 @@ def decide(
 def decide_all(
     *,
     alerts: Sequence[AlertmanagerAlert],
-    clusters: Sequence[ClusterConfig],
+    clusters: Sequence[ClusterConfig] | ClusterIndex,
     snapshots: Mapping[str, ClusterHealth],
     runs: Mapping[str, RunState],
     now: datetime,

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +41,7 @@ from exporter.routing import (
     AlertmanagerAlert,
     AlertmanagerPayload,
     ClusterHealth,
+    ClusterIndex,
     Decision,
     Policy,
     decide,
@@ -168,7 +170,9 @@ def authorized(header: str | None, credentials: Credentials) -> bool:
 HealthCache = dict[str, tuple[ClusterSnapshot, ClusterHealth]]
 
 
-def health_of(refresher: Refresher, cache: HealthCache | None = None) -> dict[str, ClusterHealth]:
+def health_of(
+    refresher: Refresher, cache: HealthCache | None = None, *, names: Iterable[str] | None = None
+) -> dict[str, ClusterHealth]:
     """What the latest snapshots say about each cluster's health.
 
     With `cache`, a snapshot already judged is not judged again. Snapshots are immutable and every
@@ -177,7 +181,12 @@ def health_of(refresher: Refresher, cache: HealthCache | None = None) -> dict[st
     per request (bench/webhook_storm.py: a third of the handler's CPU with 50 clusters).
     """
     out = {}
-    for watch, snapshot in refresher.snapshots():
+    if names is None:
+        pairs = refresher.snapshots()
+    else:  # only these clusters (those a notification's alerts route to)
+        watches = (refresher.watches.get(name) for name in names)
+        pairs = [(w, w.snapshot) for w in watches if w is not None and w.snapshot is not None]
+    for watch, snapshot in pairs:
         name = watch.config.name
         known = cache.get(name) if cache is not None else None
         if known is None or known[0] is not snapshot:
@@ -186,8 +195,8 @@ def health_of(refresher: Refresher, cache: HealthCache | None = None) -> dict[st
             if cache is not None:
                 cache[name] = known
         out[name] = known[1]
-    if cache is not None and len(cache) > len(out):  # clusters removed by a reload
-        for name in set(cache) - set(out):
+    if cache is not None and len(cache) > len(refresher.watches):  # clusters removed by a reload
+        for name in set(cache) - set(refresher.watches):
             del cache[name]
     return out
 
@@ -242,6 +251,14 @@ class Webhook:
         # notifications for one cluster launch once; executors guard across processes.
         self._launching: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._health: HealthCache = {}
+        self._index: tuple[object, ClusterIndex] | None = None
+
+    def _cluster_index(self) -> ClusterIndex:
+        """The routing index of the configured clusters, rebuilt when a reload replaced them."""
+        watches = self.refresher.watches  # a new dict on every reconfigure
+        if self._index is None or self._index[0] is not watches:
+            self._index = (watches, ClusterIndex([w.config for w in watches.values()]))
+        return self._index[1]
 
     def _refuse(self, outcome: RequestOutcome, status: int, reason: str, **headers: str) -> web.Response:
         self.metrics.count_alert(outcome.value)
@@ -289,17 +306,20 @@ class Webhook:
         # The background refresh keeps snapshots about that fresh already; this only waits (at most
         # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
         await self.refresher.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
-        clusters = {w.config.name: w.config for w in self.refresher.watches.values()}
+        # Only the clusters the alerts route to are looked at: a storm costs O(alerts), not
+        # O(alerts x configured clusters) (bench/webhook_storm.py).
+        known = self._cluster_index()
+        routed = sorted({c.name for alert in payload.alerts for c in known.route(alert.labels)})
         decisions = decide_all(
             alerts=payload.alerts,
-            clusters=list(clusters.values()),
-            snapshots=health_of(self.refresher, self._health),
-            runs=self.executor.runs(list(clusters)),
+            clusters=known,
+            snapshots=health_of(self.refresher, self._health, names=routed),
+            runs=self.executor.runs(routed),
             now=clock.utcnow(),
             policy=self.policy,
         )
         launches = {
-            index: self._launch(d, clusters[d.cluster], alert, payload)
+            index: self._launch(d, known.by_name[d.cluster], alert, payload)
             for index, (alert, d) in enumerate(zip(payload.alerts, decisions, strict=True))
             if d.launch and d.cluster is not None
         }

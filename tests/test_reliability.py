@@ -714,8 +714,10 @@ def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
     from exporter.webhook import HealthCache, health_of
 
     def refresher(*snapshots: ClusterSnapshot) -> Any:
-        watches = [(SimpleNamespace(config=SimpleNamespace(name=s.cluster)), s) for s in snapshots]
-        return SimpleNamespace(snapshots=lambda: watches)
+        watches = {
+            s.cluster: SimpleNamespace(config=SimpleNamespace(name=s.cluster), snapshot=s) for s in snapshots
+        }
+        return SimpleNamespace(snapshots=lambda: [(w, w.snapshot) for w in watches.values()], watches=watches)
 
     cache: HealthCache = {}
     first = ClusterSnapshot(cluster="c0", taken_at=utcnow(), error="member list: connection refused")
@@ -728,3 +730,5 @@ def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
     assert health_of(refresher(newer), cache).keys() == {"c0"}
     assert set(cache) == {"c0"}  # a cluster removed by a reload leaves the cache too
     assert health_of(refresher(first)) == {"c0": judged["c0"]}  # and without a cache, the same verdicts
+    # Only the clusters a notification routes to are judged.
+    assert health_of(refresher(newer, other), cache, names=["c1", "gone"]).keys() == {"c1"}

@@ -4,7 +4,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from exporter.routing import (
     DEFAULT_ACTING_ALERTS,
@@ -14,6 +16,7 @@ from exporter.routing import (
     AlertmanagerPayload,
     AlertStatus,
     ClusterHealth,
+    ClusterIndex,
     Decision,
     Matcher,
     MatcherSyntaxError,
@@ -407,3 +410,39 @@ def test_settings_default_acting_alerts_are_the_shipped_ones() -> None:
         "EtcdNoSpaceAlarm",
         "EtcdQuotaUsageCritical",
     }
+
+
+# --- the routing index: route's answer without checking every cluster ------------------------------
+
+MATCHER_POOL = [
+    'etcd_cluster="a"',
+    'etcd_cluster="b"',
+    'etcd_cluster=~"a|b"',
+    'etcd_cluster!="a"',
+    'etcd_cluster=""',
+    'job="kube-etcd"',
+    'namespace="x"',
+]
+LABEL_VALUES = {"etcd_cluster": ["a", "b", "c0", "c1", ""], "job": ["kube-etcd", ""], "namespace": ["x", ""]}
+
+
+@hypothesis.settings(max_examples=500, deadline=None, derandomize=True)
+@hypothesis.given(
+    matchers=st.lists(st.lists(st.sampled_from(MATCHER_POOL), max_size=3), max_size=6),
+    labels=st.fixed_dictionaries({k: st.sampled_from(v) for k, v in LABEL_VALUES.items()}),
+)
+def test_cluster_index_routes_exactly_as_route(matchers: list[list[str]], labels: dict[str, str]) -> None:
+    """Indexed, default-matcher, regex, negative, empty-value and non-etcd_cluster matchers alike."""
+    clusters = [cluster(f"c{i}", *m) for i, m in enumerate(matchers)]
+    present = {k: v for k, v in labels.items() if v}
+    assert ClusterIndex(clusters).route(present) == route(labels=present, clusters=clusters)
+
+
+def test_cluster_index_keeps_configuration_order_for_ambiguous_alerts() -> None:
+    first = cluster("first", 'job="kube-etcd"')
+    second = cluster("second", 'etcd_cluster="a"')
+    third = cluster("third", 'etcd_cluster="a"', 'job="kube-etcd"')
+    index = ClusterIndex([first, second, third])
+    assert index.route({"etcd_cluster": "a", "job": "kube-etcd"}) == [first, second, third]
+    assert index.route({"etcd_cluster": "b"}) == []
+    assert index.by_name["second"] is second
