@@ -252,6 +252,7 @@ class Webhook:
         self._launching: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._health: HealthCache = {}
         self._index: tuple[object, ClusterIndex] | None = None
+        self._logged: dict[tuple[str, Decision], float] = {}  # when a skip was last logged above DEBUG
 
     def _cluster_index(self) -> ClusterIndex:
         """The routing index of the configured clusters, rebuilt when a reload replaced them."""
@@ -324,7 +325,7 @@ class Webhook:
             if d.launch and d.cluster is not None
         }
         launched = dict(zip(launches, await asyncio.gather(*launches.values()), strict=True))
-        outcomes = [launched.get(i) or _skipped(d) for i, d in enumerate(decisions)]
+        outcomes = [launched.get(i) or self._skipped(d) for i, d in enumerate(decisions)]
         for _, outcome in outcomes:
             self.metrics.count_alert(outcome)
         body = {
@@ -365,7 +366,7 @@ class Webhook:
                 policy=self.policy,
             )
             if not fresh.launch:  # a concurrent notification launched it meanwhile
-                return _skipped(fresh)
+                return self._skipped(fresh)
             try:
                 result = await self.executor.launch(cluster, trigger_for(alert, payload))
             except ExecutorUnavailable as exc:
@@ -400,25 +401,38 @@ class Webhook:
             if result.outcome is LaunchOutcome.COOLING_DOWN
             else Decision.SKIP_ALREADY_RUNNING
         )
-        return _skipped(replace(decision, decision=skip, reason=result.reason))
+        return self._skipped(replace(decision, decision=skip, reason=result.reason))
+
+    def _skipped(self, decision: AlertDecision) -> tuple[AlertDecision, str]:
+        level = _LOG_LEVELS.get(decision.decision, logging.INFO)
+        if decision.cluster is not None and level > logging.DEBUG:
+            # Alertmanager re-sends firing alerts, and a storm repeats them: the first skip of a
+            # cluster for one reason within the window is logged at its level, the repeats at DEBUG
+            # (etcd_autodefrag_alerts_total counts them all).
+            key = (decision.cluster, decision.decision)
+            now = clock.monotonic()
+            if now - self._logged.get(key, float("-inf")) < REPEAT_LOG_WINDOW_SECONDS:
+                level = logging.DEBUG
+            else:
+                self._logged[key] = now
+        _log_decision(decision, level)
+        return decision, decision.decision.value
 
 
-def _skipped(decision: AlertDecision) -> tuple[AlertDecision, str]:
-    _log_decision(decision)
-    return decision, decision.decision.value
+_LOG_LEVELS = {
+    Decision.SKIP_RESOLVED: logging.DEBUG,
+    Decision.SKIP_NOT_ACTING: logging.DEBUG,
+    Decision.SKIP_DUPLICATE: logging.DEBUG,
+    Decision.SKIP_UNROUTED: logging.WARNING,
+    Decision.SKIP_AMBIGUOUS: logging.WARNING,
+    Decision.SKIP_UNHEALTHY: logging.WARNING,
+    Decision.SKIP_NO_SNAPSHOT: logging.WARNING,
+    Decision.SKIP_STALE_SNAPSHOT: logging.WARNING,
+}
+REPEAT_LOG_WINDOW_SECONDS = 60.0
 
 
-def _log_decision(decision: AlertDecision) -> None:
-    level = {
-        Decision.SKIP_RESOLVED: logging.DEBUG,
-        Decision.SKIP_NOT_ACTING: logging.DEBUG,
-        Decision.SKIP_DUPLICATE: logging.DEBUG,
-        Decision.SKIP_UNROUTED: logging.WARNING,
-        Decision.SKIP_AMBIGUOUS: logging.WARNING,
-        Decision.SKIP_UNHEALTHY: logging.WARNING,
-        Decision.SKIP_NO_SNAPSHOT: logging.WARNING,
-        Decision.SKIP_STALE_SNAPSHOT: logging.WARNING,
-    }.get(decision.decision, logging.INFO)
+def _log_decision(decision: AlertDecision, level: int) -> None:
     log.log(
         level,
         "alert %s (%s): %s: %s",

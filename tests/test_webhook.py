@@ -660,7 +660,10 @@ async def test_executor_answers_map_to_the_retry_contract(
 # --- concurrency ---------------------------------------------------------------------------------
 
 
-async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(
+    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="exporter.webhook")
     executor = FakeExecutor()
     client = await serve(clusters(etcd, 10), executor)
     answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
@@ -672,6 +675,11 @@ async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(etcd: EtcdCl
     metrics = await scrape(client)
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="launch") == 10
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_already_running") == 990
+    # The storm's repeats are counted, but logged above DEBUG once per cluster and reason.
+    skips = [r for r in caplog.records if "skip_already_running" in r.getMessage()]
+    assert len(skips) == 990
+    loud = sorted(r.etcd_cluster for r in skips if r.levelno > logging.DEBUG)
+    assert loud == [f"c{i}" for i in range(10)]
 
 
 # --- the local executor --------------------------------------------------------------------------
