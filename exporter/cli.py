@@ -382,8 +382,20 @@ def _num(value: int | None) -> str:
     return str(value) if value is not None else "-"
 
 
-def serve(settings: Settings, config_file: Path | None) -> int:
-    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file."""
+def needs_restart(running: Settings, fresh: Settings) -> list[str]:
+    """The settings other than `clusters` that differ: a reload does not apply them."""
+    return [
+        name
+        for name in type(running).model_fields
+        if name != "clusters" and getattr(running, name) != getattr(fresh, name)
+    ]
+
+
+def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any] | None = None) -> int:
+    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file.
+
+    `overrides` are the command-line values that beat the file (`--listen`), applied on reload too.
+    """
     from aiohttp import web
 
     from exporter.app import create_app, reconfigure
@@ -401,12 +413,19 @@ def serve(settings: Settings, config_file: Path | None) -> int:
     async def reload_on_sighup(app: web.Application) -> None:
         def reload() -> None:
             try:
-                fresh = load_settings(config_file)
+                fresh = load_settings(config_file, **(overrides or {}))
             except ConfigError as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
             reconfigure(app, fresh.clusters or [default_cluster()])
             log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
+            if changed := needs_restart(settings, fresh):
+                log.warning(
+                    "SIGHUP: %s changed in %s but only the cluster list is reloaded: restart the "
+                    "service to apply them",
+                    ", ".join(changed),
+                    config_file,
+                )
 
         if config_file is not None:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
@@ -568,7 +587,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     try:
         if args.command == "serve":
-            return serve(settings, args.config)
+            return serve(settings, args.config, overrides)
         cluster = cluster_from_args(args, settings)
         if args.command == "defrag":
             report = asyncio.run(run_defrag(args, cluster))

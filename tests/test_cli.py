@@ -3,12 +3,15 @@
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
-from etcd_harness import EtcdCluster
+import yaml
+from etcd_harness import EtcdCluster, _free_ports, wait_until
 
 from exporter.cli import main
 
@@ -250,3 +253,49 @@ def test_closed_pipe_ends_quietly(etcd: EtcdCluster) -> None:
         os.close(write_end)
     assert result.returncode == 141
     assert result.stderr == ""
+
+
+def test_sighup_reloads_the_clusters_and_names_what_needs_a_restart(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    (port,) = _free_ports(1)
+    base = f"http://127.0.0.1:{port}"
+    config = tmp_path / "config.yaml"
+    one = {"name": "one", "endpoints": [etcd.endpoints[0]]}
+    config.write_text(yaml.safe_dump({"clusters": [one]}))
+    command = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
+    service = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, timeout=30, what="the service to be ready")
+        two = {"name": "two", "endpoints": [etcd.endpoints[1]]}
+        config.write_text(yaml.safe_dump({"clusters": [one, two], "webhook": {"max_body_bytes": 12345}}))
+        service.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: 'etcd_cluster="two"' in _get(f"{base}/metrics")[1],
+            timeout=30,
+            what="the reloaded cluster on /metrics",
+        )
+    finally:
+        service.terminate()
+        _, stderr = service.communicate(timeout=30)
+    assert "SIGHUP: reloaded 2 clusters" in stderr
+    (warning,) = [line for line in stderr.splitlines() if "only the cluster list is reloaded" in line]
+    # The changed webhook section is named; --listen, given again on reload, is not.
+    assert "SIGHUP: webhook changed" in warning
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except OSError:  # not listening yet, or 503 while not ready
+        return 0, ""
