@@ -234,7 +234,7 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     else:
         base = default_cluster().model_dump()
     try:
-        return ClusterConfig.model_validate({**base, **overrides})
+        cluster = ClusterConfig.model_validate({**base, **overrides})
     except Exception as exc:  # pydantic ValidationError, formatted for people
         from pydantic import ValidationError
 
@@ -243,6 +243,56 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
                 format_validation_error(exc).replace("invalid configuration", "invalid flags")
             ) from None
         raise
+    if not cluster.endpoints:
+        raise UsageError(
+            f"cluster {cluster.name} reads its endpoints from the Kubernetes API "
+            "(kubernetes.discover_endpoints), which this command does not: give --endpoints "
+            "(the service passes them to its Jobs)"
+        )
+    return cluster
+
+
+class DiscoveryError(Exception):
+    """The Kubernetes API could not tell a cluster's endpoints."""
+
+
+async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
+    """The clusters, those with `kubernetes.discover_endpoints` given the URLs the API lists now.
+
+    The API client is in-cluster in a Pod, else the kubeconfig ($KUBECONFIG, ~/.kube/config).
+    """
+    if not any(c.discovers_endpoints for c in clusters):
+        return list(clusters)
+    from exporter import kube
+
+    # $KUBECONFIG as the process sees it now (the client library reads it once, at import).
+    kubeconfig = Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None
+    try:
+        api = await kube.kube_api_client(kubeconfig=kubeconfig)
+    except ConfigError as exc:
+        raise DiscoveryError(f"cannot discover endpoints: {exc}") from None
+    out = []
+    async with api:
+        for cluster in clusters:
+            if cluster.discovers_endpoints:
+                try:
+                    endpoints = await kube.discover_endpoints(cluster, api)
+                except kube.KubeError as exc:
+                    raise DiscoveryError(
+                        f"cluster {cluster.name}: cannot discover its endpoints: {exc}"
+                    ) from None
+                try:
+                    cluster = ClusterConfig.model_validate({**cluster.model_dump(), "endpoints": endpoints})
+                except ValueError as exc:  # e.g. plain http URLs for a variant that mounts TLS
+                    raise DiscoveryError(f"cluster {cluster.name}: discovered endpoints: {exc}") from None
+                log.info(
+                    "cluster %s: %d endpoints from the Kubernetes API: %s",
+                    cluster.name,
+                    len(endpoints),
+                    ", ".join(endpoints),
+                )
+            out.append(cluster)
+    return out
 
 
 def make_client(session: aiohttp.ClientSession, cluster: ClusterConfig) -> EtcdClient:
@@ -407,17 +457,24 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
             DEFAULT_ENDPOINT,
         )
+    try:
+        clusters = asyncio.run(discovered(clusters))
+    except DiscoveryError as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
+        return 1
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
     app = create_app(settings, clusters=clusters, config_file=config_file)
+    reloading: set[asyncio.Task[None]] = set()
 
     async def reload_on_sighup(app: web.Application) -> None:
-        def reload() -> None:
+        async def reload() -> None:
             try:
                 fresh = load_settings(config_file, **(overrides or {}))
-            except ConfigError as exc:
+                clusters = await discovered(fresh.clusters or [default_cluster()])
+            except (ConfigError, DiscoveryError) as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
-            reconfigure(app, fresh.clusters or [default_cluster()])
+            reconfigure(app, clusters)
             log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
             if changed := needs_restart(settings, fresh):
                 log.warning(
@@ -427,8 +484,13 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
                     config_file,
                 )
 
+        def start_reload() -> None:
+            task = asyncio.get_running_loop().create_task(reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
         if config_file is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, start_reload)
 
     app.on_startup.append(reload_on_sighup)
     log.info(

@@ -239,6 +239,8 @@ class LocalExecutor:
             args += ["--config", str(self.config_file)]
         if not (self.embedded_default and cluster == default_cluster()):
             args += ["--cluster", cluster.name]
+        if cluster.discovers_endpoints:  # the URLs the service read from the Kubernetes API
+            args += ["--endpoints", ",".join(cluster.endpoints)]
         return args
 
     # --- the Executor protocol ---

@@ -161,6 +161,13 @@ def build_job(
     ttl = target.cooldown_seconds if target.cooldown_seconds is not None else round(cooldown_seconds)
     deadline = target.active_deadline_seconds or round(cluster.deadline_seconds) + DEADLINE_MARGIN_SECONDS
     args = ["defrag", "--cluster", cluster.name, "--output", "json", "--report-file", TERMINATION_LOG]
+    if cluster.discovers_endpoints:
+        # The Job has no API access: it gets the URLs the service read from the API.
+        if not cluster.endpoints:
+            raise JobConfigError(
+                f"cluster {cluster.name}: its endpoints have not been discovered from the Kubernetes API yet"
+            )
+        args += ["--endpoints", ",".join(cluster.endpoints)]
     if trigger.dry_run:
         args.append("--dry-run")
     template = defrag_pod_template(target, image=resolved_image(cluster, image), args=args, labels=labels)

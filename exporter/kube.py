@@ -54,7 +54,7 @@ from exporter.jobs import (
     kamaji_endpoints,
     kubeadm_endpoints,
 )
-from exporter.settings import ConfigError
+from exporter.settings import ClusterConfig, ConfigError, KubernetesTarget
 
 __all__ = [
     "KUBEADM_ETCD_SELECTOR",
@@ -69,6 +69,7 @@ __all__ = [
     "LaunchResult",
     "apply_cronjob",
     "create_job",
+    "discover_endpoints",
     "discover_kamaji",
     "discover_kubeadm",
     "kube_api_client",
@@ -486,6 +487,26 @@ async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) 
         core.list_namespaced_pod, "kube-system", label_selector=KUBEADM_ETCD_SELECTOR, timeout=timeout
     )
     return kubeadm_endpoints(pods)
+
+
+async def discover_endpoints(
+    cluster: ClusterConfig, api_client: k8s.ApiClient, *, timeout: float = 10.0
+) -> list[str]:
+    """The members' client URLs of a cluster with `kubernetes.discover_endpoints` (kamaji or kubeadm)."""
+    target = cluster.kubernetes
+    if target is None or not target.discover_endpoints:
+        raise ValueError(f"cluster {cluster.name} does not discover its endpoints")
+    if target.variant is KubernetesTarget.Variant.KAMAJI:
+        assert target.etcd_name is not None  # the settings require it for kamaji
+        service = target.etcd_service or target.etcd_name
+        found = await discover_kamaji(
+            api_client, target.namespace, target.etcd_name, service, timeout=timeout
+        )
+    else:
+        found = await discover_kubeadm(api_client, timeout=timeout)
+    if not found:
+        raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
+    return found
 
 
 # --- render cronjob --apply -------------------------------------------------------------------------

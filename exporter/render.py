@@ -264,6 +264,8 @@ _FLAG_OF_FIELD = {
 
 def _validated(target_data: Json, endpoints: list[str], rule: str | None) -> ClusterConfig:
     """The settings models' own checks (names, URLs, rule syntax, TLS), their messages naming flags."""
+    if not endpoints:
+        raise RenderError("--endpoints: give at least one client URL, e.g. https://10.0.0.11:2379")
     try:
         return ClusterConfig.model_validate(
             {"name": "render", "endpoints": endpoints, "rule": rule, "kubernetes": target_data}

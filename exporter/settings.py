@@ -157,6 +157,14 @@ class KubernetesTarget(_Model):
         default="etcd-autodefrag", description="ConfigMap with our config file under key config.yaml."
     )
     etcd_name: str | None = Field(default=None, description="kamaji: name of the etcd StatefulSet.")
+    discover_endpoints: bool = Field(
+        default=False,
+        description="kamaji, kubeadm: read the members' client URLs from the Kubernetes API (the "
+        "StatefulSet's replicas, or kubeadm's etcd static pods) instead of `endpoints`.",
+    )
+    etcd_service: str | None = Field(
+        default=None, description="kamaji: the headless Service of the StatefulSet (default: etcd_name)."
+    )
     tls_secret: str | None = Field(default=None, description="talos, plain: Secret with the client TLS.")
     ca_key: str = "ca"
     cert_key: str | None = "crt"
@@ -260,6 +268,13 @@ class KubernetesTarget(_Model):
             raise ValueError(f"tls_secret is only used by variants talos and plain, not {variant.value}")
         if (self.cert_key is None) != (self.key_key is None):
             raise ValueError("cert_key and key_key must both be set or both be null")
+        if self.discover_endpoints and variant not in (self.Variant.KAMAJI, self.Variant.KUBEADM):
+            raise ValueError(
+                f"discover_endpoints works with variants kamaji and kubeadm, not {variant.value}: "
+                "give endpoints"
+            )
+        if self.etcd_service is not None and variant is not self.Variant.KAMAJI:
+            raise ValueError(f"etcd_service is only used by variant kamaji, not {variant.value}")
         return self
 
     def problems(self, *, endpoints: list[str], deadline_seconds: float) -> list[str]:
@@ -311,7 +326,10 @@ class ClusterConfig(_Model):
     """One etcd cluster we watch and may defragment."""
 
     name: str
-    endpoints: list[str] = Field(min_length=1)
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="Client URLs of one or more members; empty only with kubernetes.discover_endpoints.",
+    )
     discover_members: bool = Field(
         default=True, description="Find the other members from the member list of the endpoints."
     )
@@ -370,8 +388,18 @@ class ClusterConfig(_Model):
                 raise ValueError(str(exc)) from None
         return rule
 
+    @property
+    def discovers_endpoints(self) -> bool:
+        """The members' URLs come from the Kubernetes API (exporter.kube.discover_endpoints)."""
+        return self.kubernetes is not None and self.kubernetes.discover_endpoints
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if not self.endpoints and not self.discovers_endpoints:
+            raise ValueError(
+                "endpoints: give at least one client URL, or set kubernetes.discover_endpoints "
+                "(variants kamaji and kubeadm)"
+            )
         if self.rule is not None and self.thresholds is not None:
             raise ValueError("set either 'rule' or 'thresholds', not both")
         https = [e for e in self.endpoints if e.startswith("https://")]

@@ -1,5 +1,6 @@
 """The command line: defrag and status against real etcd, TLS, exit codes, messages for bad input."""
 
+import asyncio
 import fcntl
 import json
 import os
@@ -12,8 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 from etcd_harness import EtcdCluster, _free_ports, wait_until
+from fake_kube import FakeKube
+from test_render import kubeconfig
 
-from exporter.cli import main
+from exporter import jobs
+from exporter.cli import discovered, main
+from exporter.settings import ClusterConfig
 
 pytestmark = pytest.mark.etcd
 
@@ -299,3 +304,60 @@ def _get(url: str) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except OSError:  # not listening yet, or 503 while not ready
         return 0, ""
+
+
+# --- endpoints from the Kubernetes API (kubernetes.discover_endpoints) ------------------------------
+
+KAMAJI = {
+    "name": "tenant",
+    "kubernetes": {
+        "namespace": "kamaji-system",
+        "variant": "kamaji",
+        "etcd_name": "kamaji-etcd",
+        "etcd_service": "kamaji-etcd-hl",
+        "discover_endpoints": True,
+    },
+}
+
+
+async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
+    fake_kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, fake_kube.url)))
+    fake_kube.add_statefulset("kamaji-system", "kamaji-etcd", replicas=4)
+    plain = ClusterConfig(name="plain", endpoints=["http://127.0.0.1:2379"])
+    found, same = await discovered([ClusterConfig.model_validate(KAMAJI), plain])
+    urls = [f"https://kamaji-etcd-{i}.kamaji-etcd-hl.kamaji-system.svc.cluster.local:2379" for i in range(4)]
+    assert found.endpoints == urls
+    assert same is plain
+    # The Job has no API access: it gets the discovered URLs on its command line.
+    args = jobs.build_job(found, image="i", trigger=jobs.Trigger(alertname="a"))["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert args[args.index("--endpoints") + 1] == ",".join(urls)
+    with pytest.raises(jobs.JobConfigError, match="not been discovered"):
+        jobs.build_job(ClusterConfig.model_validate(KAMAJI), image="i", trigger=jobs.Trigger(alertname="a"))
+
+
+async def test_serve_exits_1_when_discovery_fails(
+    fake_kube: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, fake_kube.url)))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"clusters": [KAMAJI]}))
+    (port,) = _free_ports(1)  # never listened on: discovery fails first
+    code = await asyncio.to_thread(main, ["serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cluster tenant: cannot discover its endpoints" in err
+    assert 'statefulsets.apps "kamaji-etcd" not found' in err
+    assert "Traceback" not in err
+
+
+def test_defrag_of_a_discovering_cluster_needs_endpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"clusters": [KAMAJI]}))
+    assert main(["defrag", "--config", str(config), "--cluster", "tenant", "--dry-run"]) == 2
+    assert "reads its endpoints from the Kubernetes API" in capsys.readouterr().err

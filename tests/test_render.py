@@ -226,7 +226,7 @@ BAD_FLAGS = [
     (["--rule", "dbSize >> 3"], "--rule: invalid defrag rule at column 8"),
     (["--endpoints", "http://10.0.0.1:2379"], "--endpoints: variant kamaji mounts client TLS"),
     (["--endpoints", "https://a:2379", "-s", "x"], "--endpoints replaces -s"),
-    (["--endpoints", ","], "--endpoints: List should have at least 1 item"),
+    (["--endpoints", ","], "--endpoints: give at least one client URL"),
     (["--secret", "s"], "--secret is for --variant talos"),
     (["--variant", "plain"], "argument --variant: invalid choice: 'plain'"),
     (["--variant", "talos", "--endpoints", "https://10.0.0.1:2379"], "--secret: --variant talos needs"),

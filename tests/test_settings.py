@@ -75,7 +75,18 @@ def test_unknown_cluster_lists_the_configured_ones(tmp_path: Path) -> None:
             "clusters:\n  - name: Tenant_A\n    endpoints: [http://x:2379]\n",
             ["clusters[0].name: must be lowercase letters"],
         ),
-        ("clusters:\n  - name: a\n    endpoints: []\n", ["clusters[0].endpoints"]),
+        ("clusters:\n  - name: a\n    endpoints: []\n", ["clusters[0]: endpoints: give at least one"]),
+        ("clusters:\n  - name: a\n", ["or set kubernetes.discover_endpoints"]),
+        (
+            "clusters:\n  - name: a\n"
+            "    kubernetes: {namespace: n, tls_secret: s, discover_endpoints: true}\n",
+            ["discover_endpoints works with variants kamaji and kubeadm, not plain"],
+        ),
+        (
+            "clusters:\n  - name: a\n    endpoints: [https://x:2379]\n"
+            "    kubernetes: {namespace: n, variant: kubeadm, etcd_service: s}\n",
+            ["etcd_service is only used by variant kamaji"],
+        ),
         (
             "clusters:\n  - name: a\n    endpoints: [ftp://x]\n",
             ["clusters[0].endpoints: 'ftp://x' is not a client URL"],
