@@ -16,7 +16,7 @@ from etcd_harness import EtcdCluster, _free_ports, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
-from exporter import jobs
+from exporter import executors, jobs
 from exporter.cli import discovered, main
 from exporter.settings import ClusterConfig
 
@@ -335,6 +335,11 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
         "containers"
     ][0]["args"]
     assert args[args.index("--endpoints") + 1] == ",".join(urls)
+    local = executors.LocalExecutor(
+        state_dir=tmp_path, config_file=tmp_path / "config.yaml", embedded_default=False, cooldown_seconds=60
+    )
+    assert local.child_command(found)[-4:] == ["--cluster", "tenant", "--endpoints", ",".join(urls)]
+    assert "--endpoints" not in local.child_command(plain)
     with pytest.raises(jobs.JobConfigError, match="not been discovered"):
         jobs.build_job(ClusterConfig.model_validate(KAMAJI), image="i", trigger=jobs.Trigger(alertname="a"))
 
