@@ -379,7 +379,7 @@ async def _fleet_main(conn: Connection, data_dir: Path, members: int) -> None:
 
 # --- the processes: one command at a time over a pipe ----------------------------------------------
 
-Handler = Callable[[], Awaitable[dict[str, Any]]]
+Handler = Callable[..., Awaitable[dict[str, Any]]]
 
 
 def _usage() -> dict[str, Any]:
@@ -395,17 +395,21 @@ def _usage() -> dict[str, Any]:
 
 
 async def _serve_commands(conn: Connection, handlers: Mapping[str, Handler]) -> None:
-    """Answer the parent's commands until it says stop. Waiting happens in a thread, so costs no CPU."""
+    """Answer the parent's commands, "name" or ("name", *args), until it says stop.
+
+    Waiting happens in a thread, so costs no CPU. Also used by bench/webhook_storm.py.
+    """
     loop = asyncio.get_running_loop()
     while True:
         command = await loop.run_in_executor(None, conn.recv)
         if command == "stop":
             conn.send({})
             return
+        name, *args = (command,) if isinstance(command, str) else command
         try:
-            reply = _usage() if command == "usage" else await handlers[command]()
+            reply = _usage() if name == "usage" else await handlers[name](*args)
         except Exception as exc:  # the parent raises it with the process's name
-            reply = {"error": f"{command}: {exc!r}"}
+            reply = {"error": f"{name}: {exc!r}"}
         conn.send(reply)
 
 

@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -148,23 +147,8 @@ def storm_bodies(alerts: int, clusters: int, status: str = "firing") -> list[byt
 
 # --- the processes -------------------------------------------------------------------------------------
 
-Command = tuple[Any, ...]
 
-
-async def _serve(conn: Connection, handlers: dict[str, Callable[..., Awaitable[Any]]]) -> None:
-    """Answer ("name", *args) commands until "stop"; waiting happens in a thread, so costs no CPU."""
-    loop = asyncio.get_running_loop()
-    while True:
-        command = await loop.run_in_executor(None, conn.recv)
-        if command == "stop":
-            conn.send({})
-            return
-        name, *args = (command,) if isinstance(command, str) else command
-        try:
-            reply = usage() if name == "usage" else await handlers[name](*args)
-        except Exception as exc:  # the parent raises it with the process's name
-            reply = {"error": f"{name}: {exc!r}"}
-        conn.send(reply)
+_serve = _bench_exporter._serve_commands  # ("name", *args) commands until "stop"
 
 
 async def _kube_main(conn: Connection) -> None:
