@@ -32,6 +32,7 @@ from exporter.jobs import (
     TLS_DIR,
     Trigger,
     build_job,
+    kamaji_endpoints,
 )
 from exporter.kube import RBAC_RULES
 from exporter.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
@@ -352,6 +353,12 @@ def test_overlays_configure_clusters_whose_jobs_can_run(
     account = pod_spec(objects)["serviceAccountName"]
     for cluster in settings.clusters:
         assert cluster.kubernetes is not None, f"cluster {cluster.name}: no kubernetes section"
+        if cluster.discovers_endpoints:  # what the service reads from the API before any Job
+            role = one(objects, "Role", NAME, cluster.kubernetes.namespace)
+            assert any("statefulsets" in r["resources"] and "get" in r["verbs"] for r in role["rules"])
+            statefulset = {"metadata": {"name": cluster.kubernetes.etcd_name}, "spec": {"replicas": 3}}
+            found = kamaji_endpoints(statefulset, cluster.kubernetes.etcd_name, cluster.kubernetes.namespace)
+            cluster = cluster.model_copy(update={"endpoints": found})
         job = build_job(cluster, image=DEFAULT_IMAGE, trigger=Trigger(alertname="EtcdDefragRecommended"))
         validate(job)
         target = cluster.kubernetes
