@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from pydantic import ValidationError
 
 from exporter import __version__, jobs, logs
 from exporter import render as render_mod
@@ -192,6 +193,11 @@ def add_render_parser(sub: Any) -> None:
     job.add_argument("--cluster", metavar="NAME", required=True, help="the configured cluster")
     job.add_argument("--alertname", default="manual", help="recorded on the Job (default: manual)")
     job.add_argument("--dry-run", action="store_true", help="the Job runs `defrag --dry-run`")
+    job.add_argument(
+        "--endpoints",
+        metavar="URL[,URL...]",
+        help="for a cluster with kubernetes.discover_endpoints: the URLs the service would read from the API",
+    )
 
 
 def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
@@ -539,8 +545,26 @@ def render(args: argparse.Namespace) -> int:
 def render_job(args: argparse.Namespace) -> dict[str, Any]:
     """The Job of exporter.executors.KubernetesExecutor.launch for this cluster and alert name."""
     settings = load_settings(args.config)
+    cluster = settings.cluster(args.cluster)
+    if args.endpoints is not None:
+        if not cluster.discovers_endpoints:
+            raise UsageError(
+                f"--endpoints: cluster {cluster.name} takes its endpoints from the configuration, "
+                "not from the Kubernetes API"
+            )
+        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+        try:
+            cluster = ClusterConfig.model_validate({**cluster.model_dump(), "endpoints": endpoints})
+        except ValidationError as exc:
+            problems = format_validation_error(exc).splitlines()[1:]
+            raise UsageError("--endpoints: " + "; ".join(p.strip() for p in problems)) from None
+    elif cluster.discovers_endpoints:
+        raise UsageError(
+            f"cluster {cluster.name} reads its endpoints from the Kubernetes API "
+            "(kubernetes.discover_endpoints): give them with --endpoints"
+        )
     return jobs.build_job(
-        settings.cluster(args.cluster),
+        cluster,
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
         trigger=jobs.Trigger(alertname=args.alertname, dry_run=args.dry_run),
         cooldown_seconds=settings.executor.cooldown_seconds,

@@ -366,3 +366,25 @@ def test_defrag_of_a_discovering_cluster_needs_endpoints(
     config.write_text(yaml.safe_dump({"clusters": [KAMAJI]}))
     assert main(["defrag", "--config", str(config), "--cluster", "tenant", "--dry-run"]) == 2
     assert "reads its endpoints from the Kubernetes API" in capsys.readouterr().err
+
+
+def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"clusters": [KAMAJI, {"name": "plain", "endpoints": ["http://a:2379"]}]})
+    )
+    render = ["render", "job", "--config", str(config)]
+    assert main([*render, "--cluster", "tenant"]) == 2
+    assert "give them with --endpoints" in capsys.readouterr().err
+    assert main([*render, "--cluster", "tenant", "--endpoints", "http://a:2379"]) == 2
+    err = capsys.readouterr().err
+    assert "--endpoints: " in err
+    assert "plain http" in err
+    assert main([*render, "--cluster", "plain", "--endpoints", "https://a:2379"]) == 2
+    assert "takes its endpoints from the configuration" in capsys.readouterr().err
+    assert main([*render, "--cluster", "tenant", "--endpoints", "https://m-0:2379,https://m-1:2379"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"
