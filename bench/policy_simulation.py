@@ -55,9 +55,11 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from pydantic import ValidationError  # noqa: E402
+
 from exporter.model import Member, MemberStatus  # noqa: E402
 from exporter.policy import cluster_rule, evaluate, make_plan  # noqa: E402
-from exporter.settings import ClusterConfig  # noqa: E402
+from exporter.settings import ClusterConfig, format_validation_error  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -322,9 +324,11 @@ class AlertTriggered(Policy):
     critical: _Alert = field(default_factory=lambda: _Alert(CRITICAL_FOR_MINUTES))
     last_sent: int | None = None
     last_run: int | None = None
+    rule_text: str | None = None  # None: the default thresholds
 
     def __post_init__(self) -> None:
-        self.rule = cluster_rule(ClusterConfig(name="simulated", endpoints=["http://member-1:2379"]))
+        config = ClusterConfig(name="simulated", endpoints=["http://member-1:2379"], rule=self.rule_text)
+        self.rule = cluster_rule(config)
 
     def choose(self, minute: int, databases: Sequence[Database]) -> list[int]:
         """Members the engine's plan defragments, when an acting alert reaches the webhook."""
@@ -403,10 +407,10 @@ def _account(outcome: Outcome, step: int, databases: list[Database], policy: Pol
         outcome.wasted_defrags += reclaimed < WASTED_BELOW_BYTES
 
 
-def policies(recommended_for_minutes: int) -> tuple[Callable[[], Policy], ...]:
+def policies(recommended_for_minutes: int, rule: str | None = None) -> tuple[Callable[[], Policy], ...]:
     """Fresh-policy factories, ours first."""
     return (
-        lambda: AlertTriggered(recommended=_Alert(recommended_for_minutes)),
+        lambda: AlertTriggered(recommended=_Alert(recommended_for_minutes), rule_text=rule),
         NightlyCron,
         Never,
     )
@@ -423,7 +427,17 @@ def main() -> int:
         default=RECOMMENDED_FOR_MINUTES,
         help=f"`for` of EtcdDefragRecommended (shipped: {RECOMMENDED_FOR_MINUTES})",
     )
+    parser.add_argument(
+        "--rule",
+        metavar="EXPR",
+        help="ours with this defrag rule (etcd-defrag syntax) instead of the default thresholds",
+    )
     args = parser.parse_args()
+    if args.rule is not None:
+        try:
+            ClusterConfig(name="simulated", endpoints=["http://member-1:2379"], rule=args.rule)
+        except ValidationError as exc:
+            parser.error("--rule: " + "\n".join(format_validation_error(exc).splitlines()[1:]).strip())
     days = 7 if args.quick else args.days
     traces = TRACES[:1] if args.quick else TRACES
     started = time.perf_counter()
@@ -433,7 +447,8 @@ def main() -> int:
         f"{MEMBERS} members, quota {QUOTA_BYTES / GIB:.0f} GiB, "
         f"stranding {STRAND_RATIO:.1%} of freed bytes (x {', '.join(map(str, MEMBER_STRAND_FACTORS))} per "
         f"member), defrag at {DEFRAG_BYTES_PER_SECOND / MIB:.0f} MiB/s, seed {args.seed}; ours: "
-        f"EtcdDefragRecommended for {args.for_minutes}m, EtcdQuotaUsageCritical (> 90%) for "
+        f"rule {args.rule or 'the default thresholds'}, EtcdDefragRecommended for {args.for_minutes}m, "
+        "EtcdQuotaUsageCritical (> 90%) for "
         f"{CRITICAL_FOR_MINUTES}m, EtcdNoSpaceAlarm; repeat {REPEAT_INTERVAL_MINUTES}m, "
         f"cooldown {COOLDOWN_MINUTES}m; cron: every member at 00:00\n"
     )
@@ -449,7 +464,7 @@ def main() -> int:
     for trace in traces:
         load = workload(trace, WARMUP_DAYS + days, args.seed)
         outcomes = {}
-        for make in policies(args.for_minutes):
+        for make in policies(args.for_minutes, args.rule):
             policy = make()
             outcome = outcomes[policy.name] = simulate(trace, load, policy)
             print(
