@@ -21,7 +21,7 @@ import ipaddress
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -126,6 +126,22 @@ def load_credentials(settings: Settings) -> Credentials:
             "auth), or listen on 127.0.0.1"
         )
     return credentials
+
+
+SECRET_CHECK_SECONDS = 1.0
+
+
+def _stamps(paths: Sequence[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    """What tells a changed file: modification time, size and inode (None: cannot stat)."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
 
 
 def is_loopback(host: str) -> bool:
@@ -253,6 +269,33 @@ class Webhook:
         self._health: HealthCache = {}
         self._index: tuple[object, ClusterIndex] | None = None
         self._logged: dict[tuple[str, Decision], float] = {}  # when a skip was last logged above DEBUG
+        webhook = settings.webhook
+        self._secret_files = [p for p in (webhook.token_file, webhook.basic_auth_password_file) if p]
+        self._secret_stamp = _stamps(self._secret_files)
+        self._secrets_checked_at = clock.monotonic()
+
+    def _reread_secrets(self) -> None:
+        """Follow a rotated token or password file (a Kubernetes Secret volume is updated in place).
+
+        Looks at most every SECRET_CHECK_SECONDS; a file that changed but is unusable (empty, gone)
+        keeps the current credentials and is logged.
+        """
+        now = clock.monotonic()
+        if not self._secret_files or now - self._secrets_checked_at < SECRET_CHECK_SECONDS:
+            return
+        self._secrets_checked_at = now
+        stamp = _stamps(self._secret_files)
+        if stamp == self._secret_stamp:
+            return
+        self._secret_stamp = stamp
+        try:
+            self.credentials = load_credentials(self.settings)
+        except ConfigError as exc:
+            log.warning(
+                "webhook: a secret file changed but is unusable, keeping the current credentials: %s", exc
+            )
+            return
+        log.info("webhook: credentials read again from %s", ", ".join(str(p) for p in self._secret_files))
 
     def _cluster_index(self) -> ClusterIndex:
         """The routing index of the configured clusters, rebuilt when a reload replaced them."""
@@ -268,6 +311,7 @@ class Webhook:
     async def __call__(self, request: web.Request) -> web.Response:
         if request.method != "POST":
             return self._refuse(RequestOutcome.METHOD_NOT_ALLOWED, 405, "use POST", Allow="POST")
+        self._reread_secrets()
         if not authorized(request.headers.get("Authorization"), self.credentials):
             # Never log the header: it may hold a near-miss of the real token.
             log.warning("webhook: unauthorized request from %s", request.remote)

@@ -27,6 +27,7 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import webhook as webhook_module
 from exporter.app import create_app
 from exporter.engine import MemberReport, RunReport, RunResult
 from exporter.executors import (
@@ -451,6 +452,31 @@ async def test_token_from_a_file_and_from_the_environment(
     assert "from-the-env" not in repr(from_env)
     assert "from-the-env" not in str(from_env.model_dump())
     assert "ETCD_AUTODEFRAG_WEBHOOK__TOKEN" not in child_environment(os.environ)
+
+
+async def test_a_rotated_token_file_is_followed(
+    etcd: EtcdCluster,
+    serve: Serve,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kubernetes updates a mounted Secret in place: the new token works without a restart."""
+    monkeypatch.setattr(webhook_module, "SECRET_CHECK_SECONDS", 0.0)  # look on every request
+    token_file = tmp_path / "token"
+    token_file.write_text("first-token\n")
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token_file": token_file})
+    assert (await post(client, notification(), {"Authorization": "Bearer first-token"}))[0] == 200
+
+    token_file.write_text("the-second-token\n")
+    assert (await post(client, notification(), {"Authorization": "Bearer the-second-token"}))[0] == 200
+    assert (await post(client, notification(), {"Authorization": "Bearer first-token"}))[0] == 401
+
+    caplog.set_level(logging.WARNING, logger="exporter.webhook")
+    token_file.write_text("")  # caught mid-rotation: keep what works
+    assert (await post(client, notification(), {"Authorization": "Bearer the-second-token"}))[0] == 200
+    assert any("unusable, keeping the current credentials" in r.getMessage() for r in caplog.records)
+    assert "the-second-token" not in caplog.text
 
 
 @pytest.mark.parametrize(
