@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any
 
 from exporter import clock
-from exporter.etcd import EtcdApi, EtcdError
+from exporter.etcd import EtcdApi, EtcdError, NoEndpointAnswered, first_answer
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import (
     Health,
@@ -339,32 +339,31 @@ class DefragEngine:
                 "since": clock.utcnow().isoformat(timespec="seconds"),
             }
         ).encode()
-        errors = []
-        for endpoint in topology.endpoints.values():
-            try:
-                lease = await self.client.lease_grant(endpoint, ttl)
-                holder = await self.client.put_if_absent(endpoint, LOCK_KEY, value, lease)
-            except EtcdError as exc:
-                errors.append(str(exc))
-                continue
-            if holder is not None:
-                with contextlib.suppress(EtcdError):
-                    await self.client.lease_revoke(endpoint, lease)
-                raise self._stop(
-                    RunResult.REFUSED,
-                    f"another defrag run holds the lock key {LOCK_KEY.decode()} in etcd: {_holder(holder)}; "
-                    "it expires by itself, or delete it once no run is going on",
-                )
-            self._say(
-                "cluster %s: holding the lock key %s (it expires by itself %ds after a run that dies)",
-                self.cluster.name,
-                LOCK_KEY.decode(),
-                ttl,
-                level=logging.DEBUG,
+
+        async def create(endpoint: str) -> tuple[int, bytes | None]:
+            lease = await self.client.lease_grant(endpoint, ttl)
+            return lease, await self.client.put_if_absent(endpoint, LOCK_KEY, value, lease)
+
+        try:
+            endpoint, (lease, holder) = await first_answer(topology.endpoints.values(), create)
+        except NoEndpointAnswered as exc:
+            raise self._stop(RunResult.REFUSED, f"cannot take the lock key in etcd: {exc}") from None
+        if holder is not None:
+            with contextlib.suppress(EtcdError):
+                await self.client.lease_revoke(endpoint, lease)
+            raise self._stop(
+                RunResult.REFUSED,
+                f"another defrag run holds the lock key {LOCK_KEY.decode()} in etcd: {_holder(holder)}; "
+                "it expires by itself, or delete it once no run is going on",
             )
-            held.push_async_callback(self._release_cluster_lock, topology, lease, ttl)
-            return
-        raise self._stop(RunResult.REFUSED, "cannot take the lock key in etcd: " + "; ".join(errors))
+        self._say(
+            "cluster %s: holding the lock key %s (it expires by itself %ds after a run that dies)",
+            self.cluster.name,
+            LOCK_KEY.decode(),
+            ttl,
+            level=logging.DEBUG,
+        )
+        held.push_async_callback(self._release_cluster_lock, topology, lease, ttl)
 
     async def _release_cluster_lock(self, topology: _Topology, lease: int, ttl: int) -> None:
         if self._defrag_in_flight is not None:
@@ -378,35 +377,29 @@ class DefragEngine:
                 level=logging.WARNING,
             )
             return
-        problem = ""
-        for endpoint in topology.endpoints.values():
-            try:
-                await self.client.lease_revoke(endpoint, lease)
-                return
-            except EtcdError as exc:
-                problem = str(exc)
-        self._say(
-            "cluster %s: could not release the lock (%s); it expires with its lease within %ds",
-            self.cluster.name,
-            problem,
-            ttl,
-            level=logging.WARNING,
-        )
+
+        async def revoke(endpoint: str) -> None:
+            await self.client.lease_revoke(endpoint, lease)
+
+        try:
+            await first_answer(topology.endpoints.values(), revoke)
+        except NoEndpointAnswered as exc:
+            self._say(
+                "cluster %s: could not release the lock (%s); it expires with its lease within %ds",
+                self.cluster.name,
+                exc.errors[-1] if exc.errors else "",
+                ttl,
+                level=logging.WARNING,
+            )
 
     # --- discovery and health ----------------------------------------------------------------
 
     async def _discover(self) -> _Topology:
         """Members from the first configured endpoint that answers; targets per configuration."""
-        errors = []
-        members: list[Member] | None = None
-        for endpoint in self.cluster.endpoints:
-            try:
-                members = await self.client.members(endpoint)
-                break
-            except EtcdError as exc:
-                errors.append(str(exc))
-        if members is None:
-            raise self._stop(RunResult.REFUSED, "no configured endpoint answered: " + "; ".join(errors))
+        try:
+            _, members = await first_answer(self.cluster.endpoints, self.client.members)
+        except NoEndpointAnswered as exc:
+            raise self._stop(RunResult.REFUSED, f"no configured endpoint answered: {exc}") from None
         endpoints: dict[int, str] = {}
         for member in members:
             if (url := endpoint_for(member, self.cluster.endpoints)) is not None:

@@ -10,10 +10,10 @@ import base64
 import functools
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -35,6 +35,31 @@ class EtcdError(Exception):
 
 class EtcdUnavailable(EtcdError):
     """The endpoint could not be reached or did not answer in time."""
+
+
+class NoEndpointAnswered(Exception):
+    """`first_answer` tried every endpoint; `errors` says what each one did, in order."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("; ".join(errors))
+        self.errors = errors
+
+
+T = TypeVar("T")
+
+
+async def first_answer(endpoints: Iterable[str], call: Callable[[str], Awaitable[T]]) -> tuple[str, T]:
+    """`call(endpoint)` on each endpoint in turn until one answers: (that endpoint, its answer).
+
+    An endpoint whose call raises EtcdError is passed over; when none answers, NoEndpointAnswered.
+    """
+    errors = []
+    for endpoint in endpoints:
+        try:
+            return endpoint, await call(endpoint)
+        except EtcdError as exc:
+            errors.append(str(exc))
+    raise NoEndpointAnswered(errors)
 
 
 class EtcdApiError(EtcdError):

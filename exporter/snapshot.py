@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from exporter import clock
-from exporter.etcd import EtcdApi, EtcdError
+from exporter.etcd import EtcdApi, EtcdError, NoEndpointAnswered, first_answer
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
 from exporter.rule import Rule
@@ -97,20 +97,14 @@ async def member_status(
 
 async def discover_members(client: EtcdApi, cluster: ClusterConfig) -> list[Member]:
     """The member list from the first endpoint that answers, or members for the static endpoints."""
-    errors = []
-    for endpoint in cluster.endpoints:
-        try:
-            members = await client.members(endpoint)
-        except EtcdError as exc:
-            errors.append(str(exc))
-            continue
-        if cluster.discover_members:
-            return members
-        by_url = {url: m for m in members for url in m.client_urls}
-        return [
-            by_url.get(e) or Member(id=0, name=e, peer_urls=(), client_urls=(e,)) for e in cluster.endpoints
-        ]
-    raise EtcdError(cluster.endpoints[0], "no endpoint answered: " + "; ".join(errors))
+    try:
+        _, members = await first_answer(cluster.endpoints, client.members)
+    except NoEndpointAnswered as exc:
+        raise EtcdError(cluster.endpoints[0], f"no endpoint answered: {exc}") from None
+    if cluster.discover_members:
+        return members
+    by_url = {url: m for m in members for url in m.client_urls}
+    return [by_url.get(e) or Member(id=0, name=e, peer_urls=(), client_urls=(e,)) for e in cluster.endpoints]
 
 
 async def observe_cluster(
