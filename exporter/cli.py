@@ -618,8 +618,7 @@ async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags
                         f"-e/-n: StatefulSet {namespace}/{name} not found; name the kamaji etcd "
                         "StatefulSet with -e and -n, or give --replicas or --endpoints"
                     ) from None
-                given = statefulset.get("spec", {}).get("replicas")
-                replicas = 1 if given is None else int(given)  # Kubernetes' default for an unset one
+                replicas = jobs.statefulset_replicas(statefulset)
             plan = render_mod.plan_cronjob(flags, statefulset_replicas=replicas)
             debug_notes(plan)
             applied = await kube.apply_cronjob(api, render_mod.build_cronjob(plan), timeout=timeout)

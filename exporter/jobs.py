@@ -529,10 +529,14 @@ def kamaji_endpoints(
 ) -> list[str]:
     """One client URL per replica of a kamaji-etcd StatefulSet, by its stable headless-Service name."""
     name = statefulset["metadata"]["name"]
-    replicas = statefulset.get("spec", {}).get("replicas")
-    count = 1 if replicas is None else int(replicas)  # Kubernetes' default for an unset replicas
     host = f"{service_name}.{namespace}.svc.{cluster_domain}"
-    return [f"{scheme}://{name}-{i}.{host}:{port}" for i in range(count)]
+    return [f"{scheme}://{name}-{i}.{host}:{port}" for i in range(statefulset_replicas(statefulset))]
+
+
+def statefulset_replicas(statefulset: Json) -> int:
+    """spec.replicas of a StatefulSet as the API returns it; 1, Kubernetes' default, when unset."""
+    replicas = statefulset.get("spec", {}).get("replicas")
+    return 1 if replicas is None else int(replicas)
 
 
 def kubeadm_endpoints(pod_list: Json) -> list[str]:

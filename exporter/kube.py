@@ -19,9 +19,10 @@ gives up on any other status (notify/util.go, `Retrier`):
 - 409 AlreadyExists on a create is no error: it is the lock (LaunchResult with created=False).
 
 RBAC: RBAC_RULES lists every verb on every resource the service calls, so the shipped Role can be
-compared with it; tests/test_kube.py checks that the calls the tests make stay within it. The
-CronJob calls of `render cronjob --apply` (read_statefulset, apply_cronjob) run with the user's own
-credentials and are listed apart, in RENDER_APPLY_RBAC_RULES: the service never needs them.
+compared with it; tests/test_kube.py checks that the calls the tests make stay within it.
+`render cronjob --apply` (read_statefulset, the same read as Kamaji discovery, and apply_cronjob)
+runs with the user's own credentials; its calls are listed apart, in RENDER_APPLY_RBAC_RULES: the
+service never needs the CronJob ones.
 """
 
 import asyncio
@@ -465,6 +466,14 @@ async def record_event(
     return await _call(core.create_namespaced_event, event["metadata"]["namespace"], event, timeout=timeout)
 
 
+async def read_statefulset(
+    api_client: k8s.ApiClient, namespace: str, name: str, *, timeout: float = 10.0
+) -> Json:
+    """The StatefulSet as the API returns it (404 and 403 raise KubeRejected)."""
+    apps = k8s.AppsV1Api(api_client)
+    return await _call(apps.read_namespaced_stateful_set, name, namespace, timeout=timeout)
+
+
 async def discover_kamaji(
     api_client: k8s.ApiClient,
     namespace: str,
@@ -475,8 +484,7 @@ async def discover_kamaji(
     timeout: float = 10.0,
 ) -> list[str]:
     """Client URLs of a kamaji-etcd cluster, one per replica of its StatefulSet."""
-    apps = k8s.AppsV1Api(api_client)
-    found = await _call(apps.read_namespaced_stateful_set, statefulset, namespace, timeout=timeout)
+    found = await read_statefulset(api_client, namespace, statefulset, timeout=timeout)
     return kamaji_endpoints(found, service, namespace, port)
 
 
@@ -510,14 +518,6 @@ async def discover_endpoints(
 
 
 # --- render cronjob --apply -------------------------------------------------------------------------
-
-
-async def read_statefulset(
-    api_client: k8s.ApiClient, namespace: str, name: str, *, timeout: float = 10.0
-) -> Json:
-    """The StatefulSet as the API returns it (404 and 403 raise KubeRejected)."""
-    apps = k8s.AppsV1Api(api_client)
-    return await _call(apps.read_namespaced_stateful_set, name, namespace, timeout=timeout)
 
 
 @dataclass(frozen=True)
