@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import yaml
-from pydantic import ValidationError
 
 from exporter import __version__, jobs, logs
 from exporter import render as render_mod
@@ -200,11 +199,16 @@ def add_render_parser(sub: Any) -> None:
     )
 
 
+def endpoint_list(text: str) -> list[str]:
+    """The URLs of a comma-separated --endpoints value."""
+    return [e.strip() for e in text.split(",") if e.strip()]
+
+
 def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
     """The cluster to act on: a configured one (`--cluster`), flags only, or the local default."""
     overrides: dict[str, Any] = {}
     if args.endpoints:
-        overrides["endpoints"] = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+        overrides["endpoints"] = endpoint_list(args.endpoints)
     if args.no_discover:
         overrides["discover_members"] = False
     if args.cacert or args.cert or args.key or args.server_name:
@@ -288,7 +292,7 @@ async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
                         f"cluster {cluster.name}: cannot discover its endpoints: {exc}"
                     ) from None
                 try:
-                    cluster = ClusterConfig.model_validate({**cluster.model_dump(), "endpoints": endpoints})
+                    cluster = cluster.with_endpoints(endpoints)
                 except ValueError as exc:  # e.g. plain http URLs for a variant that mounts TLS
                     raise DiscoveryError(f"cluster {cluster.name}: discovered endpoints: {exc}") from None
                 log.info(
@@ -552,12 +556,10 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
                 f"--endpoints: cluster {cluster.name} takes its endpoints from the configuration, "
                 "not from the Kubernetes API"
             )
-        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
         try:
-            cluster = ClusterConfig.model_validate({**cluster.model_dump(), "endpoints": endpoints})
-        except ValidationError as exc:
-            problems = format_validation_error(exc).splitlines()[1:]
-            raise UsageError("--endpoints: " + "; ".join(p.strip() for p in problems)) from None
+            cluster = cluster.with_endpoints(endpoint_list(args.endpoints))
+        except ValueError as exc:
+            raise UsageError(f"--endpoints: {exc}") from None
     elif cluster.discovers_endpoints:
         raise UsageError(
             f"cluster {cluster.name} reads its endpoints from the Kubernetes API "
@@ -573,9 +575,7 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
 
 def cronjob_flags(args: argparse.Namespace) -> render_mod.CronJobFlags:
     """The `render cronjob` flags as given (None: not given)."""
-    endpoints = None
-    if args.endpoints is not None:
-        endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    endpoints = endpoint_list(args.endpoints) if args.endpoints is not None else None
     return render_mod.CronJobFlags(
         variant=args.variant,
         etcd_name=args.etcd_name,

@@ -393,6 +393,14 @@ class ClusterConfig(_Model):
         """The members' URLs come from the Kubernetes API (exporter.kube.discover_endpoints)."""
         return self.kubernetes is not None and self.kubernetes.discover_endpoints
 
+    def with_endpoints(self, endpoints: list[str]) -> "ClusterConfig":
+        """This cluster with these endpoints, checked as the config file's are; ValueError says why."""
+        try:
+            return ClusterConfig.model_validate({**self.model_dump(), "endpoints": endpoints})
+        except ValidationError as exc:
+            problems = format_validation_error(exc).splitlines()[1:]
+            raise ValueError("; ".join(p.strip() for p in problems)) from None
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if not self.endpoints and not self.discovers_endpoints:
