@@ -404,7 +404,7 @@ class Webhook:
             fresh = decide(
                 alert=alert,
                 clusters=[cluster],
-                snapshots=health_of(self.refresher, self._health),
+                snapshots=health_of(self.refresher, self._health, names=[cluster.name]),
                 runs=self.executor.runs([cluster.name]),
                 now=clock.utcnow(),
                 policy=self.policy,
