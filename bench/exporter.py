@@ -592,9 +592,11 @@ class Proc:
             self.process.join(10)
 
 
-def _spawn(ctx: Any, kind: str, *args: Any) -> Proc:
+def _spawn(ctx: Any, kind: str, *args: Any, entry: Callable[..., None] | None = None) -> Proc:
+    """A process running `entry(kind, conn, *args)` (default: this benchmark's roles)."""
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_process_entry, args=(kind, child, *args), name=f"bench-{kind}", daemon=True)
+    target = entry or _process_entry
+    process = ctx.Process(target=target, args=(kind, child, *args), name=f"bench-{kind}", daemon=True)
     process.start()
     child.close()
     return Proc(kind, process, parent)

@@ -80,7 +80,6 @@ def _load(name: str, file: str) -> ModuleType:
 # Reused from the other benchmarks: process roles over a pipe, CPU usage, percentiles, machine facts.
 _bench_exporter = _load("bench_exporter", "exporter.py")
 _bench_defrag = _load("bench_defrag_overhead", "defrag_overhead.py")
-Proc = _bench_exporter.Proc
 usage = _bench_exporter._usage
 percentile = _bench_defrag.percentile
 machine_facts = _bench_defrag.machine_facts
@@ -284,11 +283,7 @@ def _entry(kind: str, conn: Connection, *args: Any) -> None:
 
 
 def _spawn(ctx: Any, kind: str, *args: Any) -> Any:
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_entry, args=(kind, child, *args), name=f"bench-{kind}", daemon=True)
-    process.start()
-    child.close()
-    return Proc(kind, process, parent)
+    return _bench_exporter._spawn(ctx, kind, *args, entry=_entry)
 
 
 # --- rounds and figures -------------------------------------------------------------------------------
