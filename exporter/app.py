@@ -116,6 +116,7 @@ def create_app(
                 scrape_budget_seconds=settings.scrape_budget_seconds,
                 min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
                 member_list_refresh_seconds=settings.member_list_refresh_seconds,
+                write_lock_tokens=not settings.executor.dry_run,
             )
             app[REFRESHER] = refresher
             run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)

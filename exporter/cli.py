@@ -23,7 +23,8 @@ import yaml
 
 from exporter import __version__, jobs, logs
 from exporter import render as render_mod
-from exporter.engine import DefragEngine, LockUnavailable, RunReport, iter_lines
+from exporter.cluster_lock import LockUnavailable
+from exporter.engine import DefragEngine, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
 from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
 from exporter.settings import (
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     defrag.add_argument("--continue-on-error", action="store_true", help="go on after a failed member")
     defrag.add_argument("--member-timeout", type=float, metavar="S", help="per-member defrag timeout")
     defrag.add_argument("--deadline", type=float, metavar="S", help="deadline of the whole run")
+    defrag.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="you are sure no other run is going on for this cluster: undo the etcd lock a dead run "
+        "left, or under NOSPACE go on where no lock can be taken (docs/locking.md)",
+    )
     defrag.add_argument("--output", choices=["text", "json"], default="text")
     defrag.add_argument(
         "--report-file",
@@ -351,7 +358,13 @@ def host_lock(cluster_id: int) -> Iterator[None]:
 async def run_defrag(args: argparse.Namespace, cluster: ClusterConfig) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
-        engine = DefragEngine(make_client(session, cluster), cluster, dry_run=args.dry_run, lock=host_lock)
+        engine = DefragEngine(
+            make_client(session, cluster),
+            cluster,
+            dry_run=args.dry_run,
+            lock=host_lock,
+            break_lock=args.break_lock,
+        )
         return await engine.run()
 
 

@@ -16,9 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import os
-import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -26,7 +23,8 @@ from enum import StrEnum
 from typing import Any
 
 from exporter import clock
-from exporter.etcd import EtcdApi, EtcdError, NoEndpointAnswered, first_answer
+from exporter.cluster_lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable, token_key
+from exporter.etcd import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import (
     Health,
@@ -112,6 +110,7 @@ class RunReport:
     compacted_revision: int = 0
     disarmed_alarms: list[str] = field(default_factory=list)
     members: list[MemberReport] = field(default_factory=list)
+    down_members: list[str] = field(default_factory=list)  # stopped answering after their defrag
 
     @property
     def exit_code(self) -> int:
@@ -166,17 +165,6 @@ class RunReport:
         return text
 
 
-# One run per etcd cluster, whatever runs it (a Job, a CronJob, a person's CLI on another host): a key
-# in etcd itself, created only if absent and bound to a lease that outlives the run's deadline, so a
-# run that dies leaves a lock that expires by itself. Kubernetes keeps its data under /registry/.
-LOCK_KEY = b"/etcd-autodefrag/defrag-lock"
-LOCK_MARGIN_SECONDS = 300
-
-
-class LockUnavailable(Exception):
-    """Another run holds this cluster's lock (or the lock cannot be taken): refuse, touch nothing."""
-
-
 class RunStopped(Exception):
     """Ends a run early; the report already says why."""
 
@@ -198,12 +186,14 @@ class DefragEngine:
         *,
         dry_run: bool = False,
         lock: Callable[[int], AbstractContextManager[object]] | None = None,
+        break_lock: bool = False,
     ) -> None:
         self.client = client
         self.cluster = cluster
         self.dry_run = dry_run
         self.rule = cluster_rule(cluster)
         self._lock = lock or (lambda _cluster_id: nullcontext())
+        self.break_lock = break_lock  # the operator says no other run is going on (docs/locking.md)
         self._quotas = QuotaCache()
         self._started = 0.0
         self._in_progress: MemberReport | None = None
@@ -295,12 +285,15 @@ class DefragEngine:
                     self._member(planned.member.id).outcome = Outcome.SKIPPED
             if any(planned.step is Step.DEFRAG for planned in plan.members):
                 await self._take_cluster_lock(topology, held)
+            else:
+                await self._write_nospace_tokens(topology)
             await self._execute(topology, list(plan.members))
             await self._disarm_if_recovered(topology)
         failed = [m for m in self.report.members if m.outcome is Outcome.FAILED]
         if failed:
             names = ", ".join(m.name for m in failed)
-            raise self._stop(RunResult.FAILED, f"defragmentation failed on {names}")
+            down = f"; down now: {', '.join(self.report.down_members)}" if self.report.down_members else ""
+            raise self._stop(RunResult.FAILED, f"defragmentation failed on {names}{down}")
         if self.dry_run:
             self.report.result = RunResult.DRY_RUN
         elif (
@@ -314,83 +307,71 @@ class DefragEngine:
     # --- the lock in etcd -------------------------------------------------------------------------
 
     async def _take_cluster_lock(self, topology: _Topology, held: AsyncExitStack) -> None:
-        """Create LOCK_KEY or refuse the run; `held` releases it at the end.
+        """Take the cluster's lock in etcd (exporter.cluster_lock) or refuse the run.
 
-        Taken once the plan has a member to defragment: a dry run or a run with nothing to do
-        writes nothing. Compaction, before it, is harmless twice over.
+        Taken once the plan has a member to defragment: a dry run or a run with nothing to do takes
+        none. Compaction, before it, is harmless twice over.
         """
         if self.dry_run:
             return
-        if self._nospace:
-            self._say(
-                "cluster %s: NOSPACE refuses every write, so the lock key %s cannot be written: "
-                "only this host's lock guards this run",
-                self.cluster.name,
-                LOCK_KEY.decode(),
-                level=logging.WARNING,
-            )
-            return
-        ttl = math.ceil(self.cluster.deadline_seconds) + LOCK_MARGIN_SECONDS
-        value = json.dumps(
-            {
-                "holder": socket.gethostname(),
-                "pid": os.getpid(),
-                "cluster": self.cluster.name,
-                "since": clock.utcnow().isoformat(timespec="seconds"),
-            }
-        ).encode()
-
-        async def create(endpoint: str) -> tuple[int, bytes | None]:
-            lease = await self.client.lease_grant(endpoint, ttl)
-            return lease, await self.client.put_if_absent(endpoint, LOCK_KEY, value, lease)
-
+        lock = ClusterLock(self.client, list(topology.endpoints.values()), cluster=self.cluster.name)
         try:
-            endpoint, (lease, holder) = await first_answer(topology.endpoints.values(), create)
-        except NoEndpointAnswered as exc:
-            raise self._stop(RunResult.REFUSED, f"cannot take the lock key in etcd: {exc}") from None
-        if holder is not None:
-            with contextlib.suppress(EtcdError):
-                await self.client.lease_revoke(endpoint, lease)
-            raise self._stop(
-                RunResult.REFUSED,
-                f"another defrag run holds the lock key {LOCK_KEY.decode()} in etcd: {_holder(holder)}; "
-                "it expires by itself, or delete it once no run is going on",
+            hold = await lock.take(
+                nospace=self._nospace,
+                deadline_seconds=self.cluster.deadline_seconds,
+                break_lock=self.break_lock,
             )
-        self._say(
-            "cluster %s: holding the lock key %s (it expires by itself %ds after a run that dies)",
-            self.cluster.name,
-            LOCK_KEY.decode(),
-            ttl,
-            level=logging.DEBUG,
-        )
-        held.push_async_callback(self._release_cluster_lock, topology, lease, ttl)
-
-    async def _release_cluster_lock(self, topology: _Topology, lease: int, ttl: int) -> None:
-        if self._defrag_in_flight is not None:
+        except LockUnavailable as exc:
+            raise self._stop(RunResult.REFUSED, str(exc)) from None
+        if hold.token is not None:
             self._say(
-                "cluster %s: keeping the lock key %s until its lease expires (within %ds): %s may still be "
-                "defragmenting",
+                "cluster %s: NOSPACE refuses writes, so this run holds the lock by a deleted token (%s)",
                 self.cluster.name,
-                LOCK_KEY.decode(),
-                ttl,
+                token_key(hold.token).decode(),
+            )
+        held.push_async_callback(self._give_back_cluster_lock, lock, hold)
+
+    async def _give_back_cluster_lock(self, lock: ClusterLock, hold: Hold) -> None:
+        if not hold.guarded:
+            return
+        if self._defrag_in_flight is not None:
+            until = (
+                f"until its lease expires (within {hold.ttl_seconds}s)"
+                if hold.lease
+                else f"under NOSPACE nothing in etcd expires, so until it is broken: {BREAK_HINT}"
+            )
+            self._say(
+                "cluster %s: keeping the lock, %s: %s may still be defragmenting",
+                self.cluster.name,
+                until,
                 self._defrag_in_flight,
                 level=logging.WARNING,
             )
             return
-
-        async def revoke(endpoint: str) -> None:
-            await self.client.lease_revoke(endpoint, lease)
-
         try:
-            await first_answer(topology.endpoints.values(), revoke)
-        except NoEndpointAnswered as exc:
+            await lock.give_back(hold)
+        except LockUnavailable as exc:
+            until = (
+                f"it expires with its lease within {hold.ttl_seconds}s"
+                if hold.lease
+                else f"until then other runs are refused; {BREAK_HINT}"
+            )
             self._say(
-                "cluster %s: could not release the lock (%s); it expires with its lease within %ds",
+                "cluster %s: could not give the lock back (%s); %s",
                 self.cluster.name,
-                exc.errors[-1] if exc.errors else "",
-                ttl,
+                exc,
+                until,
                 level=logging.WARNING,
             )
+
+    async def _write_nospace_tokens(self, topology: _Topology) -> None:
+        """Make sure a later run under NOSPACE finds its lock tokens (no-op when they exist)."""
+        if self.dry_run or self._nospace:
+            return
+        lock = ClusterLock(self.client, list(topology.endpoints.values()), cluster=self.cluster.name)
+        with contextlib.suppress(LockUnavailable):
+            if await lock.write_tokens():
+                self._say("cluster %s: wrote the NOSPACE lock tokens", self.cluster.name, level=logging.DEBUG)
 
     # --- discovery and health ----------------------------------------------------------------
 
@@ -557,13 +538,7 @@ class DefragEngine:
         try:
             await self.client.defragment(endpoint, timeout=timeout)
         except EtcdError as exc:
-            if "no answer within" in exc.message:
-                raise EtcdError(
-                    endpoint,
-                    f"defragment did not finish within {timeout:g}s (it may still be running on the member)",
-                ) from exc
-            self._defrag_in_flight = None
-            raise
+            raise await self._defrag_failed(member, endpoint, exc, timeout) from exc
         self._defrag_in_flight = None
         await self._wait_recovered(topology, member, endpoint)
         self._in_progress = None
@@ -582,6 +557,36 @@ class DefragEngine:
             human_bytes(after.db_size_bytes),
             human_bytes(report.reclaimed_bytes),
         )
+
+    async def _defrag_failed(
+        self, member: Member, endpoint: str, exc: EtcdError, timeout: float
+    ) -> EtcdError:
+        """The error to report for a defragment call that failed, after a look at the member.
+
+        The lock stays (`_defrag_in_flight`) unless the defrag cannot be running: etcd answered with
+        an error, the request never reached the member, or the member is down now.
+        """
+        if not isinstance(exc, EtcdUnavailable) or not exc.reached:
+            self._defrag_in_flight = None
+            return exc
+        what = (
+            f"defragment did not finish within {timeout:g}s"
+            if "no answer within" in exc.message
+            else f"the connection failed during the defragment ({exc.message})"
+        )
+        try:
+            await self.client.status(endpoint, timeout=min(self.cluster.health_timeout_seconds, 5.0))
+        except EtcdUnavailable as probe:
+            if not probe.reached:  # nothing listens: the process is gone, and its defrag with it
+                self._defrag_in_flight = None
+                self.report.down_members.append(label(member))
+                return EtcdError(endpoint, f"{what}; {label(member)} is down now: {probe.message}")
+            return EtcdError(
+                endpoint, f"{what}; {label(member)} does not answer now: down or still defragmenting"
+            )
+        except EtcdError:
+            pass
+        return EtcdError(endpoint, f"{what} (it may still be running on the member)")
 
     async def _wait_recovered(self, topology: _Topology, member: Member, endpoint: str) -> None:
         """Until the member serves a linearizable read and has applied what the leader had committed."""
@@ -667,15 +672,6 @@ class DefragEngine:
             await self.client.disarm(endpoint, alarm)
             self.report.disarmed_alarms.append(f"{alarm.kind.value}:{alarm.member_id:x}")
             self._say("disarmed NOSPACE alarm of member %x: %s", alarm.member_id, why)
-
-
-def _holder(value: bytes) -> str:
-    """Who holds the lock, from the key's value, for the refusal message."""
-    try:
-        held = json.loads(value)
-        return f"{held['holder']} (pid {held['pid']}, cluster {held['cluster']}) since {held['since']}"
-    except (ValueError, TypeError, KeyError):
-        return repr(value[:200])
 
 
 def _member_report(planned: PlannedMember, status: MemberStatus | None) -> MemberReport:

@@ -6,11 +6,14 @@ with a default (etcd docs: dev-guide/api_grpc_gateway).
 We never shell out to etcdctl: one HTTP session serves hundreds of clusters.
 """
 
+import asyncio
 import base64
+import contextlib
 import functools
 import re
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -34,7 +37,15 @@ class EtcdError(Exception):
 
 
 class EtcdUnavailable(EtcdError):
-    """The endpoint could not be reached or did not answer in time."""
+    """The endpoint could not be reached or did not answer in time.
+
+    `reached` is False only when the request cannot have reached the member (the connection was
+    never made); after a timeout or a dropped connection the member may still be carrying it out.
+    """
+
+    def __init__(self, endpoint: str, message: str, *, reached: bool = True) -> None:
+        super().__init__(endpoint, message)
+        self.reached = reached
 
 
 class NoEndpointAnswered(Exception):
@@ -173,6 +184,41 @@ def parse_quota_line(line: str) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class KeyValue:
+    """One key as etcd returns it."""
+
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+def b64(data: bytes) -> str:
+    """Bytes as the gateway takes them."""
+    return base64.b64encode(data).decode()
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The `range_end` that selects every key starting with `prefix` (etcd's GetPrefixRangeEnd)."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def parse_kv(kv: Mapping[str, Any]) -> KeyValue:
+    """A KeyValue from one entry of a range reply's `kvs`."""
+    return KeyValue(
+        key=base64.b64decode(kv.get("key") or ""),
+        value=base64.b64decode(kv.get("value") or ""),
+        mod_revision=_int(kv.get("mod_revision")),
+        lease=_int(kv.get("lease")),
+    )
+
+
 class EtcdApi(Protocol):
     """What the engine needs from an etcd client (`exporter.etcd.EtcdClient` provides it)."""
 
@@ -187,9 +233,12 @@ class EtcdApi(Protocol):
     async def defragment(self, endpoint: str, *, timeout: float) -> None: ...
     async def lease_grant(self, endpoint: str, ttl_seconds: int, *, timeout: float | None = None) -> int: ...
     async def lease_revoke(self, endpoint: str, lease_id: int, *, timeout: float | None = None) -> None: ...
-    async def put_if_absent(
-        self, endpoint: str, key: bytes, value: bytes, lease_id: int, *, timeout: float | None = None
-    ) -> bytes | None: ...
+    async def txn(
+        self, endpoint: str, request: Mapping[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]: ...
+    async def range_prefix(
+        self, endpoint: str, prefix: bytes, *, timeout: float | None = None
+    ) -> dict[bytes, KeyValue]: ...
     async def move_leader(self, endpoint: str, target_id: int, *, timeout: float | None = None) -> None: ...
     async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None: ...
 
@@ -212,12 +261,49 @@ def find_quota(page: bytes) -> int | None:
 
 @functools.lru_cache(maxsize=64)
 def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """Per-request timeouts on the socket, not on the wait for a pooled connection.
+    """Socket timeouts; the whole request is bounded by `_bounded`, which starts after the pool wait.
 
-    A `total` timeout also counts the time a request queues for one of the connector's connections,
-    so a large refresh reported healthy members as down; the refresh's own budget bounds that wait.
+    aiohttp's `total` timeout also counts the time a request queues for one of the connector's
+    connections, so a large refresh reported healthy members as down; the refresh's own budget
+    bounds that wait instead.
     """
     return aiohttp.ClientTimeout(sock_connect=seconds, sock_read=seconds)
+
+
+# One semaphore per session, as wide as its connector: a request holds a slot before its clock starts,
+# so aiohttp never queues it internally and `_bounded` times the request alone, not the queue.
+_SLOTS: "weakref.WeakKeyDictionary[aiohttp.ClientSession, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
+
+
+def _slots(session: aiohttp.ClientSession) -> asyncio.Semaphore | None:
+    limit = session.connector.limit if session.connector is not None else 0
+    if not limit:
+        return None
+    if (slots := _SLOTS.get(session)) is None:
+        slots = _SLOTS[session] = asyncio.Semaphore(limit)
+    return slots
+
+
+@contextlib.asynccontextmanager
+async def _bounded(
+    session: aiohttp.ClientSession, endpoint: str, what: str, seconds: float
+) -> AsyncIterator[None]:
+    """One whole request (connect, send, the complete reply) within `seconds`, in etcd's words.
+
+    Socket timeouts alone restart at every byte: a member that dribbles one byte a second would
+    hold a health check, a status or a discovery for as long as it likes.
+    """
+    slots = _slots(session)
+    async with slots if slots is not None else contextlib.nullcontext():
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError as exc:
+            raise EtcdUnavailable(endpoint, f"{what}: no answer within {seconds:g}s") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise EtcdUnavailable(endpoint, f"{what}: {exc}", reached=False) from exc
+        except aiohttp.ClientError as exc:
+            raise EtcdUnavailable(endpoint, f"{what}: {exc}") from exc
 
 
 class EtcdClient:
@@ -245,37 +331,35 @@ class EtcdClient:
     ) -> dict[str, Any]:
         url = endpoint.rstrip("/") + path
         seconds = timeout if timeout is not None else self.timeout_seconds
-        try:
-            async with self._session.post(
+        async with (
+            _bounded(self._session, endpoint, path, seconds),
+            self._session.post(
                 url,
                 json=payload,
                 ssl=self._ssl,
                 server_hostname=self._server_name,
                 timeout=_timeout(seconds),
-            ) as response:
-                try:
-                    body = await response.json(content_type=None)
-                except ValueError:
-                    body = None
-                if not isinstance(body, dict):
-                    raise EtcdApiError(
-                        endpoint,
-                        f"{path}: HTTP {response.status}, not a JSON object",
-                        http_status=response.status,
-                    )
-                if response.status != 200 or "error" in body:
-                    message = str(body.get("message") or body.get("error") or response.reason)
-                    raise EtcdApiError(
-                        endpoint,
-                        f"{path}: {message}",
-                        code=_int(body.get("code")),
-                        http_status=response.status,
-                    )
-                return body
-        except TimeoutError as exc:
-            raise EtcdUnavailable(endpoint, f"{path}: no answer within {seconds:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise EtcdUnavailable(endpoint, f"{path}: {exc}") from exc
+            ) as response,
+        ):
+            try:
+                body = await response.json(content_type=None)
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                raise EtcdApiError(
+                    endpoint,
+                    f"{path}: HTTP {response.status}, not a JSON object",
+                    http_status=response.status,
+                )
+            if response.status != 200 or "error" in body:
+                message = str(body.get("message") or body.get("error") or response.reason)
+                raise EtcdApiError(
+                    endpoint,
+                    f"{path}: {message}",
+                    code=_int(body.get("code")),
+                    http_status=response.status,
+                )
+            return body
 
     async def status(self, endpoint: str, *, timeout: float | None = None) -> MemberStatus:
         """The member's status: its id, the leader it follows, database sizes, raft indexes."""
@@ -355,6 +439,20 @@ class EtcdClient:
                 return base64.b64decode(kv.get("value") or "")
         return b""  # deleted between the compare and the read: still not ours
 
+    async def txn(
+        self, endpoint: str, request: Mapping[str, Any], *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """One transaction, as the gateway takes it (`compare`, `success`, `failure`); its raw reply."""
+        return await self._post(endpoint, "/v3/kv/txn", request, timeout)
+
+    async def range_prefix(
+        self, endpoint: str, prefix: bytes, *, timeout: float | None = None
+    ) -> dict[bytes, KeyValue]:
+        """Every key under `prefix` (a linearizable read), with its value and revisions."""
+        payload = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
+        body = await self._post(endpoint, "/v3/kv/range", payload, timeout)
+        return {kv.key: kv for kv in map(parse_kv, body.get("kvs") or ())}
+
     async def defragment(self, endpoint: str, *, timeout: float) -> None:
         """Defragment this one member; it blocks the member's reads and writes while it runs."""
         await self._post(endpoint, "/v3/maintenance/defragment", {}, timeout)
@@ -372,21 +470,17 @@ class EtcdClient:
         """
         url = endpoint.rstrip("/") + "/metrics"
         seconds = timeout if timeout is not None else self.timeout_seconds
-        try:
-            async with self._session.get(
+        async with (
+            _bounded(self._session, endpoint, "/metrics", seconds),
+            self._session.get(
                 url,
                 ssl=self._ssl,
                 server_hostname=self._server_name,
                 timeout=_timeout(seconds),
-            ) as response:
-                if response.status != 200:
-                    raise EtcdApiError(
-                        endpoint, f"/metrics: HTTP {response.status}", http_status=response.status
-                    )
-                # One read and a C-level search: line-by-line reading of the ~150 kB page cost more
-                # than everything else in a cold refresh of 1,000 members (bench/exporter.py).
-                return find_quota(await response.read())
-        except TimeoutError as exc:
-            raise EtcdUnavailable(endpoint, f"/metrics: no answer within {seconds:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise EtcdUnavailable(endpoint, f"/metrics: {exc}") from exc
+            ) as response,
+        ):
+            if response.status != 200:
+                raise EtcdApiError(endpoint, f"/metrics: HTTP {response.status}", http_status=response.status)
+            # One read and a C-level search: line-by-line reading of the ~150 kB page cost more
+            # than everything else in a cold refresh of 1,000 members (bench/exporter.py).
+            return find_quota(await response.read())

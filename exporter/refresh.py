@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from exporter import clock
+from exporter.cluster_lock import ClusterLock, LockUnavailable
 from exporter.etcd import EtcdApi, EtcdError
-from exporter.model import Member
+from exporter.model import AlarmKind, Member
 from exporter.policy import cluster_rule
 from exporter.rule import Rule
 from exporter.settings import ClusterConfig
@@ -36,6 +37,7 @@ class ClusterWatch:
     snapshot: ClusterSnapshot | None = None
     refresh_duration_seconds: float = 0.0
     refresh_errors_total: int = 0
+    lock_tokens_checked: bool = False
 
 
 class Refresher:
@@ -49,11 +51,13 @@ class Refresher:
         scrape_budget_seconds: float = 4.0,
         min_refresh_interval_seconds: float = 0.0,
         member_list_refresh_seconds: float = 60.0,
+        write_lock_tokens: bool = False,
     ) -> None:
         self._client_for = client_for
         self.scrape_budget_seconds = scrape_budget_seconds
         self.min_refresh_interval_seconds = min_refresh_interval_seconds
         self.member_list_refresh_seconds = member_list_refresh_seconds
+        self.write_lock_tokens = write_lock_tokens
         self.watches: dict[str, ClusterWatch] = {}
         self._in_flight: asyncio.Task[None] | None = None
         self._last_refresh_at = float("-inf")
@@ -114,6 +118,31 @@ class Refresher:
             watch.refresh_errors_total += 1
             watch.members = None  # a member may have been replaced: read the member list again
         watch.snapshot = snapshot
+        if self.write_lock_tokens and not watch.lock_tokens_checked:
+            await self._write_lock_tokens(watch, snapshot)
+
+    async def _write_lock_tokens(self, watch: ClusterWatch, snapshot: ClusterSnapshot) -> None:
+        """Write the cluster's NOSPACE lock tokens once, while it has space (exporter.cluster_lock).
+
+        A run that starts under NOSPACE can take the lock only if they exist by then; every run with
+        space writes them too, but a cluster whose first run comes with NOSPACE has only us.
+        """
+        if snapshot.error or any(a.kind is AlarmKind.NOSPACE for a in snapshot.alarms):
+            return
+        endpoints = [m.endpoint for m in snapshot.members if m.up]
+        if not endpoints:
+            return
+        watch.lock_tokens_checked = True
+        try:
+            if await ClusterLock(watch.client, endpoints, cluster=watch.config.name).write_tokens():
+                log.info("cluster %s: wrote the NOSPACE lock tokens", watch.config.name)
+        except LockUnavailable as exc:
+            log.warning(
+                "cluster %s: cannot write the NOSPACE lock tokens, so a run that starts under NOSPACE "
+                "will be refused: %s",
+                watch.config.name,
+                exc,
+            )
 
     async def _observe(self, watch: ClusterWatch) -> ClusterSnapshot:
         now = clock.monotonic()

@@ -13,7 +13,8 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import COUNTS, Counts
 
-from exporter.engine import LOCK_KEY
+from exporter.cluster_lock import PREFIX as LOCK_PREFIX
+from exporter.etcd import prefix_end
 from exporter.kube import kube_api_client
 
 
@@ -56,10 +57,17 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
         pytest.fail(f"shared etcd cluster is damaged: {'; '.join(problems)}", pytrace=False)
     etcd_cluster.wait_healthy()
     yield etcd_cluster
-    # A run stopped while a member's defragment went unanswered keeps its lock key until the lease
-    # expires, by design (see engine.LOCK_KEY); the next test must not inherit it.
+    # A run stopped while a member's defragment went unanswered keeps its lock until the lease expires
+    # (or until broken, under NOSPACE), by design (exporter.cluster_lock); the next test must not
+    # inherit it, nor the NOSPACE tokens a run wrote.
     with contextlib.suppress(EtcdHarnessError):
-        etcd_cluster.request("/v3/kv/deleterange", {"key": base64.b64encode(LOCK_KEY).decode()})
+        etcd_cluster.request(
+            "/v3/kv/deleterange",
+            {
+                "key": base64.b64encode(LOCK_PREFIX).decode(),
+                "range_end": base64.b64encode(prefix_end(LOCK_PREFIX)).decode(),
+            },
+        )
     if problems := _damage(etcd_cluster):
         etcd_cluster.start()
         pytest.fail(

@@ -32,6 +32,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -315,6 +316,14 @@ class EtcdMember:
         except (OSError, EtcdRequestError, ValueError):
             return False
 
+    def defrag_intervals(self) -> list[DefragInterval]:
+        """Every defragmentation this member's own log records (it must log at level info)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return parse_defrag_intervals(self.name, text)
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of the member's log, headed by its name, for error messages."""
         try:
@@ -494,6 +503,16 @@ class EtcdCluster:
             revision = flush()
         return revision
 
+    def keys_with_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every key starting with `prefix` (by name without the prefix) and its value."""
+        end = bytearray(prefix.encode())
+        end[-1] += 1  # etcd's prefix range end, for the ASCII prefixes tests use
+        reply = self.request("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(bytes(end))})
+        return {
+            base64.b64decode(kv["key"]).decode()[len(prefix) :]: base64.b64decode(kv.get("value", ""))
+            for kv in reply.get("kvs") or []
+        }
+
     def revision(self, endpoint: str | None = None) -> int:
         """The current revision of the key-value store."""
         return int(self.request("/v3/maintenance/status", {}, endpoint=endpoint)["header"]["revision"])
@@ -659,6 +678,58 @@ class EtcdCluster:
         )
 
 
+@dataclass(frozen=True)
+class DefragInterval:
+    """One defragmentation of one member's backend, from its log: etcd held the backend in between."""
+
+    member: str
+    started: datetime
+    finished: datetime | None  # None: still running, or the member died during it
+
+    def overlaps(self, other: DefragInterval) -> bool:
+        """Both ran at one instant (an unfinished one runs until the end of time)."""
+        end = self.finished or datetime.max.replace(tzinfo=UTC)
+        other_end = other.finished or datetime.max.replace(tzinfo=UTC)
+        return self.started < other_end and other.started < end
+
+
+# The backend's own lines around the copy (server/mvcc/backend/backend.go): "defragmenting", then
+# "defragmented" (3.4) or "finished defragmenting directory" (3.5, 3.6); zap JSON, "ts" in ISO 8601.
+_DEFRAG_STARTED = ("defragmenting",)
+_DEFRAG_FINISHED = ("defragmented", "finished defragmenting directory")
+
+
+def parse_defrag_intervals(member: str, log_text: str) -> list[DefragInterval]:
+    """The defragmentations in one member's zap JSON log, in order."""
+    intervals: list[DefragInterval] = []
+    started: datetime | None = None
+    for line in log_text.splitlines():
+        if not line.startswith("{"):
+            if line.startswith("--- etcd-harness: starting") and started is not None:
+                intervals.append(DefragInterval(member, started, None))  # died during it
+                started = None
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        message = entry.get("msg")
+        if message in _DEFRAG_STARTED:
+            started = _log_time(entry["ts"])
+        elif message in _DEFRAG_FINISHED and started is not None:
+            intervals.append(DefragInterval(member, started, _log_time(entry["ts"])))
+            started = None
+    if started is not None:
+        intervals.append(DefragInterval(member, started, None))
+    return intervals
+
+
+def _log_time(value: str | float) -> datetime:
+    if isinstance(value, int | float):  # zap's epoch format, should a version use it
+        return datetime.fromtimestamp(value, UTC)
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
 def _free_bytes(status: dict[str, Any]) -> int:
     return int(status.get("dbSize", 0)) - int(status.get("dbSizeInUse", 0))
 
@@ -701,15 +772,19 @@ def start_cluster(
     quota_bytes: int = 32 * 1024 * 1024,
     tls: bool = False,
     learner: bool = False,
+    log_level: str = LOG_LEVEL,
 ) -> EtcdCluster:
     """Start a healthy `size`-member cluster in a new directory under `tmp_root`.
 
-    With `learner`, one more member is then added as a learner and started.
+    With `learner`, one more member is then added as a learner and started. `log_level="info"` makes
+    etcd log each defragmentation (see `defrag_intervals`).
     """
     _check_binaries()
     tmp_root.mkdir(parents=True, exist_ok=True)
     for attempt in range(START_ATTEMPTS):
-        cluster = _launch(tmp_root, size=size, quota_bytes=quota_bytes, tls=tls, learner=learner)
+        cluster = _launch(
+            tmp_root, size=size, quota_bytes=quota_bytes, tls=tls, learner=learner, log_level=log_level
+        )
         try:
             cluster.start()
         except _MemberExited as error:
@@ -731,7 +806,9 @@ def start_cluster(
     raise AssertionError("unreachable")
 
 
-def _launch(tmp_root: Path, *, size: int, quota_bytes: int, tls: bool, learner: bool) -> EtcdCluster:
+def _launch(
+    tmp_root: Path, *, size: int, quota_bytes: int, tls: bool, learner: bool, log_level: str
+) -> EtcdCluster:
     directory = Path(tempfile.mkdtemp(prefix="etcd-", dir=tmp_root))
     tls_material, server_tls = _make_tls(directory / "tls") if tls else (None, None)
     flags = [
@@ -742,7 +819,7 @@ def _launch(tmp_root: Path, *, size: int, quota_bytes: int, tls: bool, learner: 
         "--auto-compaction-retention=0",
         "--logger=zap",
         "--log-outputs=stderr",
-        f"--log-level={LOG_LEVEL}",
+        f"--log-level={log_level}",
     ]
     if server_tls is not None and tls_material is not None:
         flags += [

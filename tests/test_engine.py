@@ -10,7 +10,10 @@ import aiohttp
 import pytest
 from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdRequestError
 
-from exporter.engine import LOCK_KEY, DefragEngine, Outcome, RunReport, RunResult
+from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
+from exporter.cluster_lock import PREFIX as LOCK_PREFIX
+from exporter.cluster_lock import TOKEN_COUNT
+from exporter.engine import DefragEngine, Outcome, RunReport, RunResult
 from exporter.etcd import EtcdClient
 from exporter.settings import ClusterConfig
 
@@ -315,13 +318,8 @@ async def test_nospace_recovers_with_compaction_and_disarm(
     fresh_etcd_cluster: EtcdCluster, client: HookedClient
 ) -> None:
     cluster = fresh_etcd_cluster
-    value = b"v" * (256 * 1024)
-    with pytest.raises(EtcdRequestError, match=NOSPACE_ERROR):  # noqa: PT012
-        for n in range(10_000):  # overwrite few keys: history, not live data, fills the quota
-            cluster.put(f"/fill/{n % 8}", value)
-    cluster.wait(
-        lambda: any(a.get("alarm") == "NOSPACE" for a in cluster.alarms()), timeout=10, what="NOSPACE"
-    )
+    await run(client, config(cluster, rule="false"))  # the NOSPACE lock tokens, as any run writes them
+    fill_with_history(cluster)
 
     # The rule would never select a member: NOSPACE overrides it.
     report = await run(client, config(cluster, compact=True, rule="false"))
@@ -338,6 +336,7 @@ async def test_nospace_stays_armed_while_members_are_still_full(
     fresh_etcd_cluster: EtcdCluster, client: HookedClient
 ) -> None:
     cluster = fresh_etcd_cluster
+    await run(client, config(cluster, rule="false"))  # the NOSPACE lock tokens
     cluster.fill_until_nospace()  # distinct keys: live data, nothing to compact away
     # How close to the quota the live data ends depends on the last batch that fit; a low disarm
     # threshold makes "still full" certain (the live data stays far above 20% of the quota).
@@ -345,3 +344,141 @@ async def test_nospace_stays_armed_while_members_are_still_full(
     assert report.result is RunResult.SUCCESS  # the defrags ran...
     assert report.disarmed_alarms == []  # ...but the alarm stays: compaction cannot help
     assert any(a.get("alarm") == "NOSPACE" for a in cluster.alarms())
+
+
+# --- the lock under NOSPACE: deletes of tokens written while there was space (docs/locking.md) ---------
+
+
+def lock_keys(cluster: EtcdCluster) -> dict[str, bytes]:
+    """Every key of the lock (holder and NOSPACE tokens), by name under /etcd-autodefrag/."""
+    return cluster.keys_with_prefix(LOCK_PREFIX.decode())
+
+
+def tokens(cluster: EtcdCluster) -> list[str]:
+    return sorted(name for name in lock_keys(cluster) if name.startswith("nospace-lock/"))
+
+
+def fill_with_history(cluster: EtcdCluster) -> None:
+    """NOSPACE from overwrites of a few keys: history a compaction frees, so a run can recover."""
+    value = b"v" * (256 * 1024)
+    with pytest.raises(EtcdRequestError, match=NOSPACE_ERROR):  # noqa: PT012
+        for n in range(10_000):
+            cluster.put(f"/fill/{n % 8}", value)
+    cluster.wait(
+        lambda: any(a.get("alarm") == "NOSPACE" for a in cluster.alarms()), timeout=10, what="NOSPACE"
+    )
+
+
+async def test_a_run_with_space_writes_the_nospace_tokens(etcd: EtcdCluster, client: HookedClient) -> None:
+    assert tokens(etcd) == []
+    report = await run(client, config(etcd, rule="false"))  # nothing to do: still writes them, once
+    assert report.result is RunResult.NOTHING_TO_DO
+    assert tokens(etcd) == [f"nospace-lock/{i:02d}" for i in range(TOKEN_COUNT)]
+    revision = etcd.revision()
+    await run(client, config(etcd, rule="false"))
+    assert etcd.revision() == revision  # they exist: a second run writes nothing
+
+
+async def test_nospace_run_holds_the_lock_by_a_deleted_token_and_gives_it_back(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    await run(client, config(cluster, rule="false"))  # the tokens, as any earlier run writes them
+    fill_with_history(cluster)
+    seen: list[list[str]] = []
+
+    async def look(endpoint: str, index: int) -> None:
+        seen.append(tokens(cluster))
+
+    client.before_defrag = look
+    report = await run(client, config(cluster, compact=True, rule="false"))
+
+    assert report.result is RunResult.SUCCESS, report.reason
+    # During the run: token 00 deleted (one deletion, odd: held), and no holder key (no put possible).
+    assert seen == [[f"nospace-lock/{i:02d}" for i in range(1, TOKEN_COUNT)]] * 3
+    assert cluster.alarms() == []
+    # After it, with space again, the deleted token is back: the lock is free with a full ladder.
+    assert tokens(cluster) == [f"nospace-lock/{i:02d}" for i in range(TOKEN_COUNT)]
+    assert "defrag-lock" not in lock_keys(cluster)
+
+
+async def test_second_run_under_nospace_is_refused_while_the_first_holds_the_lock(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    await run(client, config(cluster, rule="false"))
+    fill_with_history(cluster)
+    second: list[RunReport] = []
+
+    async def start_another_run(endpoint: str, index: int) -> None:
+        if index == 0:
+            async with aiohttp.ClientSession() as session:
+                other = HookedClient(session)
+                second.append(await run(other, config(cluster, name="other", compact=True)))
+                assert other.defragmented == []
+
+    client.before_defrag = start_another_run
+    first = await run(client, config(cluster, compact=True, rule="false"))
+
+    assert first.result is RunResult.SUCCESS, first.reason
+    (refused,) = second
+    assert refused.result is RunResult.REFUSED
+    assert refused.exit_code == 3
+    assert "another defrag run that started under NOSPACE holds the lock" in refused.reason
+    assert "--break-lock" in refused.reason
+
+
+async def test_nospace_without_tokens_is_refused_unless_the_operator_breaks_the_lock(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    fill_with_history(cluster)  # no run ever wrote the tokens: no lock can be taken under NOSPACE
+
+    refused = await run(client, config(cluster, compact=True))
+    assert refused.result is RunResult.REFUSED
+    assert refused.exit_code == 3
+    assert "holds no NOSPACE lock tokens" in refused.reason
+    assert "--break-lock" in refused.reason
+    assert client.defragmented == []
+
+    broken = await DefragEngine(client, config(cluster, compact=True), break_lock=True).run()
+    assert broken.result is RunResult.SUCCESS, broken.reason
+    assert cluster.alarms() == []
+    cluster.put("/after-recovery", b"writes work again")
+
+
+async def test_a_nospace_lock_left_by_a_dead_run_is_broken_only_on_request(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    await run(client, config(cluster, rule="false"))
+    fill_with_history(cluster)
+    # A run under NOSPACE died holding the lock: its token is deleted and nobody gives it back.
+    cluster.request(
+        "/v3/kv/deleterange", {"key": base64.b64encode(LOCK_PREFIX + b"nospace-lock/00").decode()}
+    )
+
+    refused = await run(client, config(cluster, compact=True))
+    assert refused.result is RunResult.REFUSED
+    assert "started under NOSPACE holds the lock" in refused.reason
+    assert client.defragmented == []
+
+    broken = await DefragEngine(client, config(cluster, compact=True), break_lock=True).run()
+    assert broken.result is RunResult.SUCCESS, broken.reason
+    assert len(client.defragmented) == 3
+    assert cluster.alarms() == []
+    # The break gave the dead run's lock back (token 01), this run took and gave back its own.
+    assert tokens(cluster) == [f"nospace-lock/{i:02d}" for i in range(TOKEN_COUNT)]
+
+
+async def test_a_lock_key_left_by_a_dead_run_is_broken_on_request(
+    etcd: EtcdCluster, client: HookedClient
+) -> None:
+    etcd.churn()
+    etcd.put(LOCK_KEY.decode(), b'{"holder": "dead-host", "pid": 1, "cluster": "test", "since": "then"}')
+    refused = await run(client, config(etcd))
+    assert refused.result is RunResult.REFUSED
+    assert "dead-host (pid 1, cluster test) since then" in refused.reason
+    broken = await DefragEngine(client, config(etcd), break_lock=True).run()
+    assert broken.result is RunResult.SUCCESS, broken.reason
+    assert lock_holder(etcd) is None

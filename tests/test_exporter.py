@@ -12,6 +12,7 @@ from etcd_harness import EtcdCluster
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import REFRESHER, create_app, reconfigure
+from exporter.cluster_lock import TOKEN_COUNT
 from exporter.settings import ClusterConfig, Settings
 
 pytestmark = pytest.mark.etcd
@@ -268,3 +269,20 @@ async def test_not_ready_before_the_first_refresh(aiohttp_client: ClientFactory,
     response = await client.get("/readyz")
     assert response.status == 503
     assert "waiting for the first refresh" in await response.text()
+
+
+async def test_serve_writes_the_nospace_lock_tokens_while_the_cluster_has_space(
+    etcd: EtcdCluster, serve: Callable[..., Any]
+) -> None:
+    """A run that starts under NOSPACE can lock only with tokens written before (docs/locking.md)."""
+    await scrape(await serve([cluster_config("main", etcd)]))
+    assert sorted(etcd.keys_with_prefix("/etcd-autodefrag/")) == [
+        f"nospace-lock/{i:02d}" for i in range(TOKEN_COUNT)
+    ]
+
+
+async def test_a_dry_run_service_writes_nothing_to_etcd(etcd: EtcdCluster, serve: Callable[..., Any]) -> None:
+    revision = etcd.revision()
+    await scrape(await serve([cluster_config("main", etcd)], executor={"dry_run": True}))
+    assert etcd.keys_with_prefix("/etcd-autodefrag/") == {}
+    assert etcd.revision() == revision
