@@ -574,19 +574,22 @@ class DefragEngine:
             if "no answer within" in exc.message
             else f"the connection failed during the defragment ({exc.message})"
         )
-        try:
-            await self.client.status(endpoint, timeout=min(self.cluster.health_timeout_seconds, 5.0))
-        except EtcdUnavailable as probe:
-            if not probe.reached:  # nothing listens: the process is gone, and its defrag with it
-                self._defrag_in_flight = None
-                self.report.down_members.append(label(member))
-                return EtcdError(endpoint, f"{what}; {label(member)} is down now: {probe.message}")
-            return EtcdError(
-                endpoint, f"{what}; {label(member)} does not answer now: down or still defragmenting"
-            )
-        except EtcdError:
-            pass
-        return EtcdError(endpoint, f"{what} (it may still be running on the member)")
+        # Twice: the first probe may go out on a pooled connection the dead member had left open.
+        for _ in range(2):
+            try:
+                await self.client.status(endpoint, timeout=min(self.cluster.health_timeout_seconds, 5.0))
+            except EtcdUnavailable as probe:
+                if not probe.reached:  # nothing listens: the process is gone, and its defrag with it
+                    self._defrag_in_flight = None
+                    self.report.down_members.append(label(member))
+                    return EtcdError(endpoint, f"{what}; {label(member)} is down now: {probe.message}")
+                continue
+            except EtcdError:
+                pass
+            return EtcdError(endpoint, f"{what} (it may still be running on the member)")
+        return EtcdError(
+            endpoint, f"{what}; {label(member)} does not answer now: down or still defragmenting"
+        )
 
     async def _wait_recovered(self, topology: _Topology, member: Member, endpoint: str) -> None:
         """Until the member serves a linearizable read and has applied what the leader had committed."""

@@ -14,7 +14,7 @@ from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
 from exporter.cluster_lock import PREFIX as LOCK_PREFIX
 from exporter.cluster_lock import TOKEN_COUNT
 from exporter.engine import DefragEngine, Outcome, RunReport, RunResult
-from exporter.etcd import EtcdClient
+from exporter.etcd import EtcdClient, EtcdUnavailable
 from exporter.settings import ClusterConfig
 
 pytestmark = pytest.mark.etcd
@@ -482,3 +482,51 @@ async def test_a_lock_key_left_by_a_dead_run_is_broken_on_request(
     broken = await DefragEngine(client, config(etcd), break_lock=True).run()
     assert broken.result is RunResult.SUCCESS, broken.reason
     assert lock_holder(etcd) is None
+
+
+# --- a defragment call that fails: keep the lock while it may still run, name a member that died ---------
+
+
+class DroppedClient(HookedClient):
+    """etcd defragments, but the answer never arrives: the connection drops (optionally the member dies)."""
+
+    def __init__(self, session: aiohttp.ClientSession, cluster: EtcdCluster, *, kill: bool) -> None:
+        super().__init__(session)
+        self.cluster = cluster
+        self.kill = kill
+
+    async def defragment(self, endpoint: str, *, timeout: float) -> None:
+        await super().defragment(endpoint, timeout=timeout)
+        if self.kill:
+            next(m for m in self.cluster.members if m.client_url == endpoint).kill()
+        raise EtcdUnavailable(endpoint, "/v3/maintenance/defragment: Server disconnected")
+
+
+async def test_a_dropped_connection_mid_defrag_keeps_the_lock(etcd: EtcdCluster) -> None:
+    etcd.churn()
+    async with aiohttp.ClientSession() as session:
+        client = DroppedClient(session, etcd, kill=False)
+        report = await run(client, config(etcd))
+    assert report.result is RunResult.FAILED
+    assert len(client.defragmented) == 1  # nothing after the failure
+    (failed,) = [m for m in report.members if m.outcome is Outcome.FAILED]
+    assert "the connection failed during the defragment" in failed.reason
+    assert "it may still be running on the member" in failed.reason
+    assert lock_holder(etcd) is not None  # it may still be defragmenting: the lock stays
+
+
+async def test_a_member_that_died_during_its_defrag_is_reported_down(fresh_etcd_cluster: EtcdCluster) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    async with aiohttp.ClientSession() as session:
+        client = DroppedClient(session, cluster, kill=True)
+        report = await run(client, config(cluster))
+    (dead,) = [m for m in cluster.members if not m.running]
+    assert report.result is RunResult.FAILED
+    assert report.reason == f"defragmentation failed on {dead.name}; down now: {dead.name}"
+    (failed,) = [m for m in report.members if m.outcome is Outcome.FAILED]
+    assert f"{dead.name} is down now" in failed.reason
+    assert report.down_members == [dead.name]
+    # Nothing listens on the member any more, so its defrag cannot be running: the lock is given back.
+    assert lock_holder(cluster) is None
+    dead.start()

@@ -1,10 +1,19 @@
 """Parsing etcd's JSON gateway replies: strings for 64-bit ints, omitted zero values."""
 
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from exporter.engine import DefragEngine, RunResult
 from exporter.etcd import (
+    EtcdClient,
+    EtcdUnavailable,
     find_quota,
     parse_alarm_error,
     parse_alarms,
@@ -13,6 +22,7 @@ from exporter.etcd import (
     parse_status,
 )
 from exporter.model import Alarm, AlarmKind
+from exporter.settings import ClusterConfig
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
 STATUS_NOSPACE = {
@@ -125,3 +135,55 @@ def test_find_quota_in_a_recorded_etcd_page() -> None:
     page = (Path(__file__).parent.parent / "bench" / "data" / "metrics.txt").read_bytes()
     assert len(page) > 100_000  # the real page, not a stub
     assert find_quota(page) == int(float(page.split(b"\netcd_server_quota_backend_bytes ")[1].split()[0]))
+
+
+# --- every request bounded as a whole ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def dribbler() -> AsyncIterator[str]:
+    """A member that accepts, reads the request and answers one byte every 0.2 s, forever."""
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in itertools.cycle(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Pad: "):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the attacker's pace, not a synchronisation
+
+    server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+async def test_a_member_that_dribbles_its_answer_is_cut_off_by_the_request_timeout(dribbler: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        client = EtcdClient(session, timeout_seconds=1)
+        # Each byte comes well within any socket read timeout; only a bound on the whole request ends it.
+        with pytest.raises(EtcdUnavailable, match=r"/v3/maintenance/status: no answer within 1s"):
+            await client.status(dribbler)
+        with pytest.raises(EtcdUnavailable, match=r"/metrics: no answer within 1s"):
+            await client.quota_from_metrics(dribbler)
+
+
+async def test_a_run_against_a_dribbling_member_is_refused_not_failed(dribbler: str) -> None:
+    """A run that touched nothing exits 3 with the reason, long before its deadline."""
+    cluster = ClusterConfig(name="slow", endpoints=[dribbler], discover_members=False)
+    async with aiohttp.ClientSession() as session:
+        report = await DefragEngine(EtcdClient(session, timeout_seconds=1), cluster).run()
+    assert report.result is RunResult.REFUSED
+    assert report.exit_code == 3
+    assert "no answer within 1s" in report.reason
+
+
+async def test_a_refused_connection_says_the_request_never_reached_the_member() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(EtcdUnavailable) as caught:
+            await EtcdClient(session, timeout_seconds=1).status(closed)
+    assert caught.value.reached is False
