@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
 TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus-alertmanager:amtool
 
-.PHONY: test lint fmt venv debs clean demo
+.PHONY: test lint fmt venv debs clean demo docs
 
 venv: $(STAMP)
 
@@ -37,3 +37,7 @@ clean:
 # KEEP=1 leaves the demo's etcd, service, Prometheus and Alertmanager running until Ctrl-C.
 demo: venv debs
 	KEEP="$(KEEP)" $(BIN)/python demo/run.py
+
+# Rewrite the reference docs generated from the code (tests/test_docs.py fails while they are stale).
+docs: venv debs
+	REGENERATE_DOCS=1 $(BIN)/pytest -q tests/test_docs.py
