@@ -1,7 +1,11 @@
 # The etcd-autodefrag image: the service (`serve`, deploy/) and the defrag Jobs it creates
 # (exporter/jobs.py), both started as `etcd-autodefrag ...`.
 #
-#   docker build -t ghcr.io/etcd-autodefrag/etcd-autodefrag:0.1.0 .
+#   docker build -t registry.example.com/etcd-autodefrag:0.1.0 . && docker push ...
+#
+# No official image is published yet: push it to your registry and name it in `images:` of
+# deploy/base/kustomization.yaml (docs/install.md). .github/workflows/release.yml builds it for
+# linux/amd64 and linux/arm64 on a release tag.
 #
 # Runs as the numeric non-root user 65532 (the Deployment's and the Jobs' runAsUser; Kubernetes can
 # only check runAsNonRoot against a numeric USER) with a read-only root file system: the only

@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
 TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus-alertmanager:amtool
 
-.PHONY: test lint fmt venv debs clean demo docs
+.PHONY: test test-all lint fmt venv debs clean demo dist docs
 
 venv: $(STAMP)
 
@@ -28,11 +28,21 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# `slow` tests build and install the release artifacts (about a minute); test-all runs them too.
 test: venv debs lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv debs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The wheel and sdist a release publishes (.github/workflows/release.yml), checked as PyPI would.
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # KEEP=1 leaves the demo's etcd, service, Prometheus and Alertmanager running until Ctrl-C.
 demo: venv debs

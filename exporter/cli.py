@@ -1,7 +1,7 @@
 """The `etcd-autodefrag` command line: `defrag`, `status`, `serve` and `render`.
 
-Exit codes (README, "Exit codes"): 0 success or nothing to do, 1 a member failed, 2 bad usage or
-configuration, 3 refused by the safety gate.
+One contract for every command (docs/cli.md): the exit codes of ExitCode, printed by every --help;
+`--output text|json` wherever there is a report; every error names the flag, setting or file.
 """
 
 import argparse
@@ -11,37 +11,124 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
+import socket
+import ssl
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from exporter import __version__, jobs, logs
 from exporter import render as render_mod
 from exporter.cluster_lock import LockUnavailable
 from exporter.engine import DefragEngine, RunReport, iter_lines
-from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
-from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
+from exporter.etcd import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
+from exporter.policy import (
+    cluster_rule,
+    fragmentation_ratio,
+    free_bytes,
+    human_bytes,
+    quota_usage_ratio,
+    thresholds_expression,
+)
 from exporter.settings import (
     DEFAULT_ENDPOINT,
+    DEFAULT_THRESHOLDS,
     ENV_PREFIX,
+    ByteCount,
     ClusterConfig,
     ConfigError,
+    PositiveSeconds,
     Settings,
     default_cluster,
-    format_validation_error,
     load_settings,
 )
 from exporter.snapshot import ClusterSnapshot, QuotaCache, observe_cluster
 
-EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe ended
 log = logging.getLogger("etcd_autodefrag")
+
+
+class ExitCode(IntEnum):
+    """Every exit code of every command; `--help` prints EXIT_CODE_MEANINGS, docs/cli.md the same."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    REFUSED = 3
+    INTERRUPTED = 130  # 128 + SIGINT
+    BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe ended
+
+
+EXIT_CODE_MEANINGS = {
+    ExitCode.OK: "success: the run defragmented, had nothing to do, or was a dry run; `status`: every "
+    "member answered; `serve`: stopped by SIGTERM or Ctrl-C",
+    ExitCode.FAILED: "failed: a member's defrag failed or timed out, the cluster became unhealthy "
+    "mid-run, the deadline passed; `serve`, `render --apply`: the Kubernetes API failed",
+    ExitCode.USAGE: "bad usage or configuration: a flag, config file, environment variable, TLS file "
+    "or listen address; the message names it. Nothing was contacted",
+    ExitCode.REFUSED: "refused before touching anything: no endpoint answered, a voting member is down, "
+    "a CORRUPT alarm, another run holds the lock; `status`: an endpoint or member did not answer",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
+    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`)",
+}
+EXIT_USAGE = ExitCode.USAGE
+
+
+def exit_code_table() -> str:
+    """The exit codes as `--help` prints them."""
+    return "exit codes:\n" + "\n".join(
+        textwrap.fill(meaning, width=100, initial_indent=f"  {int(code):<4} ", subsequent_indent=" " * 7)
+        for code, meaning in EXIT_CODE_MEANINGS.items()
+    )
+
+
+def _help_epilog(*examples: str) -> str:
+    lines = ["example:" if len(examples) == 1 else "examples:", *(f"  {e}" for e in examples)]
+    return "\n".join(lines) + "\n\n" + exit_code_table() + "\n\nReference: docs/cli.md"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's lines (examples, the exit-code table) as written."""
+
+
+def _flag_value(annotation: Any) -> Callable[[str], Any]:
+    """An argparse `type` checking a flag's value with the settings' own type, in a flag's words.
+
+    argparse prints the message after the flag: `argument --deadline: must be a finite number`.
+    """
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as exc:
+            message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            message = message.replace("Input should be", "must be")
+            got = "" if repr(text) in message else f"; got {text!r}"
+            raise argparse.ArgumentTypeError(f"{message}{got}") from None
+
+    return parse
+
+
+_seconds = _flag_value(PositiveSeconds)
+_bytes = _flag_value(ByteCount)
+
+
+def _output_format(text: str) -> str:
+    return "text" if text == "table" else text  # `table`: what `status` called text before 0.2
+
+
+def _default(name: str) -> Any:
+    return ClusterConfig.model_fields[name].default
 
 
 class UsageError(Exception):
@@ -53,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="etcd-autodefrag",
         description="Keep etcd clusters from running out of space: gauges, alerts, safe defrag.",
+        formatter_class=_HelpFormatter,
+        epilog=_help_epilog(
+            "etcd-autodefrag status --endpoints https://10.0.0.1:2379 --cacert ca.crt --cert c.crt "
+            "--key c.key",
+            "etcd-autodefrag defrag --cluster tenant-a --config config.yaml --dry-run",
+            "etcd-autodefrag serve --config config.yaml",
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -60,13 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
-        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG)",
+        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG; default: none)",
     )
-    common.add_argument("--log-format", choices=["text", "json"], default=None)
-    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    common.add_argument("--log-format", choices=["text", "json"], default=None, help="(default: text)")
+    common.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None, help="(default: INFO)"
+    )
 
     target = argparse.ArgumentParser(add_help=False)
-    where = target.add_argument_group("which cluster")
+    where = target.add_argument_group(
+        "which cluster (required: --cluster or --endpoints; flags given with --cluster override its settings)"
+    )
     where.add_argument("--cluster", metavar="NAME", help="take everything from this configured cluster")
     where.add_argument(
         "--endpoints",
@@ -78,34 +176,66 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="act only on the members behind --endpoints, do not add the others from the member list",
     )
-    where.add_argument("--cacert", type=Path, help="CA bundle to verify the members")
-    where.add_argument("--cert", type=Path, help="client certificate")
-    where.add_argument("--key", type=Path, help="client key")
+    where.add_argument("--cacert", type=Path, help="CA bundle to verify the members (default: system CAs)")
+    where.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    where.add_argument("--key", type=Path, help="client key (PEM, unencrypted)")
     where.add_argument("--server-name", help="TLS server name when endpoints are IP addresses")
-    where.add_argument("--rule", metavar="EXPR", help="defrag rule in etcd-defrag's syntax")
-    where.add_argument("--quota-bytes", type=int, help="quota to assume when a member reports none")
-    where.add_argument("--request-timeout", type=float, metavar="S", help="per-request timeout")
+    where.add_argument(
+        "--rule",
+        metavar="EXPR",
+        help="defrag rule in etcd-defrag's syntax (default: "
+        + thresholds_expression(DEFAULT_THRESHOLDS)
+        + ")",
+    )
+    where.add_argument(
+        "--quota-bytes",
+        type=_bytes,
+        metavar="SIZE",
+        help="quota to assume when a member reports none: bytes, or 8Gi, 8GiB, 8G (default: none)",
+    )
+    where.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"per-request timeout in seconds (default: {_default('request_timeout_seconds'):g})",
+    )
 
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     defrag = sub.add_parser(
         "defrag",
         parents=[common, target],
+        formatter_class=_HelpFormatter,
         help="defragment the members of one cluster, one at a time, leader last",
-        description="Health gate, then each member in turn (followers first, leader last).",
+        description="Health gate, then each member in turn (followers first, leader last). Progress "
+        "goes to stderr, the report to stdout.",
+        epilog=_help_epilog(
+            "etcd-autodefrag defrag --endpoints https://10.0.0.1:2379 --cacert ca.crt --cert c.crt "
+            "--key c.key --dry-run"
+        ),
     )
     defrag.add_argument("--dry-run", action="store_true", help="check and evaluate, change nothing")
     defrag.add_argument("--compact", action="store_true", help="compact to the current revision first")
     defrag.add_argument("--move-leader", action="store_true", help="hand leadership away first")
     defrag.add_argument("--continue-on-error", action="store_true", help="go on after a failed member")
-    defrag.add_argument("--member-timeout", type=float, metavar="S", help="per-member defrag timeout")
-    defrag.add_argument("--deadline", type=float, metavar="S", help="deadline of the whole run")
+    defrag.add_argument(
+        "--member-timeout",
+        type=_seconds,
+        metavar="S",
+        help=f"per-member defrag timeout in seconds (default: {_default('member_timeout_seconds'):g})",
+    )
+    defrag.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="S",
+        help=f"deadline of the whole run in seconds (default: {_default('deadline_seconds'):g})",
+    )
     defrag.add_argument(
         "--break-lock",
         action="store_true",
         help="you are sure no other run is going on for this cluster: undo the etcd lock a dead run "
         "left, or under NOSPACE go on where no lock can be taken (docs/locking.md)",
     )
-    defrag.add_argument("--output", choices=["text", "json"], default="text")
+    _output_flag(defrag, "text: a table of the members; json: the report (schema: docs/cli.md)")
     defrag.add_argument(
         "--report-file",
         type=Path,
@@ -116,26 +246,49 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         parents=[common, target],
+        formatter_class=_HelpFormatter,
         help="a table of the members: sizes, fragmentation, quota usage, rule verdict",
+        description="Read-only. Needs a target as `defrag` does, so that a forgotten flag never reads "
+        "another cluster than the one meant.",
+        epilog=_help_epilog("etcd-autodefrag status --endpoints http://127.0.0.1:2379 --output json"),
     )
-    status.add_argument("--output", choices=["table", "json"], default="table")
+    _output_flag(status, "text: a table like `etcdctl endpoint status -w table`; json: one object per member")
 
     serve = sub.add_parser(
         "serve",
         parents=[common],
+        formatter_class=_HelpFormatter,
         help="serve /metrics for every configured cluster (and the Alertmanager webhook)",
-        description="Without a config file: one cluster 'local' at " + DEFAULT_ENDPOINT + ".",
+        description="Without a config file: one cluster 'local' at " + DEFAULT_ENDPOINT + ". TLS files "
+        "are checked at start-up.",
+        epilog=_help_epilog("etcd-autodefrag serve --config config.yaml --listen 0.0.0.0:9479"),
     )
-    serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="address to listen on (default: " + str(Settings.model_fields["listen_address"].default) + ")",
+    )
     add_render_parser(sub)
     return parser
+
+
+def _output_flag(parser: argparse.ArgumentParser, formats: str) -> None:
+    parser.add_argument(
+        "--output",
+        type=_output_format,
+        choices=["text", "json"],
+        default="text",
+        help=f"{formats} (default: text)",
+    )
 
 
 def add_render_parser(sub: Any) -> None:
     """`render cronjob` (kamaji-etcd's defrag.sh flags, or Talos) and `render job --cluster NAME`."""
     render = sub.add_parser(
         "render",
+        formatter_class=_HelpFormatter,
         help="print (or --apply) the CronJob of a scheduled defrag, or the Job the webhook would create",
+        epilog=_help_epilog("etcd-autodefrag render cronjob -e kamaji-etcd -n kamaji-system"),
     )
     objects = render.add_subparsers(dest="render_command", required=True, metavar="OBJECT")
     cronjob = objects.add_parser(
@@ -144,6 +297,10 @@ def add_render_parser(sub: Any) -> None:
         description="Same flags and defaults as kamaji-etcd's defrag.sh. DEBUG=1 prints every derived "
         "value to stderr. --apply creates it, or replaces the CronJob of that name, with your own "
         "kubeconfig; without it the YAML goes to stdout.",
+        formatter_class=_HelpFormatter,
+        epilog=_help_epilog(
+            "etcd-autodefrag render cronjob -e kamaji-etcd -n kamaji-system -j '0 3 * * *' --apply"
+        ),
     )
     defaults = render_mod.DEFRAG_SH_DEFAULTS
     cronjob.add_argument(
@@ -188,13 +345,20 @@ def add_render_parser(sub: Any) -> None:
         "job",
         help="the Job the webhook creates for a configured cluster",
         description="Exactly the Job the webhook's Kubernetes executor creates for an alert of that "
-        "name: the same name (the lock), so `kubectl create -f -` waits its turn like any other run.",
+        "name, with the same name (etcd-autodefrag-<cluster>). While a Job of that name exists (running, "
+        "or finished and not yet removed after the cooldown, its ttlSecondsAfterFinished) `kubectl "
+        "create -f -` fails with AlreadyExists and nothing runs: no second run is queued. Delete the "
+        "finished Job to run again sooner.",
+        formatter_class=_HelpFormatter,
+        epilog=_help_epilog(
+            "etcd-autodefrag render job --config config.yaml --cluster tenant-a | kubectl create -f -"
+        ),
     )
     job.add_argument(
         "--config",
         type=Path,
         default=os.environ.get(f"{ENV_PREFIX}CONFIG"),
-        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG)",
+        help=f"YAML file with the cluster list (env {ENV_PREFIX}CONFIG; default: none)",
     )
     job.add_argument("--cluster", metavar="NAME", required=True, help="the configured cluster")
     job.add_argument("--alertname", default="manual", help="recorded on the Job (default: manual)")
@@ -207,14 +371,72 @@ def add_render_parser(sub: Any) -> None:
 
 
 def endpoint_list(text: str) -> list[str]:
-    """The URLs of a comma-separated --endpoints value."""
-    return [e.strip() for e in text.split(",") if e.strip()]
+    """The URLs of a comma-separated --endpoints value; UsageError when there are none."""
+    endpoints = [e.strip() for e in text.split(",") if e.strip()]
+    if not endpoints:
+        # An unset shell variable (`--endpoints "$ETCD"`) must not fall back to a default cluster.
+        raise UsageError(f"--endpoints: no URL in {text!r}; give client URLs like https://10.0.0.1:2379")
+    return endpoints
+
+
+# The flags of `defrag` and `status` that set a ClusterConfig field, by field (`tls.*` too).
+FLAG_FOR_FIELD = {
+    "endpoints": "--endpoints",
+    "discover_members": "--no-discover",
+    "rule": "--rule",
+    "quota_bytes": "--quota-bytes",
+    "request_timeout_seconds": "--request-timeout",
+    "member_timeout_seconds": "--member-timeout",
+    "deadline_seconds": "--deadline",
+    "compact": "--compact",
+    "move_leader": "--move-leader",
+    "continue_on_error": "--continue-on-error",
+    "tls.ca_file": "--cacert",
+    "tls.cert_file": "--cert",
+    "tls.key_file": "--key",
+    "tls.server_name": "--server-name",
+}
+
+
+def flag_error(exc: ValidationError, flags: set[str], cluster: str | None) -> str:
+    """A validation error of a cluster built from flags, in the words of the flags the user wrote.
+
+    `flags` are the fields the flags set; an error about another field comes from the config file
+    and keeps its name there (`clusters[NAME].field`).
+    """
+    by_name = {field: flag for field, flag in FLAG_FOR_FIELD.items() if field in flags}
+    if "tls" in flags:
+        by_name |= {
+            f.removeprefix("tls."): flag for f, flag in FLAG_FOR_FIELD.items() if f.startswith("tls.")
+        }
+    # Only identifiers (member_timeout_seconds, cert_file): "rule" or "endpoints" are also plain words.
+    names = sorted((n for n in by_name if "_" in n), key=len, reverse=True)
+    words = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        if names:
+            message = words.sub(lambda m: by_name[m[1]], message)
+        if field in by_name:
+            where = by_name[field]
+        elif field in flags:  # a group of flags (tls): the message names them
+            where = ""
+        elif field:
+            where = f"cluster {cluster}: {field}" if cluster else field
+        else:
+            where = f"cluster {cluster}" if cluster else ""
+        lines.append(f"{where}: {message}" if where else message)
+    return "\n".join(lines)
 
 
 def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterConfig:
-    """The cluster to act on: a configured one (`--cluster`), flags only, or the local default."""
+    """The cluster to act on: a configured one (`--cluster`) or flags only (`--endpoints`).
+
+    A command that reads or changes a cluster must name it: no silent http://127.0.0.1:2379.
+    """
     overrides: dict[str, Any] = {}
-    if args.endpoints:
+    if args.endpoints is not None:
         overrides["endpoints"] = endpoint_list(args.endpoints)
     if args.no_discover:
         overrides["discover_members"] = False
@@ -243,23 +465,19 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
 
     if args.cluster:
         base = settings.cluster(args.cluster).model_dump()
-    elif args.endpoints:
+    elif args.endpoints is not None:
         base = {"name": "cli", "endpoints": overrides["endpoints"]}
-    elif settings.clusters:
-        names = ", ".join(c.name for c in settings.clusters)
-        raise UsageError(f"name the cluster with --cluster (configured: {names}) or give --endpoints")
     else:
-        base = default_cluster().model_dump()
+        configured = ", ".join(c.name for c in settings.clusters)
+        raise UsageError(
+            f"{args.command}: name the cluster with --cluster NAME"
+            + (f" (configured: {configured})" if configured else " (and --config FILE)")
+            + " or give --endpoints URL[,URL...]"
+        )
     try:
         cluster = ClusterConfig.model_validate({**base, **overrides})
-    except Exception as exc:  # pydantic ValidationError, formatted for people
-        from pydantic import ValidationError
-
-        if isinstance(exc, ValidationError):
-            raise UsageError(
-                format_validation_error(exc).replace("invalid configuration", "invalid flags")
-            ) from None
-        raise
+    except ValidationError as exc:
+        raise UsageError(flag_error(exc, set(overrides), args.cluster)) from None
     if not cluster.endpoints:
         raise UsageError(
             f"cluster {cluster.name} reads its endpoints from the Kubernetes API "
@@ -312,20 +530,26 @@ async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
     return out
 
 
-def make_client(session: aiohttp.ClientSession, cluster: ClusterConfig) -> EtcdClient:
-    """An etcd client for one cluster, with its TLS material loaded now (a bad file is a usage error)."""
-    ssl_context = None
-    if cluster.tls is not None:
-        tls = TlsFiles(
-            cluster.tls.ca_file,
-            cluster.tls.cert_file,
-            cluster.tls.key_file,
-            cluster.tls.server_name,
-        )
-        try:
-            ssl_context = make_ssl_context(tls)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cluster {cluster.name}: cannot load TLS files: {exc}") from None
+def ssl_context_for(cluster: ClusterConfig, *, from_flags: bool = False) -> ssl.SSLContext | None:
+    """The cluster's TLS context, its files read now; ConfigError names the cluster, setting and file.
+
+    `from_flags`: the files came from --cacert/--cert/--key, so the message names those flags.
+    """
+    if cluster.tls is None:
+        return None
+    tls = cluster.tls
+    try:
+        return make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file, tls.server_name))
+    except TlsFileError as exc:
+        if from_flags:
+            raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
+        raise ConfigError(f"cluster {cluster.name}: tls.{exc.setting} {exc.path}: {exc.problem}") from None
+
+
+def make_client(
+    session: aiohttp.ClientSession, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
+) -> EtcdClient:
+    """An etcd client for one cluster."""
     return EtcdClient(
         session,
         ssl_context=ssl_context,
@@ -334,51 +558,73 @@ def make_client(session: aiohttp.ClientSession, cluster: ClusterConfig) -> EtcdC
     )
 
 
+def lock_directory() -> Path:
+    """Where `defrag` keeps its per-cluster lock files: $ETCD_AUTODEFRAG_LOCK_DIR, else $TMPDIR."""
+    return Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR") or tempfile.gettempdir())
+
+
 @contextlib.contextmanager
 def host_lock(cluster_id: int) -> Iterator[None]:
     """One defrag run per etcd cluster on this host, whatever flags or config named it.
 
     Keyed by etcd's own cluster id, so `--cluster a` and `--endpoints` of the same cluster exclude
-    each other. Across hosts, the Kubernetes Job name is the lock (see the webhook).
+    each other. Across hosts, the lock key in etcd and the Kubernetes Job name are the locks.
+    The file is removed at the end, while still locked; a run that opened it just before then
+    finds, once it holds the lock, that the path names another file (or none) and starts over.
     """
-    directory = Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR", tempfile.gettempdir()))
-    path = directory / f"etcd-autodefrag-{cluster_id:x}.lock"
-    try:
-        handle = path.open("a")
-    except OSError as exc:
-        raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
-    with handle:
+    path = lock_directory() / f"etcd-autodefrag-{cluster_id:x}.lock"
+    for _ in range(3):
+        try:
+            handle = path.open("a")
+        except OSError as exc:
+            raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             raise LockUnavailable(f"another defrag run on this cluster holds {path}") from None
-        yield
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # removed by the run that just ended: lock the new file instead
+    else:
+        raise LockUnavailable(f"the lock file {path} keeps being replaced; try again")
+    with handle:
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
-async def run_defrag(args: argparse.Namespace, cluster: ClusterConfig) -> RunReport:
+async def run_defrag(
+    args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
+) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
+        client = make_client(session, cluster, ssl_context)
         engine = DefragEngine(
-            make_client(session, cluster),
-            cluster,
-            dry_run=args.dry_run,
-            lock=host_lock,
-            break_lock=args.break_lock,
+            client, cluster, dry_run=args.dry_run, lock=host_lock, break_lock=args.break_lock
         )
         return await engine.run()
 
 
-async def run_status(cluster: ClusterConfig) -> ClusterSnapshot:
+async def run_status(cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> ClusterSnapshot:
     """One snapshot of one cluster."""
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster)
+        client = make_client(session, cluster, ssl_context)
         return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
 
 
 def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
     """One dict per member, the columns of `status`."""
     rows = []
-    alarms = {a.member_id: a.kind.value for a in snapshot.alarms}
+    alarms: dict[int, list[str]] = {}
+    for alarm in snapshot.alarms:
+        alarms.setdefault(alarm.member_id, []).append(alarm.kind.value)
     for m in snapshot.members:
         s = m.status
         usage = quota_usage_ratio(s) if s else None
@@ -387,7 +633,7 @@ def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
                 "endpoint": m.endpoint,
                 "id": f"{m.member.id or (s.member_id if s else 0):x}",
                 "name": m.member.name,
-                "version": s.version if s else "",
+                "version": s.version if s else None,
                 "db_size_bytes": s.db_size_bytes if s else None,
                 "db_size_in_use_bytes": s.db_size_in_use_bytes if s else None,
                 "db_free_bytes": free_bytes(s) if s else None,
@@ -399,9 +645,10 @@ def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
                 "raft_term": s.raft_term if s else None,
                 "raft_index": s.raft_index if s else None,
                 "raft_applied_index": s.raft_applied_index if s else None,
-                "alarms": alarms.get(m.member.id or (s.member_id if s else 0), ""),
+                "alarms": alarms.get(m.member.id or (s.member_id if s else 0), []),
                 "defrag_recommended": bool(m.verdict and m.verdict.defrag),
                 "reason": m.verdict.reason if m.verdict else m.error,
+                "error": m.error,
             }
         )
     return rows
@@ -413,7 +660,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ("NAME", lambda r: r["name"]),
         ("ENDPOINT", lambda r: r["endpoint"]),
         ("ID", lambda r: r["id"]),
-        ("VERSION", lambda r: r["version"]),
+        ("VERSION", lambda r: r["version"] or "-"),
         ("DB SIZE", lambda r: _size(r["db_size_bytes"])),
         ("IN USE", lambda r: _size(r["db_size_in_use_bytes"])),
         ("FREE", lambda r: _size(r["db_free_bytes"])),
@@ -425,7 +672,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ("TERM", lambda r: _num(r["raft_term"])),
         ("INDEX", lambda r: _num(r["raft_index"])),
         ("APPLIED", lambda r: _num(r["raft_applied_index"])),
-        ("ALARMS", lambda r: r["alarms"]),
+        ("ALARMS", lambda r: ",".join(r["alarms"])),
         ("DEFRAG?", lambda r: "yes" if r["defrag_recommended"] else "no"),
     ]
     cells = [[head for head, _ in columns]] + [[str(get(r)) for _, get in columns] for r in rows]
@@ -480,11 +727,13 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
             DEFAULT_ENDPOINT,
         )
+    for cluster in clusters:
+        ssl_context_for(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
     try:
         clusters = asyncio.run(discovered(clusters))
     except DiscoveryError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
     app = create_app(settings, clusters=clusters, config_file=config_file)
     reloading: set[asyncio.Task[None]] = set()
@@ -494,6 +743,8 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             try:
                 fresh = load_settings(config_file, **(overrides or {}))
                 clusters = await discovered(fresh.clusters or [default_cluster()])
+                for cluster in clusters:
+                    ssl_context_for(cluster)
             except (ConfigError, DiscoveryError) as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
@@ -516,6 +767,16 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, start_reload)
 
     app.on_startup.append(reload_on_sighup)
+    # Bind before saying "serving": a port in use is then the only thing "cannot listen" can mean,
+    # and any other failure at start-up keeps its own message.
+    try:
+        sockets = bind(settings.listen_host, settings.listen_port)
+    except OSError as exc:
+        print(
+            f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     log.info(
         "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
         len(clusters),
@@ -523,12 +784,33 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
         settings.listen_host,
         settings.listen_port,
     )
+    with contextlib.ExitStack() as bound:
+        for sock in sockets:
+            bound.enter_context(sock)
+        # One site per socket; any start-up error of the app itself keeps its own words.
+        web.run_app(app, sock=sockets, print=None, access_log=None)
+    return ExitCode.OK
+
+
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for host:port (both families for a name like `localhost`), as aiohttp would."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
     try:
-        web.run_app(app, host=settings.listen_host, port=settings.listen_port, print=None, access_log=None)
-    except OSError as exc:
-        print(f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # once each, in order
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 # --- render -----------------------------------------------------------------------------------------
@@ -666,7 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`status | head`): nothing more to say, and no traceback. Point
         # stdout at /dev/null so that the interpreter's last flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return ExitCode.BROKEN_PIPE
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -679,7 +961,7 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = load_settings(args.config, **overrides)
     except ConfigError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     logs.configure(
         fmt=args.log_format or settings.log_format.value, level=args.log_level or settings.log_level
     )
@@ -687,33 +969,45 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "serve":
             return serve(settings, args.config, overrides)
         cluster = cluster_from_args(args, settings)
+        tls_flags = bool(args.cacert or args.cert or args.key or args.server_name)
+        ssl_context = ssl_context_for(cluster, from_flags=tls_flags)
         if args.command == "defrag":
-            report = asyncio.run(run_defrag(args, cluster))
-            if args.report_file is not None:
-                try:
-                    args.report_file.write_text(report.summary_json(max_bytes=4096))
-                except OSError as exc:
-                    print(f"etcd-autodefrag: cannot write report: {exc}", file=sys.stderr)
-            if args.output == "json":
-                print(report.to_json())
-            else:
-                print("\n".join(iter_lines(report)))
-            return report.exit_code
+            return defrag(args, cluster, ssl_context)
         if args.command == "status":
-            snapshot = asyncio.run(run_status(cluster))
-            if snapshot.error:
-                print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
-                return 1
-            rows = status_rows(snapshot)
-            print(json.dumps(rows, indent=2) if args.output == "json" else format_table(rows))
-            return 1 if any(r["db_size_bytes"] is None for r in rows) else 0
+            return status(args, cluster, ssl_context)
     except (UsageError, ConfigError) as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("etcd-autodefrag: interrupted", file=sys.stderr)
-        return 130
+        return ExitCode.INTERRUPTED
     raise AssertionError(f"unknown command {args.command}")
+
+
+def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+    """One run; the report on stdout (text or JSON), and as JSON in --report-file."""
+    report = asyncio.run(run_defrag(args, cluster, ssl_context))
+    if args.report_file is not None:
+        try:
+            args.report_file.write_text(report.summary_json(max_bytes=4096))
+        except OSError as exc:
+            print(f"etcd-autodefrag: cannot write report: {exc}", file=sys.stderr)
+    if args.output == "json":
+        print(report.to_json())
+    else:
+        print("\n".join(iter_lines(report)))
+    return report.exit_code
+
+
+def status(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+    """The members' table (or JSON); exit 3, as a defrag would be refused, when any did not answer."""
+    snapshot = asyncio.run(run_status(cluster, ssl_context))
+    if snapshot.error:
+        print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
+        return ExitCode.REFUSED
+    rows = status_rows(snapshot)
+    print(json.dumps(rows, indent=2) if args.output == "json" else format_table(rows))
+    return ExitCode.REFUSED if any(r["db_size_bytes"] is None for r in rows) else ExitCode.OK
 
 
 if __name__ == "__main__":

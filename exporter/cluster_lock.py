@@ -87,7 +87,8 @@ def holder_text(value: bytes) -> str:
         held = json.loads(value)
         return f"{held['holder']} (pid {held['pid']}, cluster {held['cluster']}) since {held['since']}"
     except (ValueError, TypeError, KeyError):
-        return value[:200].decode("utf-8", "replace") or "(an empty value)"
+        # Not ours (written by hand or another tool): show it as quoted text, never as a bytes repr.
+        return repr(value[:200].decode("utf-8", errors="replace"))
 
 
 # --- transactions, as the gateway takes them (pure) ----------------------------------------------------

@@ -81,7 +81,11 @@ class Outcome(StrEnum):
 
 @dataclass
 class MemberReport:
-    """One member's line in the final report."""
+    """One member's line in the final report (exporter/schemas/run-report.schema.json).
+
+    A size nobody measured is None (JSON null), never 0: the `after` sizes and the duration exist
+    only for a member that was defragmented, the `before` sizes only for one whose status was read.
+    """
 
     name: str
     id: str
@@ -89,12 +93,19 @@ class MemberReport:
     leader: bool
     outcome: Outcome = Outcome.NOT_REACHED
     reason: str = ""
-    size_before_bytes: int = 0
-    in_use_before_bytes: int = 0
-    size_after_bytes: int = 0
-    in_use_after_bytes: int = 0
+    size_before_bytes: int | None = None
+    in_use_before_bytes: int | None = None
+    size_after_bytes: int | None = None
+    in_use_after_bytes: int | None = None
     reclaimed_bytes: int = 0
-    duration_seconds: float = 0.0
+    duration_seconds: float | None = None
+
+    @property
+    def reclaimable_bytes(self) -> int | None:
+        """What a defrag would give back now: the free pages at the last status."""
+        if self.size_before_bytes is None or self.in_use_before_bytes is None:
+            return None
+        return max(self.size_before_bytes - self.in_use_before_bytes, 0)
 
 
 @dataclass
@@ -107,7 +118,7 @@ class RunReport:
     dry_run: bool = False
     started_at: str = ""
     duration_seconds: float = 0.0
-    compacted_revision: int = 0
+    compacted_revision: int | None = None  # None: not compacted
     disarmed_alarms: list[str] = field(default_factory=list)
     members: list[MemberReport] = field(default_factory=list)
     down_members: list[str] = field(default_factory=list)  # stopped answering after their defrag
@@ -684,18 +695,37 @@ def _member_report(planned: PlannedMember, status: MemberStatus | None) -> Membe
         endpoint=planned.endpoint,
         leader=planned.is_leader,
         reason=planned.reason,
-        size_before_bytes=status.db_size_bytes if status else 0,
-        in_use_before_bytes=status.db_size_in_use_bytes if status else 0,
+        size_before_bytes=status.db_size_bytes if status else None,
+        in_use_before_bytes=status.db_size_in_use_bytes if status else None,
     )
 
 
 def iter_lines(report: RunReport) -> Iterator[str]:
-    """The final report as a small text table."""
-    yield f"{'MEMBER':<16} {'LEADER':<6} {'OUTCOME':<13} {'BEFORE':>10} {'AFTER':>10} {'RECLAIMED':>10}"
-    for m in report.members:
-        yield (
-            f"{m.name:<16} {'yes' if m.leader else '':<6} {m.outcome.value:<13} "
-            f"{human_bytes(m.size_before_bytes):>10} "
-            f"{human_bytes(m.size_after_bytes) if m.size_after_bytes else '-':>10} "
-            f"{human_bytes(m.reclaimed_bytes):>10}"
-        )
+    """The final report as a small text table and one line for the result (and why)."""
+    dry_run = report.result is RunResult.DRY_RUN
+    if report.members:
+        reclaimed = "WOULD RECLAIM" if dry_run else "RECLAIMED"
+        yield f"{'MEMBER':<16} {'LEADER':<6} {'OUTCOME':<13} {'BEFORE':>10} {'AFTER':>10} {reclaimed:>13}"
+        for m in report.members:
+            if m.outcome is Outcome.WOULD_DEFRAG:
+                gain = m.reclaimable_bytes  # the free pages now: what the defrag would give back
+            elif m.outcome is Outcome.DEFRAGMENTED:
+                gain = m.reclaimed_bytes
+            else:
+                gain = None
+            yield (
+                f"{m.name:<16} {'yes' if m.leader else '':<6} {m.outcome.value:<13} "
+                f"{_size(m.size_before_bytes):>10} {_size(m.size_after_bytes):>10} {_size(gain):>13}"
+            )
+    total = sum(m.reclaimable_bytes or 0 for m in report.members if m.outcome is Outcome.WOULD_DEFRAG)
+    gained = (
+        f"would reclaim {human_bytes(total)}"
+        if dry_run
+        else f"reclaimed {human_bytes(report.reclaimed_bytes)}"
+    )
+    why = f": {report.reason}" if report.reason else ""
+    yield f"{report.result.value}{why} ({gained})" if report.members else f"{report.result.value}{why}"
+
+
+def _size(value: int | None) -> str:
+    return human_bytes(value) if value is not None else "-"

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import functools
 import re
+import socket
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -92,14 +93,103 @@ class TlsFiles:
     server_name: str | None = None
 
 
+class TlsFileError(ValueError):
+    """A TLS file cannot be used; `setting` is the config key (ca_file, cert_file, key_file)."""
+
+    def __init__(self, setting: str, path: Path, problem: str) -> None:
+        super().__init__(f"{setting} {path}: {problem}")
+        self.setting = setting
+        self.path = path
+        self.problem = problem
+
+
+# What a PEM file of each kind must contain; checked before OpenSSL, whose errors name no file.
+_PEM_MARKERS = {
+    "ca_file": (b"-----BEGIN CERTIFICATE-----", "no PEM certificate in it (is it the CA bundle?)"),
+    "cert_file": (b"-----BEGIN CERTIFICATE-----", "no PEM certificate in it"),
+    "key_file": (b"PRIVATE KEY-----", "no PEM private key in it"),
+}
+
+
+def _read_pem(setting: str, path: Path) -> None:
+    """Raise TlsFileError naming `path` unless it is a readable file holding that kind of PEM block."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise TlsFileError(setting, path, (exc.strerror or str(exc)).lower()) from None
+    marker, problem = _PEM_MARKERS[setting]
+    if marker not in content:
+        raise TlsFileError(setting, path, problem)
+
+
 def make_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
-    """An SSL context verifying members against the CA (or the system store) with the client cert."""
-    context = ssl.create_default_context(
-        cafile=str(tls.ca_file) if tls.ca_file else None,
-    )
+    """An SSL context verifying members against the CA (or the system store) with the client cert.
+
+    Raises TlsFileError naming the file and the setting for a missing, unreadable or wrong file.
+    """
+    files = {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
+    for setting, path in files.items():
+        if path is not None:
+            _read_pem(setting, path)
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except ssl.SSLError:
+        raise TlsFileError(
+            "ca_file", tls.ca_file or Path(), "its PEM certificates cannot be parsed"
+        ) from None
     if tls.cert_file:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+
+        def no_password() -> str:
+            # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
+            raise TlsFileError(
+                "key_file", tls.key_file or tls.cert_file or Path(), "encrypted; need an unencrypted key"
+            )
+
+        try:
+            context.load_cert_chain(
+                str(tls.cert_file), str(tls.key_file) if tls.key_file else None, no_password
+            )
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                problem = f"does not belong to the certificate {tls.cert_file}"
+            else:
+                problem = f"cannot be used with the certificate {tls.cert_file} ({exc.reason})"
+            raise TlsFileError("key_file", tls.key_file or tls.cert_file, problem) from None
     return context
+
+
+_CLIENT_CERT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")
+
+
+def plain_words(exc: aiohttp.ClientError, endpoint: str) -> str:
+    """What went wrong with a request, in words a person can act on (no library repr)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        verify = exc.certificate_error
+        why = getattr(verify, "verify_message", None) or getattr(verify, "reason", None) or str(verify)
+        hint = "the server name: --server-name, tls.server_name" if "mismatch" in why.lower() else "the CA"
+        return f"TLS: the member's certificate is not trusted: {why} (check {hint})"
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc.__cause__
+    if isinstance(cause, ssl.SSLError) and any(a in str(cause).upper() for a in _CLIENT_CERT_REFUSED):
+        # etcd answers a missing or foreign client certificate with a TLS alert, after the handshake.
+        return (
+            "TLS: the member did not accept our client certificate (none given, or not signed by its "
+            "CA): check --cert and --key (tls.cert_file, tls.key_file)"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        tls = endpoint.startswith("https://")
+        if tls and isinstance(error, ssl.SSLError | ConnectionResetError | ConnectionAbortedError):
+            return "TLS handshake failed (is the member serving plain HTTP? then use http://)"
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, socket.gaierror):
+            return f"cannot resolve host {exc.host}"
+        return error.strerror.lower() if error.strerror else str(error) or type(error).__name__
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        if endpoint.startswith("http://"):
+            return "the member closed the connection without an answer (does it serve TLS? then use https://)"
+        return "the member closed the connection without an answer"
+    return str(exc) or type(exc).__name__
 
 
 def _int(value: Any) -> int:
@@ -301,9 +391,9 @@ async def _bounded(
         except TimeoutError as exc:
             raise EtcdUnavailable(endpoint, f"{what}: no answer within {seconds:g}s") from exc
         except aiohttp.ClientConnectorError as exc:
-            raise EtcdUnavailable(endpoint, f"{what}: {exc}", reached=False) from exc
+            raise EtcdUnavailable(endpoint, f"{what}: {plain_words(exc, endpoint)}", reached=False) from exc
         except aiohttp.ClientError as exc:
-            raise EtcdUnavailable(endpoint, f"{what}: {exc}") from exc
+            raise EtcdUnavailable(endpoint, f"{what}: {plain_words(exc, endpoint)}") from exc
 
 
 class EtcdClient:

@@ -237,8 +237,11 @@ class LocalExecutor:
         args += ["--log-format", self.log_format, "--log-level", self.log_level]
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
-        if not (self.embedded_default and cluster == default_cluster()):
-            args += ["--cluster", cluster.name]
+        if self.embedded_default and cluster == default_cluster():
+            # Not in any config file, and `defrag` needs a target: name the embedded default's URL.
+            args += ["--endpoints", ",".join(cluster.endpoints)]
+            return args
+        args += ["--cluster", cluster.name]
         if cluster.discovers_endpoints:  # the URLs the service read from the Kubernetes API
             args += ["--endpoints", ",".join(cluster.endpoints)]
         return args

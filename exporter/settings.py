@@ -4,7 +4,11 @@ Precedence, highest first: command-line flags, environment, the YAML file, defau
 forbids unknown keys, so a typo in the config is an error at start-up and never silently ignored.
 """
 
+import io
+import json
+import os
 import re
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
@@ -13,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import (
     BaseModel,
-    ByteSize,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -25,6 +29,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from exporter.rule import RuleSyntaxError, parse_rule
@@ -39,8 +44,70 @@ DEFAULT_LISTEN_PORT = 9479
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 40
 
-PositiveSeconds = Annotated[float, Field(gt=0)]
-Ratio = Annotated[float, Field(ge=0, le=1)]
+# No duration here needs to be longer than a year; a bound also keeps `1e300` out of asyncio's
+# timeouts and etcd's lease TTL, where it would fail late (OverflowError, a Go unmarshal error).
+MAX_SECONDS = 365 * 24 * 3600
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
+Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+# --- byte sizes: one parser for every size the config or a flag gives ------------------------------
+
+# Kubernetes quantities (8Gi, 512Mi, 8G, 8e9; apimachinery resource.Quantity) and IEC units (8GiB).
+# `8GB` is refused: etcd's own docs write "8GB" for 8 GiB, SI says 8,000,000,000, so it is ambiguous.
+_BYTE_UNITS = {
+    "": 1,
+    "B": 1,
+    **{unit: 1000**power for power, unit in enumerate("kMGTPE", 1)},
+    **{f"{unit}i": 1024**power for power, unit in enumerate("KMGTPE", 1)},
+    **{f"{unit}iB": 1024**power for power, unit in enumerate("KMGTPE", 1)},
+}
+_AMBIGUOUS_UNITS = {f"{unit}B" for unit in "kKMGTPE"}
+_BYTE_SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[A-Za-z]*)")
+MAX_BYTES = 2**63 - 1  # etcd's sizes are int64
+BYTE_SIZE_HELP = "bytes, or a number with a unit: 8Gi or 8GiB (binary), 8G or 8e9 (decimal)"
+
+
+def parse_byte_size(value: object) -> int:
+    """Bytes from an int or a text like `8Gi`, `512MiB`, `8G`, `8e9`; a ValueError says what to write.
+
+    A bare number is bytes. Binary units: Ki Mi Gi Ti Pi Ei and KiB ... EiB; decimal: k M G T P E.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}")
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = Decimal(int(value))
+    elif isinstance(value, str) and (match := _BYTE_SIZE.fullmatch(value.strip())):
+        unit = match["unit"]
+        if unit in _AMBIGUOUS_UNITS:
+            digits, letter = match["number"], unit[0]
+            raise ValueError(
+                f"{value!r} is ambiguous: write {digits}{letter.upper()}i (binary, 1024-based) or "
+                f"{digits}{'k' if letter in 'kK' else letter} (decimal, 1000-based)"
+            )
+        if unit not in _BYTE_UNITS:
+            raise ValueError(
+                f"{value!r}: unknown unit {unit!r}; use Ki Mi Gi Ti Pi Ei, KiB ... EiB (binary) or "
+                "k M G T P E (decimal)"
+            )
+        try:
+            number = Decimal(match["number"]) * _BYTE_UNITS[unit]
+        except ArithmeticError:  # decimal.Overflow for an exponent like 1e9999999
+            raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}") from None
+    else:
+        raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}")
+    if number < 0:
+        raise ValueError(f"{value!r}: a size cannot be negative")
+    if number > MAX_BYTES:
+        raise ValueError(f"{value!r} is too large (at most {MAX_BYTES} bytes, 8 EiB)")
+    if number != number.to_integral_value():
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(number)
+
+
+ByteCount = Annotated[int, BeforeValidator(parse_byte_size)]
 
 
 def checked_matchers(matchers: list[str]) -> list[str]:
@@ -60,7 +127,7 @@ class ConfigError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LogFormat(StrEnum):
@@ -93,16 +160,16 @@ class Thresholds(_Model):
     above `quota_usage_above` of its quota.
     """
 
-    min_free_bytes: ByteSize | None = None
+    min_free_bytes: ByteCount | None = None
     min_fragmentation_ratio: Ratio | None = None
     quota_usage_above: Ratio | None = None
-    min_db_size_bytes: ByteSize | None = None
+    min_db_size_bytes: ByteCount | None = None
 
 
 # The default: reclaim at least 100 MiB (the floor the upstream etcd fragmentation alert needed to
 # stop being noisy) from a member that is half empty or closing in on its quota.
 DEFAULT_THRESHOLDS = Thresholds(
-    min_free_bytes=ByteSize(100 * 1024 * 1024),
+    min_free_bytes=100 * 1024 * 1024,
     min_fragmentation_ratio=0.5,
     quota_usage_above=0.8,
 )
@@ -169,12 +236,12 @@ class KubernetesTarget(_Model):
     ca_key: str = "ca"
     cert_key: str | None = "crt"
     key_key: str | None = "key"
-    cooldown_seconds: Annotated[int, Field(ge=0)] | None = Field(
+    cooldown_seconds: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = Field(
         default=None,
         description="ttlSecondsAfterFinished: no new Job for this cluster until the finished one is "
         "removed. Default: the service-wide executor.cooldown_seconds.",
     )
-    active_deadline_seconds: Annotated[int, Field(gt=0)] | None = Field(
+    active_deadline_seconds: Annotated[int, Field(gt=0, le=MAX_SECONDS)] | None = Field(
         default=None, description="Kubernetes stops the Job after this long; default deadline_seconds + 120."
     )
     service_account: str | None = Field(
@@ -336,8 +403,9 @@ class ClusterConfig(_Model):
     tls: TlsConfig | None = None
     rule: str | None = Field(default=None, description="Expression in etcd-defrag's syntax.")
     thresholds: Thresholds | None = None
-    quota_bytes: ByteSize | None = Field(
-        default=None, description="Used only when a member reports no quota of its own."
+    quota_bytes: ByteCount | None = Field(
+        default=None,
+        description="Used only when a member reports no quota of its own. " + BYTE_SIZE_HELP + ".",
     )
     request_timeout_seconds: PositiveSeconds = 5.0
     member_timeout_seconds: PositiveSeconds = 300.0
@@ -346,7 +414,7 @@ class ClusterConfig(_Model):
     compact: bool = False
     move_leader: bool = False
     continue_on_error: bool = False
-    disarm_below_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
+    disarm_below_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
     paused: bool = False
     alerts: AlertRouting = Field(default_factory=AlertRouting)
     kubernetes: KubernetesTarget | None = None
@@ -445,7 +513,7 @@ class WebhookSettings(_Model):
     # annotations. 4 MiB holds groups of well over 1,000 alerts; a bigger body is refused with 413,
     # which Alertmanager does not retry, so the cap errs large. Bound groups with the receiver's
     # `max_alerts` instead (Alertmanager then reports the rest in `truncatedAlerts`).
-    max_body_bytes: Annotated[ByteSize, Field(ge=1024)] = ByteSize(4 * 1024 * 1024)
+    max_body_bytes: Annotated[ByteCount, Field(ge=1024)] = 4 * 1024 * 1024
     acting_alerts: list[str] | None = Field(
         default=None,
         description="Alert names that launch runs; default EtcdDefragRecommended, EtcdNoSpaceAlarm and "
@@ -510,7 +578,7 @@ class ExecutorSettings(_Model):
     kubernetes_timeout_seconds: PositiveSeconds = Field(
         default=10.0, description="kubernetes: timeout of one Kubernetes API request."
     )
-    cooldown_seconds: Annotated[float, Field(ge=0)] = Field(
+    cooldown_seconds: Seconds = Field(
         default=3600.0,
         description="After a run ends (any result), alerts for that cluster launch nothing for this long.",
     )
@@ -524,6 +592,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
     file_data: ClassVar[dict[str, Any]] = {}
 
@@ -539,7 +608,7 @@ class Settings(BaseSettings):
     scrape_budget_seconds: PositiveSeconds = Field(
         default=4.0, description="Longest a scrape waits for fresh data; keep it below scrape_timeout."
     )
-    min_refresh_interval_seconds: Annotated[float, Field(ge=0)] = Field(
+    min_refresh_interval_seconds: Seconds = Field(
         default=0.0,
         description="Scrapes closer together reuse the last snapshot (concurrent ones always share).",
     )
@@ -626,6 +695,39 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return settings_cls(**overrides)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=config_file)) from None
+    except SettingsError as exc:
+        # pydantic-settings parses a complex field's env var as JSON before validation, and says
+        # only 'error parsing value for field "clusters" from source "EnvSettingsSource"'.
+        raise ConfigError(_env_error(exc)) from None
+    except RecursionError:  # json.loads of an env var: pydantic-settings lets it through unwrapped
+        raise ConfigError(
+            f"environment variable {_too_deep_env_var()}: JSON nested too deeply to read"
+        ) from None
+
+
+def _too_deep_env_var() -> str:
+    """The name of the ETCD_AUTODEFRAG_* variable whose JSON is nested too deeply for json.loads."""
+    for name, value in os.environ.items():
+        if name.upper().startswith(ENV_PREFIX):
+            try:
+                json.loads(value)
+            except RecursionError:
+                return name
+            except ValueError:
+                continue
+    return f"{ENV_PREFIX}*"
+
+
+def _env_error(exc: SettingsError) -> str:
+    """Which environment variable is not JSON, and why, from pydantic-settings' error."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    name = f"{ENV_PREFIX}{field[1].upper()}" if field else f"an environment variable {ENV_PREFIX}*"
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        why = f"not valid JSON ({cause.msg} at line {cause.lineno} column {cause.colno})"
+    else:
+        why = f"cannot be read ({cause or exc})"
+    return f"environment variable {name}: {why}; it must hold the setting as JSON"
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -642,14 +744,48 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(self.data)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` then overriding a merged key is how merges are meant
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first})", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     """The file's mapping; a plain message for a missing, unreadable or non-mapping YAML file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}"
+        ) from None
+    try:
+        stream = io.StringIO(text)
+        stream.name = str(path)  # PyYAML names the file in its error marks
+        data = yaml.load(stream, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -4,21 +4,31 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
+import trustme
 import yaml
 from etcd_harness import EtcdCluster, _free_ports, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
 from exporter import executors, jobs
-from exporter.cli import discovered, main
+from exporter.cli import EXIT_CODE_MEANINGS, ExitCode, discovered, exit_code_table, main
+from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
+from exporter.engine import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.settings import ClusterConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.etcd
 
@@ -125,10 +135,11 @@ def test_status_with_a_stopped_member(
     fresh_etcd_cluster.members[2].stop()
     code = main(["status", "--endpoints", fresh_etcd_cluster.endpoints[0], "--request-timeout", "1"])
     out = capsys.readouterr().out
-    assert code == 1
+    assert code == 3  # as a defrag would be refused: the same code for the same cluster
     assert out.count("| http") == 3
-    assert "etcd-2" in out
-    assert "Connect" in out or "connect" in out  # the reason for the missing member is shown
+    # The reason for the missing member, in plain words (no "Connect call failed ('127.0.0.1', ...)").
+    assert "etcd-2: /v3/maintenance/status: connection refused" in out
+    assert "Connect call" not in out
 
 
 def test_cluster_from_config_file(
@@ -142,28 +153,140 @@ def test_cluster_from_config_file(
     assert json.loads(capsys.readouterr().out)["result"] == "nothing_to_do"
 
 
+def exit_code(args: list[str]) -> int:
+    """main(args), or the code argparse exits with for a flag it refuses itself."""
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (
             ["defrag", "--endpoints", "http://127.0.0.1:1", "--rule", "dbSize >"],
-            "invalid defrag rule at column",
+            "--rule: invalid defrag rule at column",
         ),
-        (["defrag", "--endpoints", "ftp://x"], "is not a client URL"),
-        (["defrag", "--endpoints", "http://127.0.0.1:1", "--cert", "/c"], "cert_file and key_file"),
+        (["defrag", "--endpoints", "ftp://x"], "--endpoints: 'ftp://x' is not a client URL"),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--cert", "/c"],
+            "--cert and --key must be set together",
+        ),
         (
             ["defrag", "--endpoints", "https://127.0.0.1:1", "--cacert", "/nonexistent"],
-            "cannot load TLS files",
+            "etcd-autodefrag: --cacert /nonexistent: no such file or directory",
         ),
         (["defrag", "--cluster", "nope"], "'nope' is not in the configuration"),
-        (["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "-1"], "deadline_seconds"),
+        # A command that reads or changes a cluster names it: no silent http://127.0.0.1:2379.
+        (["defrag"], "defrag: name the cluster with --cluster NAME (and --config FILE) or give --endpoints"),
+        (["status"], "status: name the cluster with --cluster NAME (and --config FILE) or give --endpoints"),
+        (["defrag", "--endpoints", ""], "--endpoints: no URL in ''; give client URLs like https://"),
+        (["status", "--endpoints", " , "], "--endpoints: no URL in ' , '"),
+        (["render", "cronjob", "--variant", "talos", "--endpoints", ""], "--endpoints: no URL in ''"),
+        # Flag errors speak in flag names, checked by the settings' own types.
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "-1"],
+            "argument --deadline: must be greater than 0",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--member-timeout", "-5"],
+            "argument --member-timeout: must be greater than 0; got '-5'",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "inf"],
+            "argument --deadline: must be a finite number",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "nan"],
+            "argument --deadline: must be a finite number",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--deadline", "1e300"],
+            "argument --deadline: must be less than or equal to 31536000; got '1e300'",
+        ),
+        (
+            ["status", "--endpoints", "http://127.0.0.1:1", "--request-timeout", "inf"],
+            "argument --request-timeout: must be a finite",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--quota-bytes", "8GB-ish"],
+            "argument --quota-bytes: '8GB-ish' is not a byte size: bytes, or a number with a unit: 8Gi",
+        ),
+        (
+            ["defrag", "--endpoints", "http://127.0.0.1:1", "--member-timeout", "600", "--deadline", "300"],
+            "etcd-autodefrag: --member-timeout must not exceed --deadline",
+        ),
+        (
+            ["status", "--endpoints", "http://127.0.0.1:1", "--output", "table", "--output", "yaml"],
+            "invalid choice: 'yaml'",
+        ),
     ],
 )
 def test_bad_usage_exits_2_with_a_message(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("ETCD_AUTODEFRAG_CONFIG", raising=False)
-    assert main(args) == 2
+    assert exit_code(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert "_seconds" not in err  # field names of the settings never stand in for flags
+
+
+# Issue 19 item 5: inputs that used to end in a traceback or fail late.
+CLUSTER = "clusters:\n  - name: a\n    endpoints: [http://127.0.0.1:1]\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "environment", "message"),
+    [
+        (b"clusters:\n  - name: caf\xe9\n", {}, "config.yaml is not UTF-8 text: byte 0xe9 on line 2"),
+        (("clusters: " + "[" * 5000 + "]" * 5000).encode(), {}, "config.yaml is nested too deeply to read"),
+        ((CLUSTER + "clusters: []\n").encode(), {}, "key 'clusters' appears twice (first on line 1)"),
+        (
+            (CLUSTER + "    deadline_seconds: .inf\n").encode(),
+            {},
+            "clusters[0].deadline_seconds: Input should be a finite",
+        ),
+        (
+            (CLUSTER + "    health_timeout_seconds: .inf\n").encode(),
+            {},
+            "clusters[0].health_timeout_seconds: Input should be a finite number",
+        ),
+        (
+            (CLUSTER + "    quota_bytes: 8GB-ish\n").encode(),
+            {},
+            "clusters[0].quota_bytes: '8GB-ish' is not a byte size",
+        ),
+        (
+            b"",
+            {"ETCD_AUTODEFRAG_CLUSTERS": "tenant-a"},
+            "environment variable ETCD_AUTODEFRAG_CLUSTERS: not valid JSON",
+        ),
+        (
+            b"",
+            {"ETCD_AUTODEFRAG_WEBHOOK": "token=x"},
+            "environment variable ETCD_AUTODEFRAG_WEBHOOK: not valid JSON",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["defrag", "status", "serve"])
+def test_inputs_that_used_to_crash_exit_2_naming_the_file_key_or_variable(
+    command: str,
+    config: bytes,
+    environment: dict[str, str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(config)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    target = ["--cluster", "a"] if command != "serve" else []
+    assert exit_code([command, "--config", str(path), *target]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
@@ -176,9 +299,16 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "clusters[0].paused" in capsys.readouterr().err
 
 
-def test_unreachable_cluster_is_refused_with_exit_3(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["defrag", "--endpoints", "http://127.0.0.1:9", "--request-timeout", "1"]) == 3
-    assert "refused: no configured endpoint answered" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["defrag", "status"])
+def test_an_unreachable_cluster_exits_3_from_every_command(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = _free_ports(1)  # nothing listens there
+    assert main([command, "--endpoints", f"http://127.0.0.1:{port}", "--request-timeout", "1"]) == 3
+    err = capsys.readouterr().err
+    assert f"http://127.0.0.1:{port}: /v3/cluster/member/list: connection refused" in err
+    assert "ssl:default" not in err
+    assert "Connect call failed" not in err
 
 
 def test_a_second_run_on_the_same_cluster_is_refused(
@@ -388,3 +518,256 @@ def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
     job = yaml.safe_load(capsys.readouterr().out)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"
+
+
+# --- TLS: every error names the file, the setting or the flag (issue 17 items 2, 3) ---------------
+
+
+@pytest.fixture
+def foreign_ca(tmp_path: Path) -> Path:
+    """A CA that signed nothing any test member serves."""
+    path = tmp_path / "foreign-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+def test_https_against_plain_etcd_says_tls_handshake_failed(
+    etcd: EtcdCluster, foreign_ca: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    https = etcd.endpoints[0].replace("http://", "https://")
+    assert main(["status", "--endpoints", https, "--cacert", str(foreign_ca), "--request-timeout", "2"]) == 3
+    err = capsys.readouterr().err
+    assert f"{https}: /v3/cluster/member/list: TLS handshake failed (is the member serving plain HTTP?" in err
+    assert "ssl:default" not in err
+
+
+@pytest.mark.parametrize("command", ["status", "defrag"])
+def test_a_wrong_ca_is_named_as_such(
+    command: str, tls_etcd_cluster: EtcdCluster, foreign_ca: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = tls_flags(tls_etcd_cluster)
+    flags[flags.index("--cacert") + 1] = str(foreign_ca)
+    assert (
+        main([command, "--endpoints", tls_etcd_cluster.endpoints[0], *flags, "--request-timeout", "2"]) == 3
+    )
+    err = capsys.readouterr().err
+    assert "TLS: the member's certificate is not trusted: unable to get local issuer certificate" in err
+    assert "SSLCertVerificationError" not in err
+
+
+def test_plain_http_against_tls_etcd_suggests_https(
+    tls_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    http = tls_etcd_cluster.endpoints[0].replace("https://", "http://")
+    assert main(["status", "--endpoints", http, "--request-timeout", "2"]) == 3
+    assert "closed the connection without an answer (does it serve TLS? then use https://)" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "content", "problem"),
+    [
+        ("ca_file", None, "no such file or directory"),
+        ("ca_file", "not a certificate\n", "no PEM certificate in it (is it the CA bundle?)"),
+        ("cert_file", "garbage\n", "no PEM certificate in it"),
+        ("key_file", "garbage\n", "no PEM private key in it"),
+    ],
+)
+def test_a_bad_tls_file_in_the_config_names_cluster_setting_and_file(
+    tls_etcd_cluster: EtcdCluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    setting: str,
+    content: str | None,
+    problem: str,
+) -> None:
+    assert tls_etcd_cluster.tls is not None
+    tls = {
+        "ca_file": str(tls_etcd_cluster.tls.ca_file),
+        "cert_file": str(tls_etcd_cluster.tls.cert_file),
+        "key_file": str(tls_etcd_cluster.tls.key_file),
+    }
+    bad = tmp_path / f"bad-{setting}.pem"
+    if content is not None:
+        bad.write_text(content)
+    tls[setting] = str(bad)
+    config = tmp_path / "config.yaml"
+    cluster = {"name": "tenant-a", "endpoints": tls_etcd_cluster.endpoints[:1], "tls": tls}
+    config.write_text(yaml.safe_dump({"clusters": [cluster]}))
+    assert main(["status", "--config", str(config), "--cluster", "tenant-a"]) == 2
+    assert capsys.readouterr().err == f"etcd-autodefrag: cluster tenant-a: tls.{setting} {bad}: {problem}\n"
+
+
+def test_serve_with_a_missing_ca_is_a_config_error_not_a_port_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (port,) = _free_ports(1)
+    config = tmp_path / "config.yaml"
+    cluster = {
+        "name": "tenant-a",
+        "endpoints": ["https://127.0.0.1:2379"],
+        "tls": {"ca_file": "/nonexistent/ca.crt", "cert_file": "/c.crt", "key_file": "/c.key"},
+    }
+    config.write_text(yaml.safe_dump({"clusters": [cluster]}))
+    code = main(["serve", "--config", str(config), "--listen", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        "etcd-autodefrag: cluster tenant-a: tls.ca_file /nonexistent/ca.crt: no such file or directory" in err
+    )
+    assert "cannot listen" not in err
+    assert "serving" not in err
+
+
+def test_serve_on_a_port_in_use_says_so_before_claiming_to_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--listen", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"etcd-autodefrag: cannot listen on 127.0.0.1:{port}: Address already in use" in err
+    assert "serving /metrics" not in err  # the bind comes first
+
+
+# --- one CLI contract (issue 17 item 6) ------------------------------------------------------------
+
+
+def help_text(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert exit_code([*args, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ([], ["etcd-autodefrag defrag --cluster tenant-a"]),
+        (
+            ["defrag"],
+            ["(default: 300)", "(default: 1800)", "(default: 5)", "dbSizeFree >= 104857600", "--dry-run"],
+        ),
+        (["status"], ["(default: text)", "etcd-autodefrag status --endpoints"]),
+        (["serve"], ["(default: 127.0.0.1:9479)", "etcd-autodefrag serve --config"]),
+        (["render", "cronjob"], ["etcd-autodefrag render cronjob -e kamaji-etcd"]),
+        (["render", "job"], ["AlreadyExists", "| kubectl create -f -"]),
+    ],
+)
+def test_help_shows_defaults_an_example_and_the_one_exit_code_table(
+    command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = help_text(command, capsys)
+    for part in shown:
+        assert part in " ".join(text.split()), part
+    assert exit_code_table() in text
+    assert "waits its turn" not in text  # a second `kubectl create` fails with AlreadyExists
+
+
+def test_docs_list_the_exit_codes_of_the_code() -> None:
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", docs, flags=re.MULTILINE)
+    assert [(int(code), meaning) for code, meaning in rows] == [
+        (int(code), meaning) for code, meaning in EXIT_CODE_MEANINGS.items()
+    ]
+    # The engine's results exit with codes of that table.
+    assert {RunResult(r): c for r, c in EXIT_CODES.items()} == {
+        RunResult.SUCCESS: ExitCode.OK,
+        RunResult.NOTHING_TO_DO: ExitCode.OK,
+        RunResult.DRY_RUN: ExitCode.OK,
+        RunResult.FAILED: ExitCode.FAILED,
+        RunResult.REFUSED: ExitCode.REFUSED,
+    }
+
+
+def test_status_output_formats_are_named_as_defrag_s(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--output", "text"]) == 0
+    text = capsys.readouterr().out
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--output", "table"]) == 0  # the old name
+    assert capsys.readouterr().out.splitlines()[:2] == text.splitlines()[:2]
+
+
+def report_schema() -> dict[str, Any]:
+    return json.loads((resources.files("exporter") / "schemas" / "run-report.schema.json").read_text())
+
+
+def status_schema() -> dict[str, Any]:
+    return json.loads((resources.files("exporter") / "schemas" / "status.schema.json").read_text())
+
+
+def test_json_reports_of_real_runs_match_the_schema(
+    etcd: EtcdCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LOCK_DIR", str(tmp_path))
+    validator = jsonschema.Draft202012Validator(report_schema())
+    endpoint = ["--endpoints", etcd.endpoints[0], "--output", "json"]
+    etcd.churn()
+    reports = {}
+    for name, flags in {
+        "dry_run": ["--dry-run", "--rule", "dbSizeFree > 0"],
+        "success": ["--rule", "dbSizeFree > 0", "--compact"],
+        "nothing_to_do": ["--rule", "false"],
+    }.items():
+        main(["defrag", *endpoint, *flags])
+        reports[name] = json.loads(capsys.readouterr().out)
+    (port,) = _free_ports(1)
+    main(["defrag", "--endpoints", f"http://127.0.0.1:{port}", "--output", "json", "--request-timeout", "1"])
+    reports["refused"] = json.loads(capsys.readouterr().out)
+    for result, report in reports.items():
+        validator.validate(report)
+        assert report["result"] == result
+    skipped = reports["nothing_to_do"]["members"]
+    assert {m["outcome"] for m in skipped} == {"skipped"}
+    assert all(m["size_after_bytes"] is None and m["duration_seconds"] is None for m in skipped)
+    assert all(m["size_before_bytes"] > 0 for m in skipped)
+    assert reports["nothing_to_do"]["compacted_revision"] is None
+    assert reports["success"]["compacted_revision"] > 0
+    assert list(tmp_path.iterdir()) == []  # every run removed its lock file
+    # The summary written when the full report outgrows a termination message matches too.
+    members = [
+        MemberReport(name=f"member-{i:03}" * 8, id=f"{i + 1:x}", endpoint="", leader=False) for i in range(60)
+    ]
+    summary = json.loads(RunReport(cluster="c", result=RunResult.FAILED, members=members).summary_json())
+    assert summary["summary"] is True
+    validator.validate(summary)
+
+
+def test_status_json_matches_its_schema_with_alarms_as_a_list(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--output", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator(status_schema()).validate(rows)
+    assert [r["alarms"] for r in rows] == [[], [], []]
+
+
+def test_text_reports_say_what_a_dry_run_would_reclaim_and_why_a_run_was_refused(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etcd.churn()
+    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--dry-run", "--rule", "dbSizeFree > 0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-2:] == ["WOULD", "RECLAIM"]
+    rows = [line for line in lines[1:] if "would_defrag" in line]
+    assert len(rows) == 3
+    assert all(not row.endswith(" 0 B") and row.split()[-1] in ("KiB", "MiB") for row in rows)
+    assert lines[-1].startswith("dry_run (would reclaim ")
+    (port,) = _free_ports(1)
+    assert main(["defrag", "--endpoints", f"http://127.0.0.1:{port}", "--request-timeout", "1"]) == 3
+    out = capsys.readouterr().out
+    assert out == f"refused: no configured endpoint answered: http://127.0.0.1:{port}: " + (
+        "/v3/cluster/member/list: connection refused\n"
+    )
+
+
+def test_a_foreign_lock_holder_is_shown_as_text(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etcd.churn()
+    etcd.put(LOCK_KEY.decode(), b"someone else")  # not a holder record of ours
+    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0"]) == 3
+    out = capsys.readouterr().out
+    assert "another defrag run holds the lock key /etcd-autodefrag/defrag-lock in etcd: 'someone else'" in out
+    assert "b'" not in out

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from test_jobs import validate
 
+from exporter import __version__
 from exporter.jobs import (
     CONFIG_FILE,
     DEFAULT_IMAGE,
@@ -490,10 +491,49 @@ def test_kubeadm_reads_the_nodes_client_certificate_as_root_without_capabilities
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
 
 
+# The placeholder of `images:` in deploy/base/kustomization.yaml: no official image exists yet.
+IMAGE_PLACEHOLDER = "set-your-registry-in.deploy-base-kustomization.invalid/etcd-autodefrag"
+
+
 @needs_kubectl
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_the_service_runs_the_image_its_jobs_run(name: str) -> None:
-    assert container(built(name))["image"] == DEFAULT_IMAGE
+def test_one_setting_names_the_image_of_the_service_and_its_jobs(name: str) -> None:
+    objects = built(name)
+    image = container(objects)["image"]
+    assert image == f"{IMAGE_PLACEHOLDER}:{__version__}"
+    # The service creates its Jobs with executor.image, which the same `images:` entry sets.
+    environment = container_env(objects)
+    assert environment[f"{ENV_PREFIX}EXECUTOR__IMAGE"] == image
+    base = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    (entry,) = base["images"]
+    assert (entry["name"], f"{entry['newName']}:{entry['newTag']}") == ("etcd-autodefrag", image)
+
+
+@needs_kubectl
+def test_an_overlay_of_your_own_sets_the_image_once(tmp_path: Path) -> None:
+    overlay = tmp_path / "mine"
+    overlay.mkdir()
+    kamaji = os.path.relpath(DEPLOY / "overlays" / "kamaji", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources:\n  - {kamaji}\nimages:\n  - name: {IMAGE_PLACEHOLDER}\n"
+        "    newName: registry.example.com/etcd-autodefrag\n    newTag: '9.9'\n"
+    )
+    objects = kustomize(overlay)
+    assert container(objects)["image"] == "registry.example.com/etcd-autodefrag:9.9"
+    assert (
+        container_env(objects)[f"{ENV_PREFIX}EXECUTOR__IMAGE"] == "registry.example.com/etcd-autodefrag:9.9"
+    )
+
+
+def test_the_docs_say_where_to_set_the_image_and_what_happens_otherwise() -> None:
+    install = (ROOT / "docs" / "install.md").read_text()
+    assert "ImagePullBackOff" in install
+    assert f'Failed to pull image "{IMAGE_PLACEHOLDER}:{__version__}"' in install
+    quick_start = (ROOT / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("```", 1)[0]
+    assert "set\n`images:` in `deploy/base/kustomization.yaml` first" in quick_start
+    assert "ImagePullBackOff" in quick_start
+    # The base's comment, next to the setting, says it too.
+    assert "ImagePullBackOff" in (BASE / "kustomization.yaml").read_text()
 
 
 @needs_kubectl

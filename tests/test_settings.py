@@ -1,10 +1,11 @@
 """Settings: the YAML cluster list, env overrides, and start-up errors that name the field."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from exporter.settings import ConfigError, Settings, load_settings
+from exporter.settings import ConfigError, Settings, load_settings, parse_byte_size
 
 VALID = """
 log_level: debug
@@ -166,3 +167,139 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.log_level = "DEBUG"  # type: ignore[misc]
+
+
+# --- byte sizes: one parser for every size (issue 17) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (8, 8),
+        ("8", 8),
+        ("8Gi", 8 * 1024**3),
+        ("512Mi", 512 * 1024**2),
+        ("8GiB", 8 * 1024**3),
+        ("1.5Ki", 1536),
+        ("8G", 8_000_000_000),
+        ("8e9", 8_000_000_000),
+        ("100k", 100_000),
+        (" 8 Gi ", 8 * 1024**3),
+    ],
+)
+def test_byte_sizes_take_kubernetes_quantities_and_iec_units(text: object, expected: int) -> None:
+    assert parse_byte_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8GB-ish", "'8GB-ish' is not a byte size: bytes, or a number with a unit: 8Gi or 8GiB"),
+        ("8GB", "'8GB' is ambiguous: write 8Gi (binary, 1024-based) or 8G (decimal, 1000-based)"),
+        ("8kB", "write 8Ki (binary, 1024-based) or 8k (decimal"),
+        ("500m", "unknown unit 'm'"),
+        ("1.3", "'1.3' is not a whole number of bytes"),
+        ("inf", "'inf' is not a byte size"),
+        ("nan", "'nan' is not a byte size"),
+        (float("inf"), "inf is not a byte size"),
+        ("1e300", "'1e300' is too large (at most 9223372036854775807 bytes, 8 EiB)"),
+        ("1e9999999", "is not a byte size"),
+        (-1, "-1: a size cannot be negative"),
+        (True, "True is not a byte size"),
+    ],
+)
+def test_byte_sizes_refuse_garbage_saying_what_to_write(text: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_byte_size(text)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("quota_bytes", "8GB-ish", "clusters[0].quota_bytes: '8GB-ish' is not a byte size"),
+        ("quota_bytes", "8GB", "clusters[0].quota_bytes: '8GB' is ambiguous"),
+        ("thresholds", "{min_free_bytes: 1.5}", "clusters[0].thresholds.min_free_bytes: 1.5 is not a byte"),
+        ("deadline_seconds", ".inf", "clusters[0].deadline_seconds: Input should be a finite number"),
+        ("deadline_seconds", ".nan", "clusters[0].deadline_seconds: Input should be a finite number"),
+        ("health_timeout_seconds", ".inf", "clusters[0].health_timeout_seconds: Input should be a finite"),
+        ("deadline_seconds", "1e300", "clusters[0].deadline_seconds: Input should be less than or equal"),
+        ("disarm_below_ratio", ".nan", "clusters[0].disarm_below_ratio: Input should be a finite number"),
+    ],
+)
+def test_sizes_and_durations_in_the_file_are_checked_by_name(
+    tmp_path: Path, setting: str, value: str, message: str
+) -> None:
+    text = f"clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    {setting}: {value}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert message in str(caught.value)
+
+
+def test_sizes_in_the_file_accept_quantities(tmp_path: Path) -> None:
+    text = "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    quota_bytes: 8Gi\n"
+    text += "webhook: {max_body_bytes: 1Mi}\n"
+    settings = load_settings(write(tmp_path, text))
+    assert settings.clusters[0].quota_bytes == 8 * 1024**3
+    assert settings.webhook.max_body_bytes == 1024**2
+
+
+# --- inputs that used to crash (issue 19 item 5) -----------------------------------------------------
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    text = "clusters:\n  - name: a\n    endpoints: [http://x:2379]\nclusters: []\n"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert str(caught.value).splitlines() == [
+        f"config file {tmp_path / 'config.yaml'} is not valid YAML: key 'clusters' appears twice "
+        "(first on line 1)",
+        f'  in "{tmp_path / "config.yaml"}", line 4, column 1',
+    ]
+
+
+def test_a_merge_key_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "clusters:\n  - &a {name: a, endpoints: ['http://x:2379'], paused: true}\n"
+        "  - <<: *a\n    name: b\n    paused: false\n"
+    )
+    a, b = load_settings(write(tmp_path, text)).clusters
+    assert (a.paused, b.paused, b.endpoints) == (True, False, ["http://x:2379"])
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"clusters:\n  - name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml is not UTF-8 text: byte 0xe9 on line 2$"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("nesting", ["[" * 5000 + "]" * 5000, "{a: " * 5000 + "1" + "}" * 5000])
+def test_yaml_nested_thousands_of_levels_is_refused(tmp_path: Path, nesting: str) -> None:
+    with pytest.raises(ConfigError, match=r"config\.yaml is nested too deeply to read$"):
+        load_settings(write(tmp_path, f"clusters: {nesting}\n"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "ETCD_AUTODEFRAG_CLUSTERS",
+            "tenant-a",
+            "environment variable ETCD_AUTODEFRAG_CLUSTERS: not valid JSON (Expecting value at line 1 "
+            "column 1); it must hold the setting as JSON",
+        ),
+        (
+            "ETCD_AUTODEFRAG_WEBHOOK",
+            "{token: x}",
+            "environment variable ETCD_AUTODEFRAG_WEBHOOK: not valid JSON (Expecting property name",
+        ),
+        ("ETCD_AUTODEFRAG_CLUSTERS", "[" * 100_000, "ETCD_AUTODEFRAG_CLUSTERS: JSON nested too deeply"),
+    ],
+)
+def test_environment_that_is_not_json_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert message in str(caught.value)

@@ -979,11 +979,11 @@ async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Se
 
 
 def test_child_command_for_the_embedded_default(tmp_path: Path) -> None:
-    """Without configured clusters, the child runs `defrag` on its own default (no --cluster)."""
-    from exporter.settings import default_cluster
+    """Without configured clusters, the child runs `defrag` on the default's URL (it needs a target)."""
+    from exporter.settings import DEFAULT_ENDPOINT, default_cluster
 
     executor = local_executor(Settings(executor={"state_dir": tmp_path}), config_file=None)
-    assert executor.child_command(default_cluster())[-4:] == ["--log-format", "text", "--log-level", "INFO"]
+    assert executor.child_command(default_cluster())[-2:] == ["--endpoints", DEFAULT_ENDPOINT]
     configured = local_executor(
         Settings(clusters=[default_cluster()], executor={"state_dir": tmp_path}), config_file=None
     )
