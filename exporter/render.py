@@ -37,6 +37,7 @@ from exporter.jobs import (
     kamaji_endpoints,
 )
 from exporter.policy import thresholds_expression
+from exporter.rule import parse_rule
 from exporter.settings import DEFAULT_THRESHOLDS, ClusterConfig, KubernetesTarget, format_validation_error
 
 Json = dict[str, Any]
@@ -196,7 +197,7 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None
     if flags.rule is None:
         notes.append(f"rule: {thresholds_expression(DEFAULT_THRESHOLDS)} (the default thresholds)")
     else:
-        notes.append(f"rule: {flags.rule} (--rule)")
+        notes.append(f"rule: {parse_rule(flags.rule) if flags.rule == '' else flags.rule} (--rule)")
     check_schedule(schedule)
     if len(name) > CRONJOB_NAME_MAX or not _DNS_LABEL.match(name):
         derived = " (derived from -e: give a shorter --name)" if flags.name is None else ""

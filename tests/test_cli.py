@@ -83,6 +83,17 @@ def test_tls_cluster_without_client_cert_is_refused(
     assert "no configured endpoint answered" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("rule", "selected"), [("", True), ("dbSize > 2**40", False)])
+def test_rules_etcd_defrag_users_pass_carry_over(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str], rule: str, selected: bool
+) -> None:
+    """`--rule ""` (etcd-defrag's "always") selects every member; `**` is power (docs/rules.md)."""
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--rule", rule, "--output", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3
+    assert [row["defrag_recommended"] for row in rows] == [selected] * 3
+
+
 def test_status_table(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
     etcd.churn()
     assert main(["status", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0"]) == 0

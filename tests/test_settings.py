@@ -166,3 +166,15 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(ValueError, match="frozen"):
         settings.log_level = "DEBUG"  # type: ignore[misc]
+
+
+def test_an_empty_rule_loads_and_means_always(tmp_path: Path) -> None:
+    """etcd-defrag's `--defrag-rule=""` carried over as `rule: ""` (docs/rules.md)."""
+    from exporter.policy import cluster_rule
+
+    settings = load_settings(
+        write(tmp_path, "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: ''\n")
+    )
+    (cluster,) = settings.clusters
+    assert cluster.rule == ""
+    assert cluster_rule(cluster).evaluate({}) is True
