@@ -340,6 +340,8 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
     found, same = await discovered([ClusterConfig.model_validate(KAMAJI), plain])
     urls = [f"https://kamaji-etcd-{i}.kamaji-etcd-hl.kamaji-system.svc.cluster.local:2379" for i in range(4)]
     assert found.endpoints == urls
+    assert found.kubernetes is not None
+    assert found.kubernetes.secret_layout == "self-signed"  # what the StatefulSet mounts
     assert same is plain
     # The Job has no API access: it gets the discovered URLs on its command line.
     args = jobs.build_job(found, image="i", trigger=jobs.Trigger(alertname="a"))["spec"]["template"]["spec"][
@@ -395,7 +397,8 @@ def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
     assert "plain http" in err
     assert main([*render, "--cluster", "plain", "--endpoints", "https://a:2379"]) == 2
     assert "takes its endpoints from the configuration" in capsys.readouterr().err
-    assert main([*render, "--cluster", "tenant", "--endpoints", "https://m-0:2379,https://m-1:2379"]) == 0
+    urls = "https://m-0:2379,https://m-1:2379"
+    assert main([*render, "--cluster", "tenant", "--endpoints", urls, "--secret-layout", "self-signed"]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"
