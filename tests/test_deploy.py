@@ -378,7 +378,12 @@ INSTALLS = [
         "self-signed",
         [f"https://kamaji-etcd-{i}.kamaji-etcd.kamaji-system.svc.cluster.local:2379" for i in range(3)],
     ),
-    ("kubeadm", "ipv4", ["https://127.0.0.1:2379"]),
+    ("kubeadm", "ipv4", ["https://10.0.0.11:2379", "https://10.0.0.12:2379", "https://10.0.0.13:2379"]),
+    (
+        "kubeadm",
+        "ipv6",
+        ["https://[fd00:10::11]:2379", "https://[fd00:10::12]:2379", "https://[fd00:10::13]:2379"],
+    ),
 ]
 
 
@@ -541,7 +546,8 @@ def test_kubeadm_reads_the_nodes_client_certificate_as_root_without_capabilities
     assert all(v["hostPath"]["type"] == "File" for v in pod["volumes"] if "hostPath" in v)
     # The same files the kubeadm defrag Job mounts.
     settings = load_settings(None, clusters=[yaml.safe_load(service_config(objects))["clusters"][0]])
-    job_pod = build_job(settings.clusters[0], image=DEFAULT_IMAGE, trigger=Trigger(alertname="x"))
+    cluster = settings.clusters[0].with_endpoints(["https://10.0.0.11:2379"])  # as discovered
+    job_pod = build_job(cluster, image=DEFAULT_IMAGE, trigger=Trigger(alertname="x"))
     job_paths = sorted(
         v["hostPath"]["path"] for v in job_pod["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
     )
