@@ -27,7 +27,7 @@ import aiohttp
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from exporter import __version__, jobs, logs
+from exporter import __version__, jobs, kamaji, logs
 from exporter import render as render_mod
 from exporter.cluster_lock import LockUnavailable
 from exporter.engine import DefragEngine, RunReport, iter_lines
@@ -332,7 +332,16 @@ def add_render_parser(sub: Any) -> None:
         "--replicas", type=int, metavar="N", help="kamaji: members (default: the StatefulSet's, with --apply)"
     )
     cronjob.add_argument(
-        "--cluster-domain", metavar="DOMAIN", help=f"kamaji: ({render_mod.DEFAULT_CLUSTER_DOMAIN})"
+        "--cluster-domain", metavar="DOMAIN", help=f"kamaji: ({kamaji.DEFAULT_CLUSTER_DOMAIN})"
+    )
+    cronjob.add_argument(
+        "--client-port", type=int, metavar="PORT", help=f"kamaji: ({kamaji.DEFAULT_CLIENT_PORT})"
+    )
+    cronjob.add_argument(
+        "--secret-layout",
+        choices=[layout.value for layout in kamaji.SecretLayout],
+        help="kamaji: the chart's certificate Secrets (auto: read from the StatefulSet with --apply, "
+        "else self-signed as defrag.sh; docs/kamaji.md)",
     )
     cronjob.add_argument("--rule", metavar="EXPR", help="defrag rule (default: the default thresholds)")
     cronjob.add_argument("--image", metavar="IMAGE", help=f"({jobs.DEFAULT_IMAGE})")
@@ -367,6 +376,11 @@ def add_render_parser(sub: Any) -> None:
         "--endpoints",
         metavar="URL[,URL...]",
         help="for a cluster with kubernetes.discover_endpoints: the URLs the service would read from the API",
+    )
+    job.add_argument(
+        "--secret-layout",
+        choices=[kamaji.SecretLayout.SELF_SIGNED.value, kamaji.SecretLayout.CERT_MANAGER.value],
+        help="for a kamaji cluster with secret_layout auto: the layout the service would read from the API",
     )
 
 
@@ -492,11 +506,12 @@ class DiscoveryError(Exception):
 
 
 async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
-    """The clusters, those with `kubernetes.discover_endpoints` given the URLs the API lists now.
+    """The clusters with what the API says now: endpoints (`kubernetes.discover_endpoints`) and
+    kamaji-etcd's Secret layout (`kubernetes.secret_layout: auto`), by kube.discover.
 
     The API client is in-cluster in a Pod, else the kubeconfig ($KUBECONFIG, ~/.kube/config).
     """
-    if not any(c.discovers_endpoints for c in clusters):
+    if not any(c.reads_kubernetes_api for c in clusters):
         return list(clusters)
     from exporter import kube
 
@@ -509,23 +524,29 @@ async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
     out = []
     async with api:
         for cluster in clusters:
-            if cluster.discovers_endpoints:
+            if cluster.reads_kubernetes_api:
                 try:
-                    endpoints = await kube.discover_endpoints(cluster, api)
+                    found = await kube.discover(cluster, api)
                 except kube.KubeError as exc:
-                    raise DiscoveryError(
-                        f"cluster {cluster.name}: cannot discover its endpoints: {exc}"
-                    ) from None
-                try:
-                    cluster = cluster.with_endpoints(endpoints)
+                    what = "its endpoints" if cluster.discovers_endpoints else "its certificate layout"
+                    raise DiscoveryError(f"cluster {cluster.name}: cannot discover {what}: {exc}") from None
                 except ValueError as exc:  # e.g. plain http URLs for a variant that mounts TLS
-                    raise DiscoveryError(f"cluster {cluster.name}: discovered endpoints: {exc}") from None
-                log.info(
-                    "cluster %s: %d endpoints from the Kubernetes API: %s",
-                    cluster.name,
-                    len(endpoints),
-                    ", ".join(endpoints),
-                )
+                    raise DiscoveryError(f"cluster {cluster.name}: discovered: {exc}") from None
+                if found.discovers_endpoints:
+                    log.info(
+                        "cluster %s: %d endpoints from the Kubernetes API: %s",
+                        cluster.name,
+                        len(found.endpoints),
+                        ", ".join(found.endpoints),
+                    )
+                if found.kubernetes != cluster.kubernetes and found.kubernetes is not None:
+                    log.info(
+                        "cluster %s: kamaji-etcd certificates from the StatefulSet: %s layout, %s",
+                        cluster.name,
+                        found.kubernetes.secret_layout.value,
+                        found.kubernetes.kamaji_secrets.describe(),
+                    )
+                cluster = found
             out.append(cluster)
     return out
 
@@ -860,6 +881,18 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
             f"cluster {cluster.name} reads its endpoints from the Kubernetes API "
             "(kubernetes.discover_endpoints): give them with --endpoints"
         )
+    if args.secret_layout is not None:
+        if cluster.kubernetes is None or cluster.kubernetes.secret_layout is not kamaji.SecretLayout.AUTO:
+            raise UsageError(
+                f"--secret-layout: cluster {cluster.name} does not read its kamaji-etcd certificate "
+                "layout from the Kubernetes API (kubernetes.secret_layout is not auto)"
+            )
+        cluster = cluster.with_secret_layout(kamaji.SecretLayout(args.secret_layout))
+    elif cluster.reads_kubernetes_api:
+        raise UsageError(
+            f"cluster {cluster.name} reads kamaji-etcd's certificate layout from the Kubernetes API "
+            "(kubernetes.secret_layout: auto): give it with --secret-layout self-signed or cert-manager"
+        )
     return jobs.build_job(
         cluster,
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
@@ -881,6 +914,8 @@ def cronjob_flags(args: argparse.Namespace) -> render_mod.CronJobFlags:
         secret=args.secret,
         endpoints=endpoints,
         cluster_domain=args.cluster_domain,
+        client_port=args.client_port,
+        secret_layout=args.secret_layout,
         rule=args.rule,
         image=args.image,
         name=args.name,
@@ -901,7 +936,7 @@ async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags
     timeout = RENDER_API_TIMEOUT_SECONDS
     try:
         async with await kube.kube_api_client(kubeconfig=args.kubeconfig, context=args.context) as api:
-            replicas = None
+            statefulset = None
             if render_mod.needs_statefulset(flags):
                 namespace, name = render_mod.kamaji_names(flags)
                 try:
@@ -911,10 +946,9 @@ async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags
                         raise
                     raise UsageError(
                         f"-e/-n: StatefulSet {namespace}/{name} not found; name the kamaji etcd "
-                        "StatefulSet with -e and -n, or give --replicas or --endpoints"
+                        "StatefulSet with -e and -n, or give --replicas or --endpoints and --secret-layout"
                     ) from None
-                replicas = jobs.statefulset_replicas(statefulset)
-            plan = render_mod.plan_cronjob(flags, statefulset_replicas=replicas)
+            plan = render_mod.plan_cronjob(flags, statefulset=statefulset)
             debug_notes(plan)
             applied = await kube.apply_cronjob(api, render_mod.build_cronjob(plan), timeout=timeout)
     except kube.KubeError as exc:

@@ -44,6 +44,7 @@ from typing import Any, Literal, assert_never
 from urllib.parse import urlsplit
 
 from exporter import __version__
+from exporter.kamaji import SecretLayout
 from exporter.settings import ClusterConfig, KubernetesTarget
 
 DEFAULT_IMAGE = f"ghcr.io/etcd-autodefrag/etcd-autodefrag:{__version__.replace('+', '-')}"
@@ -168,6 +169,13 @@ def build_job(
                 f"cluster {cluster.name}: its endpoints have not been discovered from the Kubernetes API yet"
             )
         args += ["--endpoints", ",".join(cluster.endpoints)]
+    if target.variant is Variant.KAMAJI and target.secret_layout is SecretLayout.AUTO:
+        # The pod mounts Secrets by name, so the layout must be known: the service reads it from
+        # the StatefulSet at start-up (kube.discover); `render job` takes --secret-layout.
+        raise JobConfigError(
+            f"cluster {cluster.name}: kamaji-etcd {target.etcd_name}'s certificate layout has not been "
+            "read from its StatefulSet yet (kubernetes.secret_layout: auto)"
+        )
     if trigger.dry_run:
         args.append("--dry-run")
     template = defrag_pod_template(target, image=resolved_image(cluster, image), args=args, labels=labels)
@@ -303,18 +311,22 @@ def _tls(target: KubernetesTarget) -> _Tls:
     both = ["--cacert", CA_FILE, "--cert", CERT_FILE, "--key", KEY_FILE]
     match target.variant:
         case Variant.KAMAJI:
-            etcd = target.etcd_name
+            secrets = target.kamaji_secrets  # exporter/kamaji.py: the chart's two layouts
+            files = [
+                (secrets.ca_secret, secrets.ca_key, "ca.crt"),
+                (secrets.client_secret, secrets.cert_key, "tls.crt"),
+                (secrets.client_secret, secrets.key_key, "tls.key"),
+            ]
             sources = [
-                {"secret": {"name": f"{etcd}-certs", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
                 {
                     "secret": {
-                        "name": f"{etcd}-root-client-certs",
+                        "name": name,
                         "items": [
-                            {"key": "tls.crt", "path": "tls.crt"},
-                            {"key": "tls.key", "path": "tls.key"},
+                            {"key": key, "path": path} for secret, key, path in files if secret == name
                         ],
                     }
-                },
+                }
+                for name in secrets.names
             ]
             volume = {"name": "tls", "projected": {"sources": sources, "defaultMode": SECRET_FILE_MODE}}
             return _Tls([volume], dir_mount, both)
@@ -516,27 +528,6 @@ def build_event(
 
 
 # --- discovery --------------------------------------------------------------------------------------
-
-
-def kamaji_endpoints(
-    statefulset: Json,
-    service_name: str,
-    namespace: str,
-    port: int = 2379,
-    scheme: str = "https",
-    *,
-    cluster_domain: str = "cluster.local",
-) -> list[str]:
-    """One client URL per replica of a kamaji-etcd StatefulSet, by its stable headless-Service name."""
-    name = statefulset["metadata"]["name"]
-    host = f"{service_name}.{namespace}.svc.{cluster_domain}"
-    return [f"{scheme}://{name}-{i}.{host}:{port}" for i in range(statefulset_replicas(statefulset))]
-
-
-def statefulset_replicas(statefulset: Json) -> int:
-    """spec.replicas of a StatefulSet as the API returns it; 1, Kubernetes' default, when unset."""
-    replicas = statefulset.get("spec", {}).get("replicas")
-    return 1 if replicas is None else int(replicas)
 
 
 def kubeadm_endpoints(pod_list: Json) -> list[str]:

@@ -52,9 +52,9 @@ from exporter.jobs import (
     existing_job_launch,
     finished_condition,
     job_outcome,
-    kamaji_endpoints,
     kubeadm_endpoints,
 )
+from exporter.kamaji import SecretLayout, detect_layout, member_endpoints
 from exporter.settings import ClusterConfig, ConfigError, KubernetesTarget
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "LaunchResult",
     "apply_cronjob",
     "create_job",
+    "discover",
     "discover_endpoints",
     "discover_kamaji",
     "discover_kubeadm",
@@ -481,11 +482,12 @@ async def discover_kamaji(
     service: str,
     *,
     port: int = 2379,
+    cluster_domain: str = "cluster.local",
     timeout: float = 10.0,
 ) -> list[str]:
     """Client URLs of a kamaji-etcd cluster, one per replica of its StatefulSet."""
     found = await read_statefulset(api_client, namespace, statefulset, timeout=timeout)
-    return kamaji_endpoints(found, service, namespace, port)
+    return member_endpoints(found, service, namespace, port=port, cluster_domain=cluster_domain)
 
 
 async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) -> list[str]:
@@ -506,15 +508,54 @@ async def discover_endpoints(
         raise ValueError(f"cluster {cluster.name} does not discover its endpoints")
     if target.variant is KubernetesTarget.Variant.KAMAJI:
         assert target.etcd_name is not None  # the settings require it for kamaji
-        service = target.etcd_service or target.etcd_name
-        found = await discover_kamaji(
-            api_client, target.namespace, target.etcd_name, service, timeout=timeout
-        )
+        statefulset = await read_statefulset(api_client, target.namespace, target.etcd_name, timeout=timeout)
+        found = _kamaji_members(target, statefulset)
     else:
         found = await discover_kubeadm(api_client, timeout=timeout)
     if not found:
         raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
     return found
+
+
+async def discover(
+    cluster: ClusterConfig, api_client: k8s.ApiClient, *, timeout: float = 10.0
+) -> ClusterConfig:
+    """The cluster with what start-up reads from the API filled in (`reads_kubernetes_api`).
+
+    Its endpoints (kubernetes.discover_endpoints), and for kamaji with `secret_layout: auto` the
+    layout of the Secrets its StatefulSet mounts, from one read of that StatefulSet. Raises
+    KubeError, or ValueError when what was read does not fit the configuration (e.g. a layout
+    that is neither of the chart's).
+    """
+    target = cluster.kubernetes
+    if target is None or not cluster.reads_kubernetes_api:
+        return cluster
+    if target.variant is not KubernetesTarget.Variant.KAMAJI:
+        return cluster.with_endpoints(await discover_endpoints(cluster, api_client, timeout=timeout))
+    assert target.etcd_name is not None  # the settings require it for kamaji
+    statefulset = await read_statefulset(api_client, target.namespace, target.etcd_name, timeout=timeout)
+    if target.discover_endpoints:
+        found = _kamaji_members(target, statefulset)
+        if not found:
+            raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
+        cluster = cluster.with_endpoints(found)
+    if target.secret_layout is SecretLayout.AUTO:
+        layout = detect_layout(statefulset)
+        if layout is None:
+            raise ValueError(
+                f"StatefulSet {target.namespace}/{target.etcd_name} mounts neither {target.etcd_name}-certs "
+                f"(self-signed) nor {target.etcd_name}-server-certs (cert-manager); set "
+                "kubernetes.secret_layout (docs/kamaji.md)"
+            )
+        cluster = cluster.with_secret_layout(layout)
+    return cluster
+
+
+def _kamaji_members(target: KubernetesTarget, statefulset: Json) -> list[str]:
+    service = target.etcd_service or target.etcd_name or ""
+    return member_endpoints(
+        statefulset, service, target.namespace, port=target.client_port, cluster_domain=target.cluster_domain
+    )
 
 
 # --- render cronjob --apply -------------------------------------------------------------------------

@@ -14,7 +14,10 @@ same image, security context, file layout and report in the termination message.
 The endpoints are only where the engine starts: it reads the member list from the first that
 answers (discover_members), so a member missing from the list of URLs is still defragmented.
 
-The side effects (reading the StatefulSet's replica count, creating or replacing the CronJob) are
+The certificates are kamaji-etcd's, in the layout `--secret-layout` names (exporter/kamaji.py):
+`--apply` reads it from the Secrets the StatefulSet mounts; printing assumes defrag.sh's own.
+
+The side effects (reading the StatefulSet's replica count and layout, creating or replacing the CronJob) are
 exporter.kube's `read_statefulset` and `apply_cronjob`, called by `render cronjob --apply` in
 exporter/cli.py.
 """
@@ -34,9 +37,18 @@ from exporter.jobs import (
     DEFAULT_IMAGE,
     TERMINATION_LOG,
     defrag_pod_template,
-    kamaji_endpoints,
+)
+from exporter.kamaji import (
+    DEFAULT_CLIENT_PORT,
+    DEFAULT_CLUSTER_DOMAIN,
+    SecretLayout,
+    client_secrets,
+    detect_layout,
+    member_endpoints,
+    statefulset_replicas,
 )
 from exporter.policy import thresholds_expression
+from exporter.rule import parse_rule
 from exporter.settings import DEFAULT_THRESHOLDS, ClusterConfig, KubernetesTarget, format_validation_error
 
 Json = dict[str, Any]
@@ -54,7 +66,6 @@ DEFAULT_REPLICAS = 3
 # The Talos CronJob this replaces lives in kube-system as `etcd-defrag`, next to its Secret.
 TALOS_NAMESPACE = "kube-system"
 TALOS_NAME = "etcd-defrag"
-DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 VARIANTS = (Variant.KAMAJI.value, Variant.TALOS.value)
 # Not `defrag`: the service watches Jobs labelled component=defrag (jobs.JOB_SELECTOR) as its own runs.
 COMPONENT = "scheduled-defrag"
@@ -83,6 +94,8 @@ class CronJobFlags:
     secret: str | None = None
     endpoints: Sequence[str] | None = None
     cluster_domain: str | None = None
+    client_port: int | None = None
+    secret_layout: str | None = None
     rule: str | None = None
     image: str | None = None
     name: str | None = None
@@ -111,8 +124,12 @@ class CronJobPlan:
 
 
 def needs_statefulset(flags: CronJobFlags) -> bool:
-    """Whether `--apply` reads the member count from the StatefulSet (kamaji, no --endpoints/--replicas)."""
-    return flags.variant == Variant.KAMAJI.value and flags.endpoints is None and flags.replicas is None
+    """Whether `--apply` reads the StatefulSet (kamaji): for the member count (no --endpoints or
+    --replicas) or for the certificate layout (no --secret-layout, or `auto`)."""
+    if flags.variant != Variant.KAMAJI.value:
+        return False
+    counts = flags.endpoints is None and flags.replicas is None
+    return counts or flags.secret_layout in (None, SecretLayout.AUTO.value)
 
 
 def kamaji_names(flags: CronJobFlags) -> tuple[str, str]:
@@ -133,8 +150,8 @@ class _Notes(list[str]):
         return value
 
 
-def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None) -> CronJobPlan:
-    """Resolve defaults and check every flag; `statefulset_replicas` is spec.replicas as read by --apply.
+def plan_cronjob(flags: CronJobFlags, *, statefulset: Json | None = None) -> CronJobPlan:
+    """Resolve defaults and check every flag; `statefulset` is kamaji-etcd's, as read by --apply.
 
     Raises RenderError naming the flag at fault.
     """
@@ -142,19 +159,23 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None
     if flags.variant == Variant.KAMAJI.value:
         if flags.secret is not None:
             raise RenderError(
-                "--secret is for --variant talos; kamaji's certificates come from the Secrets "
-                "<-e>-certs and <-e>-root-client-certs"
+                "--secret is for --variant talos; kamaji's certificates come from kamaji-etcd's "
+                "Secrets (--secret-layout)"
             )
         etcd_name = notes.pick("-e", flags.etcd_name, DEFRAG_SH_DEFAULTS["etcd_name"], "etcd StatefulSet")
         namespace = notes.pick("-n", flags.namespace, DEFRAG_SH_DEFAULTS["namespace"], "namespace")
         _check_dns_label("-e", etcd_name, "the StatefulSet's pods take their host names from it")
-        target_data: Json = {"namespace": namespace, "variant": "kamaji", "etcd_name": etcd_name}
+        layout = _secret_layout(flags, statefulset, f"{namespace}/{etcd_name}", notes)
+        target_data: Json = {
+            "namespace": namespace,
+            "variant": "kamaji",
+            "etcd_name": etcd_name,
+            "secret_layout": layout.value,
+        }
         default_name = f"{etcd_name}-defrag-job"  # defrag.sh's name: applying ours replaces its CronJob
-        notes.append(
-            f"certificates: Secret {etcd_name}-certs (ca.crt), "
-            f"Secret {etcd_name}-root-client-certs (tls.crt, tls.key)"
-        )
-        endpoints = _kamaji_endpoints(flags, etcd_name, namespace, statefulset_replicas, notes)
+        notes.append(f"certificates: {client_secrets(layout, etcd_name).describe()}")
+        replicas = statefulset_replicas(statefulset) if statefulset is not None else None
+        endpoints = _kamaji_endpoints(flags, etcd_name, namespace, replicas, notes)
     elif flags.variant == Variant.TALOS.value:
         given = [
             flag
@@ -163,6 +184,8 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None
                 ("-s", flags.service),
                 ("--replicas", flags.replicas),
                 ("--cluster-domain", flags.cluster_domain),
+                ("--client-port", flags.client_port),
+                ("--secret-layout", flags.secret_layout),
             )
             if value is not None
         ]
@@ -196,7 +219,7 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None
     if flags.rule is None:
         notes.append(f"rule: {thresholds_expression(DEFAULT_THRESHOLDS)} (the default thresholds)")
     else:
-        notes.append(f"rule: {flags.rule} (--rule)")
+        notes.append(f"rule: {parse_rule(flags.rule) if flags.rule == '' else flags.rule} (--rule)")
     check_schedule(schedule)
     if len(name) > CRONJOB_NAME_MAX or not _DNS_LABEL.match(name):
         derived = " (derived from -e: give a shorter --name)" if flags.name is None else ""
@@ -211,12 +234,46 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset_replicas: int | None = None
     return CronJobPlan(cluster, name, schedule, image, list(notes))
 
 
+def _secret_layout(flags: CronJobFlags, statefulset: Json | None, where: str, notes: _Notes) -> SecretLayout:
+    """--secret-layout; `auto` (or none) reads it from the StatefulSet with --apply, else self-signed."""
+    try:
+        layout = SecretLayout(flags.secret_layout or SecretLayout.AUTO.value)
+    except ValueError:
+        choices = ", ".join(layout.value for layout in SecretLayout)
+        raise RenderError(f"--secret-layout must be one of {choices}; got {flags.secret_layout!r}") from None
+    if layout is not SecretLayout.AUTO:
+        notes.append(f"certificate layout: {layout.value} (--secret-layout)")
+        return layout
+    if statefulset is None:
+        # Printing reads nothing: defrag.sh's own Secrets, which a cert-manager install lacks.
+        notes.append(
+            "certificate layout: self-signed (default without --apply, as defrag.sh; "
+            "--secret-layout cert-manager for Kamaji's default install)"
+        )
+        return SecretLayout.SELF_SIGNED
+    found = detect_layout(statefulset)
+    if found is None:
+        raise RenderError(
+            f"--secret-layout: StatefulSet {where} mounts neither of the kamaji-etcd chart's certificate "
+            "Secrets; say which layout it uses (self-signed or cert-manager)"
+        )
+    notes.append(f"certificate layout: {found.value} (the Secrets StatefulSet {where} mounts)")
+    return found
+
+
 def _kamaji_endpoints(
     flags: CronJobFlags, etcd_name: str, namespace: str, replicas_read: int | None, notes: _Notes
 ) -> list[str]:
     if flags.endpoints is not None:
         given = [f for f, v in (("-s", flags.service), ("--replicas", flags.replicas)) if v is not None]
-        given += ["--cluster-domain"] if flags.cluster_domain is not None else []
+        given += [
+            flag
+            for flag, value in (
+                ("--cluster-domain", flags.cluster_domain),
+                ("--client-port", flags.client_port),
+            )
+            if value is not None
+        ]
         if given:
             raise RenderError(
                 f"--endpoints replaces {', '.join(given)}: give the client URLs or how to derive them"
@@ -225,9 +282,12 @@ def _kamaji_endpoints(
         return list(flags.endpoints)
     service = notes.pick("-s", flags.service, DEFRAG_SH_DEFAULTS["service"], "etcd Service")
     domain = notes.pick("--cluster-domain", flags.cluster_domain, DEFAULT_CLUSTER_DOMAIN, "cluster domain")
+    port = notes.pick("--client-port", flags.client_port, DEFAULT_CLIENT_PORT, "client port")
     _check_dns_label("-s", service, "it is part of each member's host name")
     if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
         raise RenderError(f"--cluster-domain: {domain!r} is not a DNS domain like cluster.local")
+    if not 1 <= port <= 65535:
+        raise RenderError(f"--client-port: must be from 1 to 65535; got {port}")
     if flags.replicas is not None:
         if flags.replicas < 1:
             raise RenderError(f"--replicas: must be at least 1; got {flags.replicas}")
@@ -242,7 +302,7 @@ def _kamaji_endpoints(
             f"-e: StatefulSet {namespace}/{etcd_name} has {replicas} replicas: no etcd member to defragment"
         )
     statefulset = {"metadata": {"name": etcd_name}, "spec": {"replicas": replicas}}
-    endpoints = kamaji_endpoints(statefulset, service, namespace, cluster_domain=domain)
+    endpoints = member_endpoints(statefulset, service, namespace, port=port, cluster_domain=domain)
     notes.append(f"endpoints: {', '.join(endpoints)}")
     return endpoints
 
@@ -259,6 +319,7 @@ _FLAG_OF_FIELD = {
     "kubernetes.namespace": "-n",
     "kubernetes.etcd_name": "-e",
     "kubernetes.tls_secret": "--secret",
+    "kubernetes.secret_layout": "--secret-layout",
 }
 
 

@@ -14,18 +14,30 @@ documents works here verbatim.
 
 Grammar, lowest precedence first; binary operators are left-associative::
 
-    rule     = or ;                                  (* must be a condition *)
+    rule     = "" | or ;                             (* must be a condition; "" means always *)
     or       = and { "||" and } ;
     and      = equality { "&&" equality } ;
     equality = relation { ( "==" | "!=" ) relation } ;
     relation = sum { ( "<" | "<=" | ">" | ">=" ) sum } ;
     sum      = product { ( "+" | "-" ) product } ;
-    product  = unary { ( "*" | "/" | "%" ) unary } ;
+    product  = unary { ( "*" | "/" | "%" | "**" ) unary } ;
     unary    = ( "!" | "-" ) unary | primary ;
     primary  = number | "true" | "false" | variable | "(" or ")" ;
     variable = "dbSize" | "dbSizeInUse" | "dbSizeFree" | "dbQuota" | "dbQuotaUsage" ;
     number   = ( digits [ "." [ digits ] ] | "." digits ) [ ( "e" | "E" ) [ "+" | "-" ] digits ]
              | ( "0x" | "0X" ) hexdigits ;    (* no leading zeros: goval reads 010 as octal *)
+
+``**`` is power, exactly where goval puts it: its grammar has ``expr '*' '*' expr`` among the
+``%left '*' '/' '%'`` rules and gives unary minus the precedence of ``!``, so ``**`` binds like ``*``,
+associates to the left and binds more loosely than a unary minus. Where that reading differs from
+the usual mathematical one, the rule is refused with a request for parentheses, so that no
+accepted rule means one thing here (and in etcd-defrag) and another to its reader:
+
+    a * b ** c   goval (a * b) ** c, maths a * (b ** c)   (also after / and %)
+    a ** b ** c  goval (a ** b) ** c, maths a ** (b ** c)
+    -a ** b      goval (-a) ** b,     maths -(a ** b)
+
+``a ** b * c``, ``a + b ** c``, ``a ** -b`` and ``2 ** 30`` mean the same either way and are accepted.
 
 Spaces, tabs and line breaks may separate tokens. Types are checked while parsing: arithmetic
 and ``<``-style comparisons take numbers, ``&&``/``||``/``!`` take conditions, ``==``/``!=``
@@ -40,7 +52,10 @@ mistake, and produce an immutable AST that is checked once and evaluated many ti
 Evaluation semantics:
 
 * Every number is an IEEE 754 double: ``/`` is float division, ``%`` is Go's ``math.Mod``
-  (the result takes the sign of the left side), ``==`` is exact float equality.
+  (the result takes the sign of the left side), ``**`` is ``math.Pow``, ``==`` is exact float
+  equality.
+* The empty rule ``""`` is always true, as etcd-defrag's ``Evaluate`` returns true for an empty
+  rule without asking goval; a rule of only spaces is a syntax error there (goval) and here.
 * ``&&`` and ``||`` short-circuit as in Go, so ``dbQuota > 0 && dbSize / dbQuota > 0.8`` is safe.
 * Division or modulo by zero, a result too large for a double, and a missing, non-numeric or
   non-finite variable raise :class:`RuleEvaluationError`. We do not follow IEEE into inf/NaN:
@@ -50,16 +65,7 @@ Evaluation semantics:
 * Limits, so hostile input cannot exhaust the stack: at most 4096 characters, 64 levels of
   parentheses/unary operators, and 64 levels of nested operations.
 
-Where this differs from etcd-defrag + goval:
-
-* An empty rule means "always defragment" there; :func:`parse_rule` rejects it (callers model
-  "no rule" as ``None``).
-* goval keeps integer literals as ints, so ``80/100`` is ``0`` there and ``0.8`` here, and
-  integer overflow (goval wraps int64) cannot happen here. goval panics on ``1/0``.
-* goval evaluates both sides of ``&&``/``||``; that only differs where goval would fail.
-* ``true == 1`` is a parse error here (goval: false).
-* Not supported (goval has them): strings, ``nil``, arrays, objects, field access, functions,
-  ``in``, ``?:``, bit operators, octal/binary literals, ``_`` digit separators and comments.
+Where this differs from etcd-defrag + goval: docs/rules.md lists every difference, in one place.
 """
 
 from __future__ import annotations
@@ -87,7 +93,9 @@ _BOOLEAN_LITERALS: Final = {"true": True, "false": False}
 # Words people type from other languages, mapped to the operator they meant.
 _WORD_OPERATORS: Final = {"and": "&&", "or": "||", "not": "!"}
 
-_ARITHMETIC: Final = frozenset({"+", "-", "*", "/", "%"})
+_ARITHMETIC: Final = frozenset({"+", "-", "*", "/", "%", "**"})
+# What `a OP b ** c` may not follow unparenthesised: goval groups it as (a OP b) ** c.
+_MULTIPLICATIVE: Final = frozenset({"*", "/", "%", "**"})
 _ORDERING: Final = frozenset({"<", "<=", ">", ">="})
 _EQUALITY: Final = frozenset({"==", "!="})
 _LOGICAL: Final = frozenset({"&&", "||"})
@@ -106,8 +114,10 @@ _BINARY_PRECEDENCE: Final = {
     "*": 6,
     "/": 6,
     "%": 6,
+    "**": 6,  # goval: `expr '*' '*' expr`, so the precedence (and left associativity) of '*'
 }
-_OPERATORS: Final = ("&&", "||", "==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "%", "!")
+# Longest first where one is a prefix of another ("**" before "*").
+_OPERATORS: Final = ("&&", "||", "==", "!=", "<=", ">=", "<", ">", "+", "-", "**", "*", "/", "%", "!")
 # Character sequences we recognise only to explain why they are not allowed.
 _REJECTED_SEQUENCES: Final = (
     ("--", "'--' is not an operator; write '- -x' or '-(-x)' for a double negation"),
@@ -261,7 +271,7 @@ class Rule:
     expression: Expression = field(repr=False, compare=False)
 
     def __str__(self) -> str:
-        return self.source
+        return self.source or '"" (empty: always)'
 
     def variables_used(self) -> frozenset[str]:
         """Names of the variables the rule reads."""
@@ -288,6 +298,10 @@ def parse_rule(source: str) -> Rule:
             MAX_RULE_CHARS,
             source,
         )
+    if source == "":
+        # etcd-defrag: "etcd-defrag will run defragmentation if the rule is empty" (its --defrag-rule
+        # help; eval.Evaluate returns true for len(rule) == 0 before goval sees it).
+        return Rule(source=source, expression=Boolean(True, 0))
     return Rule(source=source, expression=_Parser(source).parse())
 
 
@@ -387,6 +401,7 @@ class _Operand(NamedTuple):
     start: int  # where the sub-expression begins, for carets under a wrongly typed operand
     height: int  # levels of operations, bounded so evaluation cannot exhaust the stack
     constant: bool  # no variables: can be evaluated (and rejected) at parse time
+    grouped: bool = False  # written in parentheses: '**' may follow it (see _check_power)
 
 
 class _Parser:
@@ -407,7 +422,7 @@ class _Parser:
 
     def parse(self) -> Expression:
         if self._token.kind is _TokenKind.END:
-            raise self._error("rule is empty", 0)
+            raise self._error('rule is empty but for spaces; the empty rule "" means always defragment', 0)
         operand = self._binary(1, depth=0)
         token = self._token
         if token.kind is _TokenKind.RIGHT_PAREN:
@@ -437,6 +452,8 @@ class _Parser:
 
     def _combine(self, operator: _Token, left: _Operand, right: _Operand) -> _Operand:
         symbol = operator.text
+        if symbol == "**":
+            self._check_power(operator, left)
         if symbol in _LOGICAL:
             self._expect_operands(symbol, _Kind.CONDITION, left, right)
             kind = _Kind.CONDITION
@@ -473,6 +490,24 @@ class _Parser:
             except _EvaluationFailure as failure:
                 raise self._error(failure.message, failure.position) from None
         return _Operand(node, kind, left.start, height, constant)
+
+    def _check_power(self, operator: _Token, left: _Operand) -> None:
+        """Refuse `a * b ** c`, `a ** b ** c` and `-a ** b`: goval's grouping is not the usual one."""
+        if left.grouped:
+            return
+        if isinstance(left.node, Binary) and left.node.operator in _MULTIPLICATIVE:
+            inner = left.node.operator
+            raise self._error(
+                f"'**' after '{inner}' needs parentheses: etcd-defrag computes a {inner} b ** c as "
+                f"(a {inner} b) ** c, not a {inner} (b ** c); write the one you mean",
+                operator.position,
+            )
+        if isinstance(left.node, Unary) and left.node.operator == "-":
+            raise self._error(
+                "'**' after a unary '-' needs parentheses: etcd-defrag computes -a ** b as (-a) ** b, "
+                "not -(a ** b); write the one you mean",
+                operator.position,
+            )
 
     def _expect_operands(self, symbol: str, kind: _Kind, left: _Operand, right: _Operand) -> None:
         for side, operand in (("left", left), ("right", right)):
@@ -534,8 +569,9 @@ class _Parser:
                     closing.position,
                 )
             self._advance()
-            return inner._replace(start=token.position)
-        raise self._error(f"expected an operand, got {_describe(token)}", token.position)
+            return inner._replace(start=token.position, grouped=True)
+        hint = " (power is '**', with no space in between)" if token.text == "*" else ""
+        raise self._error(f"expected an operand, got {_describe(token)}{hint}", token.position)
 
     def _name(self) -> _Operand:
         token = self._token
@@ -646,12 +682,26 @@ def _eval_number(node: Expression, values: Mapping[str, float]) -> float:
                 result = a * b
             elif operator == "/":
                 result = a / b
+            elif operator == "**":
+                result = _power(a, b, position)
             else:
                 result = math.fmod(a, b)  # Go's math.Mod, which goval uses
             if not math.isfinite(result):
                 raise _EvaluationFailure(f"result of '{operator}' is too large", position)
             return result
     raise AssertionError(f"not a numeric expression: {node!r}")
+
+
+def _power(base: float, exponent: float, position: int) -> float:
+    """math.Pow as goval computes it, but an error where Go would give NaN or an infinity."""
+    try:
+        return math.pow(base, exponent)
+    except OverflowError:
+        raise _EvaluationFailure("result of '**' is too large", position) from None
+    except ValueError:  # a negative base to a fractional power, or zero to a negative one
+        raise _EvaluationFailure(
+            f"'**' has no finite real result for ({base:g}) ** ({exponent:g})", position
+        ) from None
 
 
 def _eval_condition(node: Expression, values: Mapping[str, float]) -> bool:

@@ -32,6 +32,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from exporter.kamaji import (
+    DEFAULT_CLIENT_PORT,
+    DEFAULT_CLUSTER_DOMAIN,
+    ClientSecrets,
+    SecretLayout,
+    client_secrets,
+)
 from exporter.rule import RuleSyntaxError, parse_rule
 
 ENV_PREFIX = "ETCD_AUTODEFRAG_"
@@ -184,8 +191,9 @@ class KubernetesTarget(_Model):
     `/etc/etcd-autodefrag/config.yaml`) may keep the paths the service itself uses.
 
     Where the files come from:
-    - kamaji: key `ca.crt` of Secret `<etcd_name>-certs`, keys `tls.crt`/`tls.key` of Secret
-      `<etcd_name>-root-client-certs` (what the kamaji-etcd chart creates).
+    - kamaji: the kamaji-etcd chart's Secrets, by `secret_layout` (exporter/kamaji.py): self-signed,
+      key `ca.crt` of `<etcd_name>-certs` and `tls.crt`/`tls.key` of `<etcd_name>-root-client-certs`;
+      cert-manager, all three of `<etcd_name>-client-certs`; auto, whichever the StatefulSet mounts.
     - talos, plain: one Secret `tls_secret`; `ca_key`, `cert_key`, `key_key` name its keys (Talos-style
       `ca`/`crt`/`key` by default; for a cert-manager or `kubernetes.io/tls` Secret set `ca.crt`,
       `tls.crt`, `tls.key`). `cert_key` and `key_key` null: server-side TLS only, no client certificate.
@@ -232,6 +240,20 @@ class KubernetesTarget(_Model):
     etcd_service: str | None = Field(
         default=None, description="kamaji: the headless Service of the StatefulSet (default: etcd_name)."
     )
+    secret_layout: SecretLayout = Field(
+        default=SecretLayout.AUTO,
+        description="kamaji: where the chart keeps the client certificate: self-signed "
+        "(<etcd_name>-certs, <etcd_name>-root-client-certs), cert-manager (<etcd_name>-client-certs), "
+        "or auto: whichever the StatefulSet mounts, read when the service starts (docs/kamaji.md).",
+    )
+    cluster_domain: str = Field(
+        default=DEFAULT_CLUSTER_DOMAIN,
+        description="kamaji, discover_endpoints: the cluster's DNS domain (the chart's clusterDomain).",
+    )
+    client_port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        default=DEFAULT_CLIENT_PORT,
+        description="kamaji, discover_endpoints: the members' client port (the chart's clientPort).",
+    )
     tls_secret: str | None = Field(default=None, description="talos, plain: Secret with the client TLS.")
     ca_key: str = "ca"
     cert_key: str | None = "crt"
@@ -268,6 +290,13 @@ class KubernetesTarget(_Model):
         if name is not None and (len(name) > 200 or not cls._SUBDOMAIN.match(name)):
             raise ValueError(f"must be a Kubernetes object name (lowercase, digits, '-', '.'); got {name!r}")
         return name
+
+    @field_validator("cluster_domain")
+    @classmethod
+    def _valid_domain(cls, domain: str) -> str:
+        if len(domain) > 253 or not cls._SUBDOMAIN.match(domain):
+            raise ValueError(f"must be a DNS domain like cluster.local; got {domain!r}")
+        return domain
 
     @field_validator("ca_key", "cert_key", "key_key")
     @classmethod
@@ -342,7 +371,21 @@ class KubernetesTarget(_Model):
             )
         if self.etcd_service is not None and variant is not self.Variant.KAMAJI:
             raise ValueError(f"etcd_service is only used by variant kamaji, not {variant.value}")
+        kamaji_only = {
+            "secret_layout": self.secret_layout is not SecretLayout.AUTO,
+            "cluster_domain": self.cluster_domain != DEFAULT_CLUSTER_DOMAIN,
+            "client_port": self.client_port != DEFAULT_CLIENT_PORT,
+        }
+        if variant is not self.Variant.KAMAJI and (given := [k for k, v in kamaji_only.items() if v]):
+            raise ValueError(f"{', '.join(given)}: only used by variant kamaji, not {variant.value}")
         return self
+
+    @property
+    def kamaji_secrets(self) -> ClientSecrets:
+        """kamaji: the Secrets a defrag Pod mounts; ValueError while secret_layout is still auto."""
+        if self.variant is not self.Variant.KAMAJI or self.etcd_name is None:
+            raise ValueError(f"variant {self.variant.value} has no kamaji-etcd Secrets")
+        return client_secrets(self.secret_layout, self.etcd_name)
 
     def problems(self, *, endpoints: list[str], deadline_seconds: float) -> list[str]:
         """What makes this target unusable for a cluster with these endpoints and deadline ([] = fine)."""
@@ -461,10 +504,28 @@ class ClusterConfig(_Model):
         """The members' URLs come from the Kubernetes API (exporter.kube.discover_endpoints)."""
         return self.kubernetes is not None and self.kubernetes.discover_endpoints
 
+    @property
+    def reads_kubernetes_api(self) -> bool:
+        """Start-up reads the Kubernetes API for it: its endpoints, or its kamaji-etcd Secret layout."""
+        target = self.kubernetes
+        return self.discovers_endpoints or (
+            target is not None
+            and target.variant is KubernetesTarget.Variant.KAMAJI
+            and target.secret_layout is SecretLayout.AUTO
+        )
+
     def with_endpoints(self, endpoints: list[str]) -> "ClusterConfig":
         """This cluster with these endpoints, checked as the config file's are; ValueError says why."""
+        return self._revalidated({"endpoints": endpoints})
+
+    def with_secret_layout(self, layout: SecretLayout) -> "ClusterConfig":
+        """This cluster with kubernetes.secret_layout resolved (kube.discover read it)."""
+        assert self.kubernetes is not None
+        return self._revalidated({"kubernetes": {**self.kubernetes.model_dump(), "secret_layout": layout}})
+
+    def _revalidated(self, changes: dict[str, Any]) -> "ClusterConfig":
         try:
-            return ClusterConfig.model_validate({**self.model_dump(), "endpoints": endpoints})
+            return ClusterConfig.model_validate({**self.model_dump(), **changes})
         except ValidationError as exc:
             problems = format_validation_error(exc).splitlines()[1:]
             raise ValueError("; ".join(p.strip() for p in problems)) from None

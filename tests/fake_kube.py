@@ -128,6 +128,9 @@ class FakeKube:
         self.jobs: dict[tuple[str, str], Json] = {}
         self.pods: dict[tuple[str, str], Json] = {}
         self.statefulsets: dict[tuple[str, str], Json] = {}
+        # Never served: nothing of ours may read Secrets (a read would land in `unexpected`). They
+        # are what kubelet would find when it mounts a pod's Secret volumes (missing_secrets).
+        self.secrets: dict[tuple[str, str], Json] = {}
         self.cronjobs: dict[tuple[str, str], Json] = {}
         self.received: list[Json] = []  # the bodies of creates and replaces, exactly as sent
         self.events: list[Json] = []
@@ -202,8 +205,33 @@ class FakeKube:
         self._history = [h for h in self._history if h[0] >= self._compacted]
         self._wake(new_generation=True)
 
-    def add_statefulset(self, namespace: str, name: str, replicas: int | None) -> Json:
+    def add_statefulset(
+        self, namespace: str, name: str, replicas: int | None, *, layout: str | None = "self-signed"
+    ) -> Json:
+        """A kamaji-etcd StatefulSet as its chart renders it, with the Secrets of its certificate
+        layout ("self-signed" or "cert-manager"; None: a StatefulSet that mounts no Secret)."""
         spec: Json = {"serviceName": name, "selector": {"matchLabels": {"app": name}}}
+        volumes: list[Json] = []
+        if layout == "self-signed":  # templates/etcd_sts.yaml, the Secret the cfssl Jobs write
+            volumes = [{"name": "certs", "secret": {"secretName": f"{name}-certs"}}]
+            self.add_secret(namespace, f"{name}-certs", "ca.crt", "ca.key", "server.pem", "server-key.pem")
+            self.add_secret(namespace, f"{name}-root-client-certs", "tls.crt", "tls.key")
+        elif layout == "cert-manager":  # certManager.enabled: one Certificate per Secret
+            sources = [
+                {
+                    "secret": {
+                        "name": f"{name}-server-certs",
+                        "items": [{"key": "tls.crt", "path": "server.pem"}],
+                    }
+                },
+                {"secret": {"name": f"{name}-peer-certs", "items": [{"key": "tls.crt", "path": "peer.pem"}]}},
+            ]
+            volumes = [{"name": "certs", "projected": {"sources": sources}}]
+            for suffix in ("ca", "server-certs", "peer-certs", "client-certs"):
+                self.add_secret(namespace, f"{name}-{suffix}", "ca.crt", "tls.crt", "tls.key")
+        elif layout is not None:
+            raise ValueError(f"unknown layout {layout!r}")
+        spec["template"] = {"spec": {"containers": [{"name": "etcd"}], "volumes": volumes}}
         if replicas is not None:
             spec["replicas"] = replicas
         sts = {
@@ -215,6 +243,34 @@ class FakeKube:
         }
         self.statefulsets[(namespace, name)] = sts
         return sts
+
+    def add_secret(self, namespace: str, name: str, *keys: str) -> Json:
+        secret = {
+            "kind": "Secret",
+            "apiVersion": "v1",
+            "metadata": self._new_metadata(namespace, name),
+            "data": dict.fromkeys(keys, "Zm9v"),
+        }
+        self.secrets[(namespace, name)] = secret
+        return secret
+
+    def missing_secrets(self, namespace: str, pod_spec: Json) -> list[str]:
+        """What kubelet could not mount of the pod's Secret volumes: `name` or `name/key` ([] = starts)."""
+        wanted: list[tuple[str, list[Json]]] = []
+        for volume in pod_spec.get("volumes") or []:
+            if "secret" in volume:
+                wanted.append((volume["secret"]["secretName"], volume["secret"].get("items") or []))
+            for source in (volume.get("projected") or {}).get("sources") or []:
+                if "secret" in source:
+                    wanted.append((source["secret"]["name"], source["secret"].get("items") or []))
+        missing = []
+        for name, items in wanted:
+            secret = self.secrets.get((namespace, name))
+            if secret is None:
+                missing.append(name)
+                continue
+            missing += [f"{name}/{i['key']}" for i in items if i["key"] not in secret["data"]]
+        return missing
 
     def add_pod(self, pod: Json) -> Json:
         metadata = pod["metadata"]

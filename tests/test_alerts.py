@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "etcd-autodefrag-rules.yaml"
 UNIT_TESTS = sorted((ALERTS / "tests").glob("*.yaml"))
+# The etcd mixin's space alerts as kube-prometheus-stack ships them, for with-etcd-mixin.yaml only.
+MIXIN_RULES = ALERTS / "tests" / "etcd-mixin" / "rules.yaml"
 ALERTMANAGER_YML = ALERTS / "alertmanager" / "alertmanager.yml"
 ALERTMANAGER_CONFIG_CRD = ALERTS / "alertmanager" / "alertmanagerconfig.yaml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -30,7 +32,9 @@ RUNBOOK_URL = "https://github.com/etcd-autodefrag/etcd-autodefrag/blob/main/docs
 WEBHOOK_ALERTS = frozenset({"EtcdDefragRecommended", "EtcdNoSpaceAlarm", "EtcdQuotaUsageCritical"})
 WEBHOOK_URL = "http://etcd-autodefrag.etcd-autodefrag.svc:9479/webhook/alertmanager"
 # The two selectors alerts/README.md tells users to replace; every rule must spell them this way.
-ETCD_JOB = "kube-etcd"
+# etcd's own metrics: kube-prometheus-stack's kube-etcd, and kamaji-etcd's ServiceMonitor job (its
+# Helm release: kamaji-etcd on its own, kamaji when Kamaji's chart installed it).
+ETCD_JOBS = "kube-etcd|kamaji-etcd|kamaji"
 SERVICE_JOB = "etcd-autodefrag"
 OUR_PREFIX = "etcd_autodefrag_"
 # kube-prometheus-stack inhibits severity="info" (InfoInhibitor): it would starve the webhook.
@@ -64,6 +68,11 @@ def alert_rules() -> list[dict[str, Any]]:
 
 def alert_names() -> list[str]:
     return [rule["alert"] for rule in alert_rules()]
+
+
+def mixin_alert_names() -> set[str]:
+    groups = yaml.safe_load(MIXIN_RULES.read_text())["groups"]
+    return {rule["alert"] for group in groups for rule in group["rules"]}
 
 
 def github_anchors(markdown: str) -> set[str]:
@@ -117,16 +126,17 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
     quiet: dict[str, int] = defaultdict(int)
     for unit_test in UNIT_TESTS:
         document = yaml.safe_load(unit_test.read_text())
-        assert [(unit_test.parent / f).resolve() for f in document["rule_files"]] == [RULES], (
-            f"{unit_test.name} must test {RULES.name} and only it"
-        )
+        assert [(unit_test.parent / f).resolve() for f in document["rule_files"]] in (
+            [RULES],
+            [RULES, MIXIN_RULES],
+        ), f"{unit_test.name} must test {RULES.name} (and at most the etcd mixin's beside it)"
         for case in document["tests"]:
             for check in case.get("alert_rule_test", []):
                 (firing if check.get("exp_alerts") else quiet)[check["alertname"]] += 1
     names = set(alert_names())
     # promtool passes an empty expectation for an alert that does not exist: catch misspelt names.
     tested = set(firing) | set(quiet)
-    assert tested <= names, f"unit tests for unknown alerts: {tested - names}"
+    assert tested <= names | mixin_alert_names(), f"unit tests for unknown alerts: {tested - names}"
     assert {n for n in names if not firing[n]} == set(), "alerts without a firing unit test"
     assert {n for n in names if not quiet[n]} == set(), "alerts without a not-firing unit test"
 
@@ -174,7 +184,8 @@ def test_webhook_alerts_exist_with_their_contract_names() -> None:
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
 def test_selectors_are_the_documented_replaceable_ones(rule: dict[str, Any]) -> None:
-    """etcd's metrics select job="kube-etcd", `up` selects job="etcd-autodefrag", ours need none."""
+    """etcd's metrics select job=~ETCD_JOBS, `up` job="etcd-autodefrag", ours none; ALERTS names a
+    mixin alert."""
     for selector in vector_selectors(rule["expr"]):
         name = selector.name or ""
         matchers = equal_matchers(selector)
@@ -182,9 +193,15 @@ def test_selectors_are_the_documented_replaceable_ones(rule: dict[str, Any]) -> 
             assert "job" not in matchers, f"{name}: our metrics need no job selector"
         elif name == "up":
             assert matchers.get("job") == SERVICE_JOB, f"up must select job={SERVICE_JOB!r}"
+        elif name == "ALERTS":
+            assert matchers.get("alertname") in mixin_alert_names(), "ALERTS must name an etcd mixin alert"
         else:
             assert name.startswith("etcd_"), f"unexpected metric {name!r}"
-            assert matchers.get("job") == ETCD_JOB, f"{name} must select job={ETCD_JOB!r}"
+            regexes = {
+                m.name: m.value for m in selector.matchers.matchers if m.op == promql_parser.MatchOp.Re
+            }
+            assert "job" not in matchers, f"{name} must select job=~{ETCD_JOBS!r}"
+            assert regexes.get("job") == ETCD_JOBS, f"{name} must select job=~{ETCD_JOBS!r}"
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda rule: rule["alert"])
@@ -205,12 +222,16 @@ def test_aggregations_keep_etcd_cluster(rule: dict[str, Any]) -> None:
             assert "etcd_cluster" not in modifier.labels, "without (etcd_cluster) drops it"
 
 
-def test_documented_kamaji_flavour_is_valid(tmp_path: Path) -> None:
-    """alerts/README.md: replacing the etcd selector as a whole yields valid rules."""
+def test_documented_selector_replacement_is_valid(tmp_path: Path) -> None:
+    """alerts/README.md: replacing the etcd selector as a whole (its sed line) yields valid rules."""
+    readme = (ALERTS / "README.md").read_text()
+    (sed,) = re.findall(r"^sed -e '(s/.*/)' alerts/etcd-autodefrag-rules.yaml > my-rules.yaml$", readme, re.M)
+    _, old, new, _ = sed.split("/")
+    assert old == f'job=~"{ETCD_JOBS}"'
     text = RULES.read_text()
-    flavour = tmp_path / "kamaji-rules.yaml"
-    flavour.write_text(text.replace(f'job="{ETCD_JOB}"', 'job=~"kamaji-etcd|.*-etcd"'))
-    assert ETCD_JOB not in flavour.read_text().split("groups:", 1)[1]
+    flavour = tmp_path / "my-rules.yaml"
+    flavour.write_text(text.replace(old, new))
+    assert ETCD_JOBS not in flavour.read_text().split("groups:", 1)[1]
     result = run(tool("promtool", "prometheus"), "check", "rules", flavour)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -293,6 +314,27 @@ def test_alertmanager_webhook_receiver() -> None:
     authorization = webhook["http_config"]["authorization"]
     assert authorization["type"] == "Bearer"
     assert authorization["credentials_file"].startswith("/")
+
+
+def test_alertmanager_inhibits_the_mixins_quota_page_for_ours() -> None:
+    """With the etcd mixin loaded, one page per member near its quota: ours (it launches the defrag)."""
+    ours = {
+        "alertname": "EtcdQuotaUsageCritical",
+        "severity": "critical",
+        "job": "kube-etcd",
+        "instance": "i",
+    }
+    theirs = {**ours, "alertname": "etcdDatabaseQuotaLowSpace"}  # alerts/tests/with-etcd-mixin.yaml
+    assert "etcdDatabaseQuotaLowSpace" in mixin_alert_names()
+    rules = [
+        inhibit
+        for inhibit in alertmanager_yml()["inhibit_rules"]
+        if all(matches(m, ours) for m in inhibit["source_matchers"])
+        and all(matches(m, theirs) for m in inhibit["target_matchers"])
+    ]
+    assert len(rules) == 1
+    assert all(label in ours and ours[label] == theirs[label] for label in rules[0]["equal"])
+    assert not all(matches(m, ours) for m in rules[0]["target_matchers"])  # never the other way round
 
 
 def test_alertmanager_inhibits_no_webhook_alert() -> None:

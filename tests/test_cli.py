@@ -93,6 +93,17 @@ def test_tls_cluster_without_client_cert_is_refused(
     assert "no configured endpoint answered" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("rule", "selected"), [("", True), ("dbSize > 2**40", False)])
+def test_rules_etcd_defrag_users_pass_carry_over(
+    etcd: EtcdCluster, capsys: pytest.CaptureFixture[str], rule: str, selected: bool
+) -> None:
+    """`--rule ""` (etcd-defrag's "always") selects every member; `**` is power (docs/rules.md)."""
+    assert main(["status", "--endpoints", etcd.endpoints[0], "--rule", rule, "--output", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3
+    assert [row["defrag_recommended"] for row in rows] == [selected] * 3
+
+
 def test_status_table(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
     etcd.churn()
     assert main(["status", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0"]) == 0
@@ -459,6 +470,8 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
     found, same = await discovered([ClusterConfig.model_validate(KAMAJI), plain])
     urls = [f"https://kamaji-etcd-{i}.kamaji-etcd-hl.kamaji-system.svc.cluster.local:2379" for i in range(4)]
     assert found.endpoints == urls
+    assert found.kubernetes is not None
+    assert found.kubernetes.secret_layout == "self-signed"  # what the StatefulSet mounts
     assert same is plain
     # The Job has no API access: it gets the discovered URLs on its command line.
     args = jobs.build_job(found, image="i", trigger=jobs.Trigger(alertname="a"))["spec"]["template"]["spec"][
@@ -514,7 +527,8 @@ def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
     assert "plain http" in err
     assert main([*render, "--cluster", "plain", "--endpoints", "https://a:2379"]) == 2
     assert "takes its endpoints from the configuration" in capsys.readouterr().err
-    assert main([*render, "--cluster", "tenant", "--endpoints", "https://m-0:2379,https://m-1:2379"]) == 0
+    urls = "https://m-0:2379,https://m-1:2379"
+    assert main([*render, "--cluster", "tenant", "--endpoints", urls, "--secret-layout", "self-signed"]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"

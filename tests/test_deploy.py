@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
+from fake_kube import FakeKube
+from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
 from exporter import __version__
@@ -33,9 +35,8 @@ from exporter.jobs import (
     TLS_DIR,
     Trigger,
     build_job,
-    kamaji_endpoints,
 )
-from exporter.kube import RBAC_RULES
+from exporter.kube import RBAC_RULES, discover
 from exporter.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,32 +342,96 @@ def test_every_file_the_config_names_is_mounted(
                 assert source["secret"]["optional"] is False
 
 
+def kubeadm_static_pod(node: str, address: str) -> Json:
+    """kubeadm's etcd static pod as its mirror pod reads (cmd/kubeadm/app/phases/etcd/local.go)."""
+    ipv6 = ":" in address
+    host = f"[{address}]" if ipv6 else address
+    loopback = "[::1]" if ipv6 else "127.0.0.1"  # "localhost IP family should be the same"
+    command = [
+        "etcd",
+        f"--advertise-client-urls=https://{host}:2379",
+        f"--listen-client-urls=https://{loopback}:2379,https://{host}:2379",
+        f"--listen-peer-urls=https://{host}:2380",
+        f"--name={node}",
+    ]
+    return {
+        "metadata": {
+            "name": f"etcd-{node}",
+            "namespace": "kube-system",
+            "labels": {"component": "etcd", "tier": "control-plane"},
+        },
+        "spec": {"containers": [{"name": "etcd", "command": command}]},
+        "status": {"hostIP": address},
+    }
+
+
+# What each overlay meets in a cluster: (overlay, the install, the endpoints the Jobs must get).
+INSTALLS = [
+    # Kamaji's own chart: kamaji-etcd with certManager.enabled (its default since mid-2026).
+    (
+        "kamaji",
+        "cert-manager",
+        [f"https://kamaji-etcd-{i}.kamaji-etcd.kamaji-system.svc.cluster.local:2379" for i in range(3)],
+    ),
+    # kamaji-etcd installed on its own: the chart's default, self-signed certificates from Jobs.
+    (
+        "kamaji",
+        "self-signed",
+        [f"https://kamaji-etcd-{i}.kamaji-etcd.kamaji-system.svc.cluster.local:2379" for i in range(3)],
+    ),
+    ("kubeadm", "ipv4", ["https://10.0.0.11:2379", "https://10.0.0.12:2379", "https://10.0.0.13:2379"]),
+    (
+        "kubeadm",
+        "ipv6",
+        ["https://[fd00:10::11]:2379", "https://[fd00:10::12]:2379", "https://[fd00:10::13]:2379"],
+    ),
+]
+
+
 @needs_kubectl
-@pytest.mark.parametrize("name", [p.name for p in OVERLAYS])
-def test_overlays_configure_clusters_whose_jobs_can_run(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("name", "install", "endpoints"), INSTALLS, ids=[f"{o}-{i}" for o, i, _ in INSTALLS])
+async def test_overlays_configure_clusters_whose_jobs_can_run(
+    name: str,
+    install: str,
+    endpoints: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_kube: FakeKube,
+    kube_api: ApiClient,
 ) -> None:
-    """For each cluster: the Job builds and is valid, its ConfigMap and a Role await it in its namespace."""
+    """For each cluster, on the install: what the service reads at start-up gives a valid Job that
+    can start (its Secrets exist), and its ConfigMap and a Role await it in its namespace."""
+    assert {o for o, _, _ in INSTALLS} == {p.name for p in OVERLAYS}, "an overlay without an install"
+    if name == "kamaji":
+        fake_kube.add_statefulset("kamaji-system", "kamaji-etcd", replicas=3, layout=install)
+    else:
+        prefix = "fd00:10::" if install == "ipv6" else "10.0.0."
+        for i in (11, 12, 13):
+            fake_kube.add_pod(kubeadm_static_pod(f"cp-{i}", f"{prefix}{i}"))
     objects = built(name)
     config = service_config(objects)
     settings = settings_of(objects, tmp_path, monkeypatch)
     assert settings.clusters, f"overlay {name} configures no cluster"
     account = pod_spec(objects)["serviceAccountName"]
-    for cluster in settings.clusters:
-        assert cluster.kubernetes is not None, f"cluster {cluster.name}: no kubernetes section"
-        if cluster.discovers_endpoints:  # what the service reads from the API before any Job
-            role = one(objects, "Role", NAME, cluster.kubernetes.namespace)
-            assert any("statefulsets" in r["resources"] and "get" in r["verbs"] for r in role["rules"])
-            statefulset = {"metadata": {"name": cluster.kubernetes.etcd_name}, "spec": {"replicas": 3}}
-            found = kamaji_endpoints(statefulset, cluster.kubernetes.etcd_name, cluster.kubernetes.namespace)
-            cluster = cluster.model_copy(update={"endpoints": found})
+    for configured in settings.clusters:
+        assert configured.kubernetes is not None, f"cluster {configured.name}: no kubernetes section"
+        cluster = await discover(configured, kube_api)  # what `serve` does before anything else
+        assert cluster.endpoints == endpoints
         job = build_job(cluster, image=DEFAULT_IMAGE, trigger=Trigger(alertname="EtcdDefragRecommended"))
         validate(job)
         target = cluster.kubernetes
+        assert target is not None
+        pod = job["spec"]["template"]["spec"]
+        assert fake_kube.missing_secrets(target.namespace, pod) == [], "the Job's Pod could not start"
+        if cluster.discovers_endpoints:  # the Job has no API access: it gets what the service read
+            args = pod["containers"][0]["args"]
+            assert args[args.index("--endpoints") + 1] == ",".join(endpoints)
+        # What it read is allowed by the Role in that namespace (the fake fails on anything else).
+        role = one(objects, "Role", NAME, target.namespace)
+        assert {r.rbac() for r in fake_kube.requests} <= permissions(role["rules"])
         # The Job mounts ConfigMap `config_map` of its own namespace and reads the very same file.
         job_config = one(objects, "ConfigMap", target.config_map, target.namespace)
         assert job_config["data"] == {"config.yaml": config}
-        one(objects, "Role", NAME, target.namespace)
         binding = one(objects, "RoleBinding", NAME, target.namespace)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
@@ -482,7 +547,8 @@ def test_kubeadm_reads_the_nodes_client_certificate_as_root_without_capabilities
     assert all(v["hostPath"]["type"] == "File" for v in pod["volumes"] if "hostPath" in v)
     # The same files the kubeadm defrag Job mounts.
     settings = load_settings(None, clusters=[yaml.safe_load(service_config(objects))["clusters"][0]])
-    job_pod = build_job(settings.clusters[0], image=DEFAULT_IMAGE, trigger=Trigger(alertname="x"))
+    cluster = settings.clusters[0].with_endpoints(["https://10.0.0.11:2379"])  # as discovered
+    job_pod = build_job(cluster, image=DEFAULT_IMAGE, trigger=Trigger(alertname="x"))
     job_paths = sorted(
         v["hostPath"]["path"] for v in job_pod["spec"]["template"]["spec"]["volumes"] if "hostPath" in v
     )

@@ -27,7 +27,6 @@ from exporter.jobs import (
     existing_job_launch,
     job_name,
     job_outcome,
-    kamaji_endpoints,
     kubeadm_endpoints,
     parse_termination_message,
     sanitize_label_value,
@@ -85,7 +84,12 @@ TLS_FLAGS = ["--cacert", CA_FILE, "--cert", CERT_FILE, "--key", KEY_FILE]
 
 VARIANTS = {
     "kamaji": (
-        {"namespace": "kamaji-system", "variant": "kamaji", "etcd_name": "kamaji-etcd"},
+        {
+            "namespace": "kamaji-system",
+            "variant": "kamaji",
+            "etcd_name": "kamaji-etcd",
+            "secret_layout": "self-signed",
+        },
         None,
         TLS_FLAGS,
     ),
@@ -174,20 +178,46 @@ def test_non_kubeadm_variants_meet_the_restricted_pod_security_standard(variant:
     assert not any("hostPath" in v for v in pod["volumes"])
 
 
-def test_kamaji_mounts_its_two_secrets_under_fixed_names() -> None:
-    job = build_job(cluster(VARIANTS["kamaji"][0]), image="i:1", trigger=TRIGGER)
+CLIENT_ITEMS = [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]
+
+
+@pytest.mark.parametrize(
+    ("layout", "sources"),
+    [
+        (
+            "self-signed",
+            [
+                {"secret": {"name": "kamaji-etcd-certs", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"secret": {"name": "kamaji-etcd-root-client-certs", "items": CLIENT_ITEMS}},
+            ],
+        ),
+        (
+            "cert-manager",
+            [
+                {
+                    "secret": {
+                        "name": "kamaji-etcd-client-certs",
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}, *CLIENT_ITEMS],
+                    }
+                }
+            ],
+        ),
+    ],
+)
+def test_kamaji_mounts_its_layouts_secrets_under_fixed_names(layout: str, sources: list[Any]) -> None:
+    job = build_job(cluster({**VARIANTS["kamaji"][0], "secret_layout": layout}), image="i:1", trigger=TRIGGER)
     assert mounts(job)["/etc/etcd-autodefrag/tls"] == "tls"
     projected = volumes(job)["tls"]["projected"]
     assert projected["defaultMode"] == 0o440
-    assert projected["sources"] == [
-        {"secret": {"name": "kamaji-etcd-certs", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        {
-            "secret": {
-                "name": "kamaji-etcd-root-client-certs",
-                "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
-            }
-        },
-    ]
+    assert projected["sources"] == sources
+    assert container(job)["args"][-6:] == TLS_FLAGS
+
+
+def test_kamaji_job_waits_for_the_layout_to_be_read() -> None:
+    """`secret_layout: auto` names no Secret until the service has read the StatefulSet."""
+    target = {**VARIANTS["kamaji"][0], "secret_layout": "auto"}
+    with pytest.raises(JobConfigError, match=r"certificate layout has not been read .*secret_layout: auto"):
+        build_job(cluster(target), image="i:1", trigger=TRIGGER)
 
 
 def test_talos_maps_its_keys_to_the_fixed_file_names() -> None:
@@ -399,6 +429,24 @@ def test_unusable_targets_are_refused_naming_the_field(
         ("{namespace: e, annotations: {'bad key!': x}}", "is not a label or annotation key"),
         ("{namespace: e, cooldown_seconds: -1}", "clusters[0].kubernetes.cooldown_seconds"),
         ("{namespace: e, nmespace: x}", "clusters[0].kubernetes.nmespace: unknown setting"),
+        (
+            "{namespace: e, variant: kamaji, etcd_name: x, secret_layout: vault}",
+            "clusters[0].kubernetes.secret_layout: Input should be 'auto', 'self-signed' or 'cert-manager'",
+        ),
+        (
+            "{namespace: e, variant: kamaji, etcd_name: x, cluster_domain: Cluster_Local}",
+            "cluster_domain: must be a DNS domain like cluster.local",
+        ),
+        ("{namespace: e, variant: kamaji, etcd_name: x, client_port: 0}", "kubernetes.client_port"),
+        ("{namespace: e, variant: kamaji, etcd_name: x, client_port: 65536}", "kubernetes.client_port"),
+        (
+            "{namespace: e, variant: kubeadm, cluster_domain: k.local, client_port: 2389}",
+            "cluster_domain, client_port: only used by variant kamaji, not kubeadm",
+        ),
+        (
+            "{namespace: e, tls_secret: s, secret_layout: cert-manager}",
+            "secret_layout: only used by variant kamaji, not plain",
+        ),
     ],
 )
 def test_settings_errors_name_the_field(tmp_path: Path, kubernetes: str, message: str) -> None:
@@ -617,33 +665,6 @@ def test_event_about_a_job_is_a_valid_event() -> None:
 
 
 # --- discovery --------------------------------------------------------------------------------------
-
-KAMAJI_STS = {
-    "apiVersion": "apps/v1",
-    "kind": "StatefulSet",
-    "metadata": {"name": "kamaji-etcd", "namespace": "kamaji-system", "uid": "u", "resourceVersion": "9"},
-    "spec": {
-        "replicas": 5,
-        "serviceName": "kamaji-etcd",
-        "selector": {"matchLabels": {"app.kubernetes.io/name": "etcd"}},
-        "podManagementPolicy": "OrderedReady",
-    },
-    "status": {"replicas": 5, "readyReplicas": 5},
-}
-
-
-def test_kamaji_endpoints_follow_the_replica_count() -> None:
-    assert kamaji_endpoints(KAMAJI_STS, "kamaji-etcd", "kamaji-system") == [
-        f"https://kamaji-etcd-{i}.kamaji-etcd.kamaji-system.svc.cluster.local:2379" for i in range(5)
-    ]
-
-
-@pytest.mark.parametrize(("replicas", "count"), [(None, 1), (0, 0), (3, 3)])
-def test_kamaji_replicas_default_like_kubernetes(replicas: int | None, count: int) -> None:
-    sts = {"metadata": {"name": "e"}, "spec": {} if replicas is None else {"replicas": replicas}}
-    endpoints = kamaji_endpoints(sts, "e-headless", "ns", port=2389, scheme="http", cluster_domain="k.local")
-    assert len(endpoints) == count
-    assert all(e.startswith("http://e-") and e.endswith(".e-headless.ns.svc.k.local:2389") for e in endpoints)
 
 
 def kubeadm_pod(node: str, ip: str, command: list[str]) -> dict[str, Any]:

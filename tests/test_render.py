@@ -20,6 +20,7 @@ from test_jobs import validate
 from exporter import executors, kube
 from exporter.cli import build_parser, main
 from exporter.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG, Trigger
+from exporter.kamaji import SecretLayout
 from exporter.render import RenderError, check_schedule
 from exporter.settings import load_settings
 
@@ -164,6 +165,18 @@ FLAG_CASES = [
     (["-n", "tenants"], lambda m: m["metadata"]["namespace"], "tenants"),
     (["-j", "14 9 * * 1-5"], lambda m: m["spec"]["schedule"], "14 9 * * 1-5"),
     (["--replicas", "5"], lambda m: flag_value(container(m)["args"], "--endpoints").count(","), 4),
+    # Kamaji's default install (cert-manager): one Secret holds the CA and the client certificate.
+    (["--secret-layout", "cert-manager"], secret_names, ["kamaji-etcd-client-certs"]),
+    (
+        ["--secret-layout", "self-signed"],
+        secret_names,
+        ["kamaji-etcd-certs", "kamaji-etcd-root-client-certs"],
+    ),
+    (
+        ["--replicas", "1", "--client-port", "2389"],
+        lambda m: flag_value(container(m)["args"], "--endpoints"),
+        "https://kamaji-etcd-0.kamaji-etcd.kamaji-system.svc.cluster.local:2389",
+    ),
     (
         ["--replicas", "1", "--cluster-domain", "k8s.example.org"],
         lambda m: flag_value(container(m)["args"], "--endpoints"),
@@ -221,6 +234,22 @@ BAD_FLAGS = [
     (["-n", "Kamaji"], "-n: must be a DNS label"),
     (["--name", "Nightly"], "--name: 'Nightly' cannot name a CronJob"),
     (["--replicas", "0"], "--replicas: must be at least 1"),
+    (["--client-port", "70000"], "--client-port: must be from 1 to 65535; got 70000"),
+    (["--secret-layout", "vault"], "argument --secret-layout: invalid choice: 'vault'"),
+    (["--endpoints", "https://10.0.0.1:2379", "--client-port", "2389"], "--endpoints replaces --client-port"),
+    (
+        [
+            "--variant",
+            "talos",
+            "--secret",
+            "s",
+            "--endpoints",
+            "https://10.0.0.1:2379",
+            "--secret-layout",
+            "auto",
+        ],
+        "--secret-layout: only for --variant kamaji",
+    ),
     (["--replicas", "three"], "argument --replicas: invalid int value: 'three'"),
     (["--cluster-domain", "cluster_local"], "--cluster-domain: 'cluster_local' is not a DNS domain"),
     (["--rule", "dbSize >> 3"], "--rule: invalid defrag rule at column 8"),
@@ -411,6 +440,7 @@ async def test_render_job_is_the_job_the_webhook_creates(
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(JOB_CONFIG))
     flags = ["--config", str(config), "--cluster", "tenant-a", "--alertname", "EtcdDefragRecommended"]
+    flags += ["--secret-layout", "cert-manager"]  # what the service reads from the StatefulSet
     rendered = render(["render", "job", *flags, *(["--dry-run"] if dry_run else [])], capsys)
     validate(rendered)
 
@@ -419,7 +449,8 @@ async def test_render_job_is_the_job_the_webhook_creates(
     await executor.start(lambda _outcome: None)
     try:
         trigger = Trigger(alertname="EtcdDefragRecommended", dry_run=dry_run)
-        result = await executor.launch(settings.cluster("tenant-a"), trigger)
+        discovered = settings.cluster("tenant-a").with_secret_layout(SecretLayout.CERT_MANAGER)
+        result = await executor.launch(discovered, trigger)
     finally:
         await executor.stop()
     assert result.created
@@ -429,6 +460,7 @@ async def test_render_job_is_the_job_the_webhook_creates(
     assert container(rendered)["image"] == "registry.example/etcd-autodefrag:7"
     assert rendered["spec"]["ttlSecondsAfterFinished"] == 900
     assert ("--dry-run" in container(rendered)["args"]) is dry_run
+    assert secret_names(rendered) == ["tenant-a-etcd-client-certs"]
 
 
 @pytest.mark.parametrize(
@@ -436,6 +468,15 @@ async def test_render_job_is_the_job_the_webhook_creates(
     [
         (["--cluster", "nope"], "cluster 'nope' is not in the configuration (configured: tenant-a, plain)"),
         (["--cluster", "plain"], "cluster plain: no kubernetes section"),
+        (
+            ["--cluster", "tenant-a"],
+            "cluster tenant-a reads kamaji-etcd's certificate layout from the Kubernetes API "
+            "(kubernetes.secret_layout: auto): give it with --secret-layout self-signed or cert-manager",
+        ),
+        (
+            ["--cluster", "plain", "--secret-layout", "cert-manager"],
+            "--secret-layout: cluster plain does not",
+        ),
     ],
 )
 def test_render_job_errors(
@@ -485,6 +526,33 @@ def covered(request: Recorded, rules: list[dict[str, list[str]]]) -> bool:
     return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
 
 
+@pytest.mark.parametrize("layout", ["self-signed", "cert-manager"])
+async def test_apply_follows_the_statefulsets_certificate_layout(
+    layout: str, fake_kube: FakeKube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--apply reads the layout from the Secrets kamaji-etcd mounts; the CronJob's Pods can start."""
+    fake_kube.add_statefulset("kamaji-system", "kamaji-etcd", 3, layout=layout)
+    code, _, err = await apply(fake_kube, tmp_path, capsys, "--replicas", "3")
+    assert code == 0, err
+    stored = fake_kube.cronjobs[("kamaji-system", "kamaji-etcd-defrag-job")]
+    assert fake_kube.missing_secrets("kamaji-system", pod_spec(stored)) == []
+    assert fake_kube.received == [cronjob("--replicas", "3", "--secret-layout", layout, capsys=capsys)]
+    assert [r.rbac() for r in fake_kube.requests] == [
+        ("apps", "statefulsets", "get"),
+        ("batch", "cronjobs", "create"),
+    ]
+
+
+async def test_apply_asks_for_the_layout_the_statefulset_does_not_show(
+    fake_kube: FakeKube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_kube.add_statefulset("kamaji-system", "kamaji-etcd", 3, layout=None)
+    code, out, err = await apply(fake_kube, tmp_path, capsys)
+    assert (code, out) == (2, "")
+    assert "--secret-layout: StatefulSet kamaji-system/kamaji-etcd mounts neither" in err
+    assert fake_kube.cronjobs == {}
+
+
 @pytest.mark.parametrize(("replicas", "members"), [(5, 5), (None, 1)])
 async def test_apply_creates_with_the_statefulsets_replicas(
     replicas: int | None,
@@ -506,7 +574,7 @@ async def test_apply_creates_with_the_statefulsets_replicas(
         f"https://kamaji-etcd-{i}.kamaji-etcd.kamaji-system.svc.cluster.local:2379" for i in range(members)
     ]
     # What --apply sends is exactly what the same flags print.
-    assert fake_kube.received == [cronjob("--replicas", str(members), capsys=capsys)]
+    assert fake_kube.received == [cronjob("--replicas", str(members), capsys=capsys)]  # self-signed both
     # The user's own credentials, and only the calls RENDER_APPLY_RBAC_RULES lists.
     assert {r.authorization for r in fake_kube.requests} == {"Bearer alice-token"}
     assert all(covered(r, kube.RENDER_APPLY_RBAC_RULES) for r in fake_kube.requests)
@@ -520,7 +588,8 @@ async def test_apply_replaces_defrag_sh_s_cronjob(
     fake_kube: FakeKube, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     old = fake_kube.add_cronjob(DEFRAG_SH_CRONJOB)
-    code, out, err = await apply(fake_kube, tmp_path, capsys, "--replicas", "3", "-j", "30 2 * * *")
+    flags = ("--replicas", "3", "--secret-layout", "self-signed", "-j", "30 2 * * *")
+    code, out, err = await apply(fake_kube, tmp_path, capsys, *flags)
     assert code == 0, err
     assert out == (
         "replaced CronJob kamaji-system/kamaji-etcd-defrag-job (schedule '30 2 * * *', 3 endpoints); "
@@ -546,7 +615,9 @@ async def test_apply_retries_a_replace_that_lost_a_race(
     fake_kube.add_cronjob(DEFRAG_SH_CRONJOB)
     path = "PUT /apis/batch/v1/namespaces/kamaji-system/cronjobs/kamaji-etcd-defrag-job"
     fake_kube.fail_next(1, 409, reason="Conflict", message="the object has been modified", match=path)
-    code, out, err = await apply(fake_kube, tmp_path, capsys, "--replicas", "3")
+    code, out, err = await apply(
+        fake_kube, tmp_path, capsys, "--replicas", "3", "--secret-layout", "self-signed"
+    )
     assert code == 0, err
     assert out.startswith("replaced CronJob kamaji-system/kamaji-etcd-defrag-job")
     assert [r.method for r in fake_kube.requests].count("PUT") == 2

@@ -121,9 +121,9 @@ def test_readme_rules_against_members(source: str, values: dict[str, float], exp
 
 
 # ahrtr/etcd-defrag internal/eval/evaluator_test.go, TestEvaluate, ported case by case
-# (name, rule, dbQuota, dbSize, dbSizeInUse, expected). The empty-rule case is omitted:
-# "no rule" is None for us, see test_empty_rule_is_rejected.
+# (name, rule, dbQuota, dbSize, dbSizeInUse, expected).
 UPSTREAM_EVALUATE_CASES = [
+    ("empty rule", "", 100, 0, 0, True),
     ("dbSize is greater than dbQuota*80/100", "dbSize > dbQuota*80/100", 100, 81, 0, True),
     ("dbQuotaUsage is greater than 0.8", "dbQuotaUsage > 0.8", 100, 81, 0, True),
     ("dbSize is less than dbQuota*80/100", "dbSize > dbQuota*80/100", 100, 79, 0, False),
@@ -197,6 +197,59 @@ def test_upstream_evaluate_table(source: str, quota: int, size: int, in_use: int
 )
 def test_operators_and_precedence(source: str, expected: bool) -> None:
     assert evaluate(source) is expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # goval (internal/parser.go.y): `expr '*' '*' expr` under `%left '*' '/' '%'`, unary minus
+        # at the precedence of '!'. These are the shapes where its grouping is also the usual one.
+        ("2 ** 30 == 1073741824", True),
+        ("2 ** 3 * 2 == 16", True),  # (2 ** 3) * 2 both ways
+        ("2 ** 3 / 4 == 2", True),
+        ("1 + 2 ** 3 == 9", True),  # binds tighter than + and -
+        ("2 ** 3 - 1 == 7", True),
+        ("2 ** -1 == 0.5", True),  # a unary minus on the right is the exponent's
+        ("2 ** - -1 == 2", True),
+        ("(-2) ** 2 == 4", True),
+        ("-(2 ** 2) == -4", True),
+        ("(2 ** 3) ** 2 == 64", True),
+        ("2 ** (3 ** 2) == 512", True),
+        ("2 * (3 ** 2) == 18", True),
+        ("(2 * 3) ** 2 == 36", True),
+        ("4 ** 0.5 == 2", True),
+        ("0 ** 0 == 1", True),  # math.Pow(0, 0) = 1, as Go's
+        ("(-8) ** 3 == -512", True),
+        ("2 ** 10 > 1000 && 2 ** 9 < 1000", True),
+        ("2 ** 3 > 2 ** 2 == true", True),
+    ],
+)
+def test_power_with_govals_precedence(source: str, expected: bool) -> None:
+    assert evaluate(source) is expected
+
+
+def test_power_of_variables_and_its_evaluation_errors() -> None:
+    rule = parse_rule("dbSize > 2**30")  # the example, from etcd-defrag users
+    assert rule.evaluate({"dbSize": 2**30}) is False
+    assert rule.evaluate({"dbSize": 2**30 + 1}) is True
+    rule = parse_rule("dbSizeFree ** 0.5 > 1024")
+    assert rule.evaluate(member(db_size=2**21 + 1, db_size_in_use=1, db_quota=0)) is True
+    assert rule.evaluate(member(db_size=2**20, db_size_in_use=0, db_quota=0)) is False
+    with pytest.raises(RuleEvaluationError, match=r"no finite real result for \(-1\) \*\* \(0\.5\)"):
+        rule.evaluate(member(db_size=0, db_size_in_use=1, db_quota=0))
+    with pytest.raises(RuleEvaluationError, match=r"result of '\*\*' is too large"):
+        parse_rule("dbSize ** 400 > 0").evaluate(member(db_size=10, db_size_in_use=0, db_quota=0))
+    with pytest.raises(RuleEvaluationError, match="no finite real result"):
+        parse_rule("dbSize ** -1 > 0").evaluate(member(db_size=0, db_size_in_use=0, db_quota=0))
+
+
+def test_empty_rule_means_always_as_in_etcd_defrag() -> None:
+    rule = parse_rule("")
+    for values in (member(db_size=0, db_size_in_use=0, db_quota=0), {}):
+        assert rule.evaluate(values) is True  # needs no variable, not even a quota
+    assert rule.variables_used() == frozenset()
+    assert str(rule) == '"" (empty: always)'
+    assert rule.source == ""
 
 
 @pytest.mark.parametrize(
@@ -295,8 +348,17 @@ def _or_chain(terms: int) -> str:
 
 MALFORMED = [
     # (id, source, position, message fragment)
-    ("empty", "", 0, "rule is empty"),
-    ("blank", "  \t ", 0, "rule is empty"),
+    ("blank", "  \t ", 0, 'rule is empty but for spaces; the empty rule "" means always defragment'),
+    ("spaced power", "dbSize > 2 * * 30", 13, "expected an operand, got '*' (power is '**'"),
+    ("power after *", "dbSize > 2 * 3 ** 2", 15, "'**' after '*' needs parentheses: etcd-defrag computes"),
+    ("power after /", "dbSize / 2 ** 2 > 1", 11, "'**' after '/' needs parentheses"),
+    ("power after %", "dbSize % 2 ** 2 > 1", 11, "'**' after '%' needs parentheses"),
+    ("chained power", "dbSize > 2 ** 3 ** 2", 16, "'**' after '**' needs parentheses: etcd-defrag computes"),
+    ("power of a negation", "-2 ** 2 < dbSize", 3, "'**' after a unary '-' needs parentheses"),
+    ("power of a negated group", "-(2) ** 2 < dbSize", 5, "'**' after a unary '-'"),
+    ("power without a real result", "(-8) ** 0.5 < dbSize", 5, "no finite real result for (-8) ** (0.5)"),
+    ("power too large", "dbSize > 10 ** 400", 12, "result of '**' is too large"),
+    ("power of a condition", "true ** 2 > 1", 0, "'**' needs a number on each side"),
     ("unclosed paren", "(dbSize > 1", 11, "expected ')' to close the '(' at column 1, got end of rule"),
     ("unclosed nested paren", "((dbSize > 1)", 13, "expected ')' to close the '(' at column 1"),
     ("unmatched close paren", "dbSize > 1)", 10, "unmatched ')'"),
@@ -629,10 +691,18 @@ def _arithmetic(operator: str, a: float, b: float) -> float:
         "*": lambda: a * b,
         "/": lambda: a / b,
         "%": lambda: math.fmod(a, b),
+        "**": lambda: _pow(a, b),
     }[operator]()
     if not math.isfinite(result):
         raise _Failed
     return result
+
+
+def _pow(a: float, b: float) -> float:
+    try:
+        return math.pow(a, b)
+    except (OverflowError, ValueError):
+        raise _Failed from None
 
 
 def _number_leaf() -> st.SearchStrategy[tuple[str, Oracle]]:
@@ -647,13 +717,17 @@ def _number_node(
 ) -> st.SearchStrategy[tuple[str, Oracle]]:
     def binary(parts: tuple[tuple[str, Oracle], str, tuple[str, Oracle]]) -> tuple[str, Oracle]:
         (left, left_fn), operator, (right, right_fn) = parts
+        if operator == "**":  # `-x ** y` is refused (docs/rules.md): group a negated base
+            left = f"({left})"
         return f"({left} {operator} {right})", lambda v: _arithmetic(operator, left_fn(v), right_fn(v))
 
     def negate(part: tuple[str, Oracle]) -> tuple[str, Oracle]:
         text, fn = part
         return f"-({text})", lambda v: -fn(v)
 
-    return st.tuples(children, st.sampled_from("+-*/%"), children).map(binary) | children.map(negate)
+    return st.tuples(children, st.sampled_from(["+", "-", "*", "/", "%", "**"]), children).map(
+        binary
+    ) | children.map(negate)
 
 
 NUMBERS = st.recursive(_number_leaf(), _number_node, max_leaves=8)
@@ -715,6 +789,8 @@ def test_generated_rules_match_an_independent_oracle(
     outcome = _parse(source)
     if isinstance(outcome, RuleSyntaxError):
         # Only constant sub-expressions that cannot be computed are rejected up front.
-        assert "by zero" in outcome.message or "too large" in outcome.message, str(outcome)
+        assert any(
+            reason in outcome.message for reason in ("by zero", "too large", "no finite real result")
+        ), str(outcome)
     else:
         assert _evaluate(outcome, values) == expected, source

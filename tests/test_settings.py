@@ -303,3 +303,15 @@ def test_environment_that_is_not_json_is_named(
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert message in str(caught.value)
+
+
+def test_an_empty_rule_loads_and_means_always(tmp_path: Path) -> None:
+    """etcd-defrag's `--defrag-rule=""` carried over as `rule: ""` (docs/rules.md)."""
+    from exporter.policy import cluster_rule
+
+    settings = load_settings(
+        write(tmp_path, "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: ''\n")
+    )
+    (cluster,) = settings.clusters
+    assert cluster.rule == ""
+    assert cluster_rule(cluster).evaluate({}) is True
