@@ -250,12 +250,14 @@ class Writer:
 # --- identical data for every run ---------------------------------------------------------------
 
 
-def build_template(root: Path, scale: Scale) -> tuple[EtcdCluster, Path, list[str]]:
+def build_template(
+    root: Path, scale: Scale, *, log_level: str = etcd_harness.LOG_LEVEL
+) -> tuple[EtcdCluster, Path, list[str]]:
     """A 3-member cluster with `live_bytes` of live data and as much free space, its data copied aside.
 
     Also returns the member names in member-list order (the order `etcdctl --cluster` visits them).
     """
-    cluster = start_cluster(root, size=3, quota_bytes=QUOTA_BYTES)
+    cluster = start_cluster(root, size=3, quota_bytes=QUOTA_BYTES, log_level=log_level)
     keys = scale.live_bytes // VALUE_BYTES
     started = time.monotonic()
     for round_index in range(2):  # write everything, then overwrite everything: 50% superseded
