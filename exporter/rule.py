@@ -55,7 +55,9 @@ Where this differs from etcd-defrag + goval:
 * An empty rule means "always defragment" there; :func:`parse_rule` rejects it (callers model
   "no rule" as ``None``).
 * goval keeps integer literals as ints, so ``80/100`` is ``0`` there and ``0.8`` here, and
-  integer overflow (goval wraps int64) cannot happen here. goval panics on ``1/0``.
+  integer overflow (goval wraps int64) cannot happen here. goval answers ``1/0`` with an error
+  ("math error: cannot divide by zero"): etcd-defrag v0.42.0 then refuses the rule at start-up
+  (exit 1), measured in docs/benchmarks.md.
 * goval evaluates both sides of ``&&``/``||``; that only differs where goval would fail.
 * ``true == 1`` is a parse error here (goval: false).
 * Not supported (goval has them): strings, ``nil``, arrays, objects, field access, functions,
