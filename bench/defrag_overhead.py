@@ -1,18 +1,23 @@
-"""Benchmark: our sequential defrag against `etcdctl defrag --cluster`, on identical data in real etcd.
+"""Benchmark: our sequential defrag against `etcdctl defrag --cluster` and ahrtr/etcd-defrag, in real etcd.
 
 Run from the repository root:
 
-    .venv/bin/python bench/defrag_overhead.py           # the figures in docs/benchmarks.md (~4 min)
+    .venv/bin/python bench/defrag_overhead.py           # the figures in docs/benchmarks.md (~5 min)
     .venv/bin/python bench/defrag_overhead.py --quick   # smoke run (< 1 min): small data, one trial
+    .venv/bin/python bench/defrag_overhead.py --etcd-version 3.6   # against a pinned etcd 3.6 build
 
-Three ways to defragment a 3-member etcd cluster (tests/etcd_harness.py, loopback only) are compared:
+Four ways to defragment a 3-member etcd cluster (tests/etcd_harness.py, loopback only) are compared:
 
-(a) engine:  `exporter.engine.DefragEngine(...).run()` in this process, rule `true`, every gate on
+(a) engine:  `exporter.engine.DefragEngine(...).run()` in this process, rule RULE, every gate on
              (health gate before each member, fresh status, rule, defragment, wait until the member
              serves quorum reads and has caught up, status again);
 (b) etcdctl: `etcdctl --endpoints=<all three> --command-timeout=300s defrag --cluster`;
-(c) cli:     `etcd-autodefrag defrag --endpoints <all three> --rule true --output json`, the same
-             engine as (a) plus interpreter start-up and imports, reported on its own.
+(c) cli:     `etcd-autodefrag defrag --endpoints <all three> --rule RULE --output json`, the same
+             engine as (a) plus interpreter start-up and imports, reported on its own;
+(d) etcd-defrag: `etcd-defrag --endpoints=<all three> --cluster --defrag-rule=RULE --compaction=false
+             --command-timeout=300s` (https://github.com/ahrtr/etcd-defrag), skipped when its
+             binary (--etcd-defrag) is absent. Its compaction is on by default; off here as in the
+             other arms, which compact nothing.
 
 Identical data for every run: the fragmented cluster is built once (deterministic keys and values,
 every key written twice, then compacted, so half of each database file is free pages), its members
@@ -43,6 +48,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -67,7 +73,8 @@ _ROOT = _HERE.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_ROOT / "tests"))
 
-from etcd_harness import ETCD_BIN, ETCDCTL_BIN, EtcdCluster, start_cluster  # noqa: E402
+import etcd_harness  # noqa: E402
+from etcd_harness import EtcdCluster, start_cluster  # noqa: E402
 
 from exporter.engine import DefragEngine, RunReport, RunResult  # noqa: E402
 from exporter.etcd import EtcdClient  # noqa: E402
@@ -80,11 +87,18 @@ QUOTA_BYTES = 1024 * MIB  # far above the data: NOSPACE must never enter the com
 # fit two bbolt overflow pages (8 KiB) with little slack, so "in use" is close to the live data.
 VALUE_BYTES = 8000
 CLI_BIN = _ROOT / ".venv" / "bin" / "etcd-autodefrag"
+# Built outside the work tree, as docs/benchmarks.md says; the arm is skipped when it is absent.
+ETCD_DEFRAG_BIN = Path.home() / ".cache" / "etcd-autodefrag" / "etcd-defrag-v0.42.0" / "etcd-defrag"
+# Pinned etcd builds (issue 11) live in ~/.cache/etcd-autodefrag/etcd-v<version>/; 3.4 is the installed one.
+ETCD_BUILDS_DIR = Path.home() / ".cache" / "etcd-autodefrag"
+INSTALLED_ETCD_LINE = "3.4"
+# Every tool that takes a rule gets this one, in etcd-defrag's syntax: it selects each member of the
+# restored data (half of every file is free), and each tool evaluates it per member as in production.
+RULE = "dbSizeFree >= 0.4 * dbSize"
 # The per-request timeout given to etcdctl: its default --command-timeout (5 s) applies to each
 # member's Defragment call, and a defrag that outlives it is reported as failed while it goes on in
 # the member. 300 s is also our engine's default member_timeout_seconds.
 ETCDCTL_COMMAND_TIMEOUT = "300s"
-ARMS = ("engine", "etcdctl", "cli")
 WRITER_KEYS = 64  # the writer overwrites a small fixed key set: it adds pages, not data
 WRITER_VALUE = b"w" * 256
 WRITER_MAX_SECONDS = 900.0  # a writer whose parent vanished stops by itself
@@ -111,6 +125,31 @@ FULL = Scale(
 QUICK = Scale(
     live_bytes=12 * MIB, trials=1, baseline_seconds=2.0, write_rate_per_second=50, write_timeout_seconds=5
 )
+
+
+# --- which etcd -----------------------------------------------------------------------------------
+
+
+def use_etcd(line: str) -> str:
+    """Point the harness at etcd `line` ("3.4": the installed one; "3.5", "3.6": the newest cached build).
+
+    Sets tests/etcd_harness.py's ETCD_BIN and ETCDCTL_BIN, which it reads whenever it starts a member
+    or runs etcdctl; call it before the first cluster starts. Returns `etcd --version`'s first line.
+    """
+    if line != INSTALLED_ETCD_LINE:
+        builds = sorted(
+            (d for d in ETCD_BUILDS_DIR.glob(f"etcd-v{line}.*") if (d / "etcd").is_file()),
+            key=lambda d: [int(part) for part in d.name.removeprefix("etcd-v").split(".")],
+        )
+        if not builds:
+            raise SystemExit(f"no etcd {line} build in {ETCD_BUILDS_DIR}/etcd-v{line}.*/ (issue 11's recipe)")
+        etcd_harness.ETCD_BIN = str(builds[-1] / "etcd")
+        etcd_harness.ETCDCTL_BIN = str(builds[-1] / "etcdctl")
+    done = subprocess.run([etcd_harness.ETCD_BIN, "--version"], capture_output=True, text=True, check=False)
+    first = done.stdout.splitlines()[0] if done.stdout else f"{etcd_harness.ETCD_BIN}: no version"
+    if not first.startswith(f"etcd Version: {line}."):
+        raise SystemExit(f"--etcd-version {line}: {etcd_harness.ETCD_BIN} reports {first!r}")
+    return first
 
 
 # --- the writer (a process of its own) ---------------------------------------------------------
@@ -211,12 +250,14 @@ class Writer:
 # --- identical data for every run ---------------------------------------------------------------
 
 
-def build_template(root: Path, scale: Scale) -> tuple[EtcdCluster, Path, list[str]]:
+def build_template(
+    root: Path, scale: Scale, *, log_level: str = etcd_harness.LOG_LEVEL
+) -> tuple[EtcdCluster, Path, list[str]]:
     """A 3-member cluster with `live_bytes` of live data and as much free space, its data copied aside.
 
     Also returns the member names in member-list order (the order `etcdctl --cluster` visits them).
     """
-    cluster = start_cluster(root, size=3, quota_bytes=QUOTA_BYTES)
+    cluster = start_cluster(root, size=3, quota_bytes=QUOTA_BYTES, log_level=log_level)
     keys = scale.live_bytes // VALUE_BYTES
     started = time.monotonic()
     for round_index in range(2):  # write everything, then overwrite everything: 50% superseded
@@ -303,7 +344,7 @@ class _TimedClient(EtcdClient):
 
 
 async def _engine_run(endpoints: list[str]) -> tuple[float, float, RunReport]:
-    config = ClusterConfig(name="bench", endpoints=endpoints, rule="true")
+    config = ClusterConfig(name="bench", endpoints=endpoints, rule=RULE)
     async with aiohttp.ClientSession() as session:
         client = _TimedClient(session)
         engine = DefragEngine(client, config)
@@ -329,7 +370,7 @@ def run_engine(cluster: EtcdCluster) -> ArmResult:
 def etcdctl_command(cluster: EtcdCluster) -> list[str]:
     """The `etcdctl defrag --cluster` command line."""
     return [
-        ETCDCTL_BIN,
+        etcd_harness.ETCDCTL_BIN,
         "--endpoints=" + ",".join(cluster.endpoints),
         f"--command-timeout={ETCDCTL_COMMAND_TIMEOUT}",
         "defrag",
@@ -337,32 +378,63 @@ def etcdctl_command(cluster: EtcdCluster) -> list[str]:
     ]
 
 
-def run_etcdctl(cluster: EtcdCluster) -> ArmResult:
-    """etcdctl as an operator runs it: process start to exit, and when it reported each member done."""
+def etcd_defrag_command(binary: Path, cluster: EtcdCluster) -> list[str]:
+    """The etcd-defrag command line: its recommended `--cluster --defrag-rule`, compaction off."""
+    return [
+        str(binary),
+        "--endpoints=" + ",".join(cluster.endpoints),
+        "--cluster",
+        f"--defrag-rule={RULE}",
+        "--compaction=false",
+        # The same per-request timeout as etcdctl's (its own default, 30 s, would do here as well).
+        f"--command-timeout={ETCDCTL_COMMAND_TIMEOUT}",
+    ]
+
+
+# The line each Go tool prints as one member's Defragment call returns, naming the member's URL:
+# etcdctl (stdout) "Finished defragmenting etcd member[URL]" (3.5+ adds ". took ..."), etcd-defrag
+# (Go's log, on stderr) `Finished defragmenting etcd endpoint "URL". took ...`.
+FINISHED_MEMBER = re.compile(r'Finished defragmenting etcd (?:member\[([^\]]+)\]|endpoint "([^"]+)")')
+
+
+def run_go_tool(command: list[str], cluster: EtcdCluster) -> ArmResult:
+    """etcdctl or etcd-defrag as an operator runs it: process start to exit, and each member's finish line.
+
+    Go writes os.Stdout and its log package's lines unbuffered, so each finish line arrives as that
+    member's defrag returns, in visiting order.
+    """
     names = {m.client_url: m.name for m in cluster.members}
-    order, member_seconds = [], []
+    order, member_seconds, other_lines = [], [], []
     started = last = time.monotonic()
-    with subprocess.Popen(
-        etcdctl_command(cluster),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    ) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
         assert process.stdout is not None
-        assert process.stderr is not None
-        # Go writes os.Stdout unbuffered: each "Finished defragmenting etcd member[URL]" line arrives
-        # as that member's defrag returns, in visiting order.
         for line in process.stdout:
-            if "[" in line:
-                now = time.monotonic()
-                order.append(names.get(line.strip().split("[", 1)[1].rstrip("]"), "?"))
-                member_seconds.append(now - last)
-                last = now
-        stderr = process.stderr.read()
+            match = FINISHED_MEMBER.search(line)
+            if match is None:
+                other_lines.append(line.rstrip())
+                continue
+            now = time.monotonic()
+            order.append(names.get(match.group(1) or match.group(2), "?"))
+            member_seconds.append(now - last)
+            last = now
         returncode = process.wait(timeout=600)
     wall_seconds = time.monotonic() - started
-    return ArmResult(wall_seconds, returncode == 0, order, member_seconds, None, stderr.strip()[:300])
+    detail = "\n".join(other_lines[-3:])[-300:]
+    return ArmResult(wall_seconds, returncode == 0, order, member_seconds, None, detail)
+
+
+def run_etcdctl(cluster: EtcdCluster) -> ArmResult:
+    """`etcdctl defrag --cluster`."""
+    return run_go_tool(etcdctl_command(cluster), cluster)
+
+
+def etcd_defrag_runner(binary: Path) -> Callable[[EtcdCluster], ArmResult]:
+    """The etcd-defrag arm, for the binary at `binary`."""
+
+    def run_etcd_defrag(cluster: EtcdCluster) -> ArmResult:
+        return run_go_tool(etcd_defrag_command(binary, cluster), cluster)
+
+    return run_etcd_defrag
 
 
 def cli_command(cluster: EtcdCluster) -> list[str]:
@@ -373,7 +445,7 @@ def cli_command(cluster: EtcdCluster) -> list[str]:
         "--endpoints",
         ",".join(cluster.endpoints),
         "--rule",
-        "true",
+        RULE,
         "--output",
         "json",
     ]
@@ -399,11 +471,17 @@ def run_cli(cluster: EtcdCluster) -> ArmResult:
     )
 
 
-RUNNERS: dict[str, Callable[[EtcdCluster], ArmResult]] = {
-    "engine": run_engine,
-    "etcdctl": run_etcdctl,
-    "cli": run_cli,
-}
+Runner = Callable[[EtcdCluster], ArmResult]
+
+
+def runners(etcd_defrag: Path) -> dict[str, Runner]:
+    """Every arm whose tool is here (engine, etcdctl, cli, etcd-defrag); says which are not."""
+    available: dict[str, Runner] = {"engine": run_engine, "etcdctl": run_etcdctl, "cli": run_cli}
+    if os.access(etcd_defrag, os.X_OK):
+        available["etcd-defrag"] = etcd_defrag_runner(etcd_defrag)
+    else:
+        print(f"skipping the etcd-defrag arm: no executable at {etcd_defrag} (see docs/benchmarks.md)")
+    return available
 
 
 # --- one run: restore, idle baseline, the tool under load, sizes -------------------------------
@@ -458,7 +536,9 @@ def _sizes(cluster: EtcdCluster) -> tuple[dict[str, int], dict[str, int], str]:
     )
 
 
-def one_run(cluster: EtcdCluster, template: Path, arm: str, trial: int, scale: Scale) -> RunFigures:
+def one_run(
+    cluster: EtcdCluster, template: Path, arm: str, runner: Runner, trial: int, scale: Scale
+) -> RunFigures:
     """Restore the data, measure the idle writer, run the tool with the writer going, measure sizes."""
     restore_seconds = restore(cluster, template)
     writer = Writer(cluster.endpoints, scale)
@@ -468,7 +548,7 @@ def one_run(cluster: EtcdCluster, template: Path, arm: str, trial: int, scale: S
         idle_to = time.monotonic()
         before, in_use_before, leader = _sizes(cluster)
         run_from = time.monotonic()
-        result = RUNNERS[arm](cluster)
+        result = runner(cluster)
         run_to = time.monotonic()
         after, in_use_after, _ = _sizes(cluster)
         time.sleep(WRITES_DRAIN_SECONDS)
@@ -511,7 +591,7 @@ def print_run(figures: RunFigures) -> None:
     failed = sum(1 for w in figures.during + figures.idle if w.error)
     order = " ".join(f"{n}:{t:.2f}s" for n, t in zip(r.order, r.member_seconds, strict=True)) or "-"
     print(
-        f"  trial {figures.trial + 1} {figures.arm:<8} {'ok' if r.ok else 'FAILED':<6} "
+        f"  trial {figures.trial + 1} {figures.arm:<11} {'ok' if r.ok else 'FAILED':<6} "
         f"wall {r.wall_seconds:6.2f}s  reclaimed {figures.reclaimed_bytes / MIB:7.2f} MiB  "
         f"writes {len(figures.during):4d} failed {failed}  p99 {percentile(during, 0.99):6.0f} ms  "
         f"leader {figures.leader}  order {order}  (restore {figures.restore_seconds:.1f}s)"
@@ -521,12 +601,12 @@ def print_run(figures: RunFigures) -> None:
     )
 
 
-def summarize(runs: list[RunFigures], scale: Scale) -> dict[str, bool]:
+def summarize(runs: list[RunFigures], scale: Scale, arms: list[str]) -> dict[str, bool]:
     """A Markdown table of medians and ratios (pasted into docs/benchmarks.md); each target, met or not."""
     by_trial: dict[int, dict[str, RunFigures]] = {}
     for figures in runs:
         by_trial.setdefault(figures.trial, {})[figures.arm] = figures
-    paired = [t for t in by_trial.values() if set(ARMS) <= t.keys()]
+    paired = [t for t in by_trial.values() if set(arms) <= t.keys()]
 
     def median(values: list[float]) -> float:
         return statistics.median(values) if values else float("nan")
@@ -538,7 +618,7 @@ def summarize(runs: list[RunFigures], scale: Scale) -> dict[str, bool]:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     figures_of: dict[str, dict[str, float]] = {}
-    for arm in ARMS:
+    for arm in arms:
         arm_runs = [t[arm] for t in paired]
         ratios = [t[arm].result.wall_seconds / t["etcdctl"].result.wall_seconds for t in paired]
         idle_p99 = [percentile(_ok_latencies_ms(f.idle), 0.99) for f in arm_runs]
@@ -615,7 +695,9 @@ def startup_seconds(command: list[str], repeats: int) -> float:
 
 def machine_facts() -> str:
     """One line about where the figures were taken."""
-    etcd_version = subprocess.run([ETCD_BIN, "--version"], capture_output=True, text=True, check=False)
+    etcd_version = subprocess.run(
+        [etcd_harness.ETCD_BIN, "--version"], capture_output=True, text=True, check=False
+    )
     return (
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}, Python {platform.python_version()}, "
@@ -624,13 +706,31 @@ def machine_facts() -> str:
     )
 
 
+def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """--etcd-version and --etcd-defrag, shared with bench/behaviour.py."""
+    parser.add_argument(
+        "--etcd-version",
+        choices=("3.4", "3.5", "3.6"),
+        default=INSTALLED_ETCD_LINE,
+        help="etcd release to run (default 3.4, the installed one; 3.5/3.6 from ~/.cache/etcd-autodefrag)",
+    )
+    parser.add_argument(
+        "--etcd-defrag",
+        type=Path,
+        default=ETCD_DEFRAG_BIN,
+        help=f"ahrtr/etcd-defrag binary (default {ETCD_DEFRAG_BIN}); its arm is skipped when absent",
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data, one trial (< 1 min)")
-    parser.add_argument("--trials", type=int, help="repetitions (default 5, or 1 with --quick)")
+    parser.add_argument("--trials", type=int, help="repetitions (default 7, or 1 with --quick)")
     parser.add_argument("--live-mib", type=int, help="live data in MiB (as much again is free pages)")
     parser.add_argument("--workdir", type=Path, help="where the clusters live (default: a temporary dir)")
+    add_tool_arguments(parser)
     args = parser.parse_args()
+    etcd_version = use_etcd(args.etcd_version)
     scale = QUICK if args.quick else FULL
     if args.trials:
         scale = Scale(**{**scale.__dict__, "trials": args.trials})
@@ -639,9 +739,12 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join([".venv/bin/python", "bench/defrag_overhead.py", *sys.argv[1:]])
     print(f"$ {command}\n{machine_facts()}")
+    arm_runners = runners(args.etcd_defrag)
+    arms = list(arm_runners)
     print(
         f"data: {scale.live_bytes / MIB:.0f} MiB live + {scale.live_bytes / MIB:.0f} MiB superseded and "
-        f"compacted per member, values of {VALUE_BYTES} B; {scale.trials} trial(s), arms {', '.join(ARMS)}",
+        f"compacted per member, values of {VALUE_BYTES} B; {scale.trials} trial(s), arms {', '.join(arms)}; "
+        f"{etcd_version}",
         flush=True,
     )
     root = Path(tempfile.mkdtemp(prefix="bench-defrag-", dir=args.workdir))
@@ -650,15 +753,17 @@ def main() -> int:
     try:
         cluster, template, member_order = build_template(root, scale)
         print(f"$ {shlex.join(etcdctl_command(cluster))}\n$ {shlex.join(cli_command(cluster))}")
+        if "etcd-defrag" in arms:
+            print(f"$ {shlex.join(etcd_defrag_command(args.etcd_defrag, cluster))}")
         print(f"member list order (by member id): {', '.join(member_order)}")
         runs = []
         for trial in range(scale.trials):
-            for position in range(len(ARMS)):
-                arm = ARMS[(trial + position) % len(ARMS)]  # rotate the order: drift hits every arm alike
-                figures = one_run(cluster, template, arm, trial, scale)
+            for position in range(len(arms)):
+                arm = arms[(trial + position) % len(arms)]  # rotate the order: drift hits every arm alike
+                figures = one_run(cluster, template, arm, arm_runners[arm], trial, scale)
                 print_run(figures)
                 runs.append(figures)
-        targets = summarize(runs, scale)
+        targets = summarize(runs, scale, arms)
         if args.quick:
             # A fixed ~30 ms per member weighs more against a 0.1 s defrag: the time target is for
             # the full data; the quick run still fails on a failed run, put or reclaim mismatch.
@@ -666,10 +771,15 @@ def main() -> int:
         met = all(targets.values())
         repeats = 3 if args.quick else 7
         cli_start = startup_seconds([str(CLI_BIN), "--version"], repeats)
-        etcdctl_start = startup_seconds([ETCDCTL_BIN, "version"], repeats)
+        etcdctl_start = startup_seconds([etcd_harness.ETCDCTL_BIN, "version"], repeats)
+        peer_start = (
+            f", `etcd-defrag --version` {startup_seconds([str(args.etcd_defrag), '--version'], repeats):.2f}s"
+            if "etcd-defrag" in arms
+            else ""
+        )
         print(
             f"\nstart-up alone (median of {repeats}): `etcd-autodefrag --version` {cli_start:.2f}s, "
-            f"`etcdctl version` {etcdctl_start:.2f}s"
+            f"`etcdctl version` {etcdctl_start:.2f}s{peer_start}"
         )
     finally:
         if cluster is not None:
