@@ -157,17 +157,24 @@ def is_loopback(host: str) -> bool:
 def authorized(header: str | None, credentials: Credentials) -> bool:
     """Whether the Authorization header carries the bearer token or the basic credentials.
 
-    Compared with hmac.compare_digest so the time taken says nothing about how much matched.
+    Any bytes at all are a yes or a no, never an error: aiohttp hands header values over decoded
+    as UTF-8 with `surrogateescape`, so encoding them back the same way gives the bytes that were
+    sent, which are compared with the secret's UTF-8 bytes by hmac.compare_digest (constant time:
+    the time taken says nothing about how much matched).
     """
     if credentials.open:
         return True
     if not header:
         return False
-    scheme, _, value = header.strip().partition(" ")
+    try:
+        raw = header.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoding of bytes makes: not from the wire
+        return False
+    scheme, _, value = raw.strip().partition(b" ")
     value = value.strip()
-    if scheme.lower() == "bearer" and credentials.token is not None:
-        return hmac.compare_digest(value.encode(), credentials.token.get_secret_value().encode())
-    if scheme.lower() == "basic" and credentials.basic is not None:
+    if scheme.lower() == b"bearer" and credentials.token is not None:
+        return hmac.compare_digest(value, credentials.token.get_secret_value().encode())
+    if scheme.lower() == b"basic" and credentials.basic is not None:
         try:
             decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):

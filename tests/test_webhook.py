@@ -26,6 +26,7 @@ from etcd_harness import EtcdCluster
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from exporter import webhook as webhook_module
 from exporter.app import create_app
@@ -434,6 +435,73 @@ async def test_authentication(
         assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="unauthorized") == 1
     assert TOKEN not in caplog.text
     assert "pa55" not in caplog.text
+
+
+async def raw_request(client: TestClient, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes no HTTP client library would (non-UTF-8 headers, control characters) and read
+    the status line and body of the answer."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        async with asyncio.timeout(30):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+WEBHOOK_HEAD = b"POST /webhook/alertmanager HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Bearer \xff\xfe",  # not UTF-8
+        b"Bearer " + TOKEN.encode() + b"\xff",  # the token and a byte more
+        b"Bearer caf\xe9",  # latin-1
+        "Bearer café-中".encode(),  # UTF-8, not ASCII
+        b"\xff\xfe " + TOKEN.encode(),  # the scheme itself
+        b"Basic \xff\xfe",
+        b"Basic " + base64.b64encode(b"alertmanager:\xff"),
+        b"Bearer\t" + TOKEN.encode() + b"\xc3\x28",  # a tab, and an invalid UTF-8 sequence
+    ],
+)
+async def test_any_bytes_in_the_credentials_are_a_401_never_a_500(
+    etcd: EtcdCluster, serve: Serve, authorization: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 item 6: a non-UTF-8 byte in the header raised UnicodeEncodeError (a 500)."""
+    webhook = {"token": TOKEN, "basic_auth_username": "alertmanager", "basic_auth_password": "pa55"}
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor, webhook=webhook)
+    body = json.dumps(notification(alert("c0"))).encode()
+    status, answer = await raw_request(
+        client, WEBHOOK_HEAD + b"Authorization: " + authorization + b"\r\n", body
+    )
+    assert status == 401
+    assert json.loads(answer) == {"status": "error", "error": "missing or wrong credentials"}
+    assert executor.launched == []
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="unauthorized") == 1
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_non_ascii_token_is_compared_as_utf8_bytes(etcd: EtcdCluster, serve: Serve) -> None:
+    token = "tökén-中文-secret"
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": token})
+    body = json.dumps(notification(alert("c0"))).encode()
+    good = WEBHOOK_HEAD + b"Authorization: Bearer " + token.encode() + b"\r\n"
+    assert (await raw_request(client, good, body))[0] == 200
+    cut = WEBHOOK_HEAD + b"Authorization: Bearer " + token.encode()[:-1] + b"\r\n"  # half a character
+    assert (await raw_request(client, cut, body))[0] == 401
+
+
+def test_authorized_never_raises_on_any_string() -> None:
+    credentials = webhook_module.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
+    for header in ["Bearer \udcff", "Bearer \ud800", "Basic \udcff", "\x00", "Bearer " + TOKEN + "\udcff"]:
+        assert webhook_module.authorized(header, credentials) is False
+    assert webhook_module.authorized(f"Bearer {TOKEN}", credentials) is True
 
 
 async def test_token_from_a_file_and_from_the_environment(
