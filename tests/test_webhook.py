@@ -1007,14 +1007,42 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
     assert status == 200
     assert outcomes(body) == ["dry_run", "skip_resolved"]
     assert reason(body, "dry_run") == "dry run: nothing started"
+    # The same single-flight and cooldown as a real launch (issue 18 item 6): the next alerts for
+    # c0 would find its run cooling down, and c1 is launched once, too.
+    for _ in range(3):
+        status, body = await post(client, notification(alert("c0"), alert("c1")))
+        assert status == 200
+        assert body["outcomes"].keys() <= {"dry_run", "skip_cooldown"}
+    assert "cools down until" in reason(body, "skip_cooldown")
+    assert "after its last run (dry_run)" in reason(body, "skip_cooldown")
     dry = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DRY-RUN: would run ")]
-    assert len(dry) == 1
+    assert len(dry) == 2
     assert (
         f"-m exporter defrag --output json --log-format text --log-level INFO --config {config} --cluster c0"
         in dry[0]
     )
-    assert not state_dir.exists()  # not even a lock file
-    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="dry_run") == 1
+    assert not state_dir.exists()  # not even a lock file: a dry run's bookkeeping stays in memory
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="dry_run") == 2
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_cooldown") == 5
+    assert metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="dry_run") == 1
+    assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
+
+
+async def test_a_dry_run_never_holds_back_a_real_one(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    """Dry runs are remembered in memory only: a real service on the same state directory, or this
+    service after a restart, launches as if they had never been."""
+    state_dir = tmp_path / "state"
+    dry = await serve(clusters(etcd, 1), None, executor={"dry_run": True, "state_dir": state_dir})
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["dry_run"]
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["skip_cooldown"]
+    real = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    assert outcomes((await post(real, notification(alert("c0"))))[1]) == ["launch"]
+    await fake_defrag.next()
+    # ... and the dry service sees the real run, as a real launch would.
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["skip_already_running"]
 
 
 async def test_local_run_end_to_end_with_the_stand_in(
@@ -1440,6 +1468,11 @@ async def test_kubernetes_dry_run_creates_nothing(
     assert (code, outcomes(body)) == (200, ["dry_run"])
     assert fake_kube.jobs == {}
     assert "DRY-RUN: would create Job etcd-autodefrag-c0 in namespace etcd" in caplog.text
+    # The Job would exist now: what follows waits for its cooldown, as it would for real.
+    answers = await asyncio.gather(*(post(client, notification(alert("c0"))) for _ in range(20)))
+    assert {(code, tuple(outcomes(body))) for code, body in answers} == {(200, ("skip_cooldown",))}
+    assert caplog.text.count("DRY-RUN: would create Job etcd-autodefrag-c0 in namespace etcd") == 1
+    assert fake_kube.jobs == {}
 
 
 async def test_a_cluster_without_a_kubernetes_section_is_rejected(
