@@ -24,18 +24,20 @@ slice (docs/reliability.md measures it).
 import asyncio
 import base64
 import binascii
+import contextlib
+import gc
 import hmac
 import ipaddress
-import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 from aiohttp import web
 from aiohttp.http_exceptions import (
     ContentEncodingError,
@@ -75,6 +77,25 @@ _MAX_REASON = 300  # characters of a parse error (or of any reason) quoted back 
 DECIDE_SLICE_ALERTS = 200
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a body is loaded and validated.
+
+    A 4 MiB body can hold ~10^6 JSON values; allocating them overflows the young generation over
+    and over, and the collections that follow traverse the whole heap: `json.loads` of ~50,000
+    minimal alerts took ~1 s on a busy 2-CPU machine instead of ~0.1 s without them (measured;
+    what kept /healthz waiting). A JSON tree has no reference cycles, so there is nothing for them
+    to find; reference counting frees a counted body at once.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class RequestOutcome(StrEnum):
     """Outcomes of a whole request, counted next to the per-alert `Decision`s."""
 
@@ -90,6 +111,7 @@ class RequestOutcome(StrEnum):
 
 
 ALERT_OUTCOMES = [*(d.value for d in Decision), *(o.value for o in RequestOutcome)]
+Refusal = tuple[RequestOutcome, int, str]  # outcome, HTTP status, reason
 
 
 # --- credentials ---------------------------------------------------------------------------------
@@ -397,15 +419,21 @@ class Webhook:
             return self._refuse(request, *parsed)
         return await self.handle(parsed)
 
-    async def _parse(self, body: bytes) -> AlertmanagerPayload | tuple[RequestOutcome, int, str]:
-        """The payload, or why not (outcome, status, reason); yields to the loop between the steps."""
-        try:
-            data = json.loads(body)
-        except RecursionError:
-            return RequestOutcome.BAD_REQUEST, 400, "malformed JSON: nested too deeply"
-        except Exception as exc:  # any parser failure is the body's (ValueError, UnicodeDecodeError...)
-            return RequestOutcome.BAD_REQUEST, 400, f"malformed JSON: {exc}"[:_MAX_REASON]
-        count = len(data["alerts"]) if isinstance(data, dict) and isinstance(data.get("alerts"), list) else 0
+    async def _parse(self, body: bytes) -> AlertmanagerPayload | Refusal:
+        """The payload, or why not; yields to the loop between counting and validating.
+
+        Parsed twice, both times in pydantic-core (Rust; a 4 MiB body in ~10-40 ms, four times
+        faster than `json.loads`): once into plain values to count the alerts, so that too many
+        are refused before the costlier validation, and once validated straight from the JSON.
+        """
+        with _collector_paused():
+            try:
+                data = pydantic_core.from_json(body)
+            except Exception as exc:  # any parser failure is the body's (invalid UTF-8, nesting...)
+                return RequestOutcome.BAD_REQUEST, 400, f"malformed JSON: {exc}"[:_MAX_REASON]
+            alerts = data.get("alerts") if isinstance(data, dict) else None
+            count = len(alerts) if isinstance(alerts, list) else 0
+            del data, alerts  # freed by reference counting, with the collector still paused
         cap = self.settings.webhook.max_alerts
         if count > cap:
             return (
@@ -414,15 +442,14 @@ class Webhook:
                 f"{count} alerts in one notification, more than webhook.max_alerts ({cap}): set "
                 f"max_alerts: {cap} (or less) in the Alertmanager receiver's webhook_config",
             )
-        await asyncio.sleep(0)  # a 4 MiB body takes tens of ms to load and as many to validate
-        try:
-            return AlertmanagerPayload.model_validate(data)
-        except ValidationError as exc:
-            return RequestOutcome.BAD_REQUEST, 400, _validation_reason(exc)[:_MAX_REASON]
-        except RecursionError:
-            return RequestOutcome.BAD_REQUEST, 400, "invalid payload: nested too deeply"
-        except Exception as exc:  # whatever else the model raises on a body is still a 400
-            return RequestOutcome.BAD_REQUEST, 400, f"invalid payload: {type(exc).__name__}"
+        await asyncio.sleep(0)
+        with _collector_paused():
+            try:
+                return AlertmanagerPayload.model_validate_json(body)
+            except ValidationError as exc:
+                return RequestOutcome.BAD_REQUEST, 400, _validation_reason(exc)[:_MAX_REASON]
+            except Exception as exc:  # whatever else the model raises on a body is still a 400
+                return RequestOutcome.BAD_REQUEST, 400, f"invalid payload: {type(exc).__name__}"
 
     async def handle(self, payload: AlertmanagerPayload) -> web.Response:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""

@@ -630,8 +630,8 @@ JSON = {"Content-Type": "application/json"}
         ("POST", JSON, b"", 400, "bad_request", "malformed JSON"),
         ("POST", JSON, b'{"version": "4",', 400, "bad_request", "malformed JSON"),
         ("POST", JSON, b"\xff\xfe{}", 400, "bad_request", "malformed JSON"),
-        ("POST", JSON, b"[" * 100_000, 400, "bad_request", "malformed JSON: nested too deeply"),
-        ("POST", JSON, b'{"a":' * 100_000, 400, "bad_request", "malformed JSON: nested too deeply"),
+        ("POST", JSON, b"[" * 100_000, 400, "bad_request", "malformed JSON: recursion limit exceeded"),
+        ("POST", JSON, b'{"a":' * 100_000, 400, "bad_request", "malformed JSON: recursion limit exceeded"),
         (
             "POST",
             {**JSON, "Content-Encoding": "gzip"},
@@ -640,7 +640,7 @@ JSON = {"Content-Type": "application/json"}
             "bad_request",
             "the body cannot be read: its Content-Encoding does not decode",
         ),
-        ("POST", JSON, b"[]", 400, "bad_request", "invalid payload: (body): Input should be a valid dict"),
+        ("POST", JSON, b"[]", 400, "bad_request", "invalid payload: (body): Input should be an object"),
         ("POST", JSON, b"null", 400, "bad_request", "invalid payload"),
         ("POST", JSON, b'{"version": "4"}', 400, "bad_request", "groupKey: Field required"),
         (
@@ -681,7 +681,7 @@ JSON = {"Content-Type": "application/json"}
             json.dumps({**notification(alert("c0")), "alerts": "many"}).encode(),
             400,
             "bad_request",
-            "alerts: Input should be a valid list",
+            "alerts: Input should be a valid array",
         ),
     ],
 )
@@ -819,8 +819,8 @@ async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
     assert [r.levelno for r in lines] == [logging.WARNING] * 5
     assert [r.getMessage() for r in lines] == [
         "webhook: refused a request from 127.0.0.1: 401 unauthorized: missing or wrong credentials",
-        "webhook: refused a request from 127.0.0.1: 400 bad_request: malformed JSON: Unterminated string "
-        "starting at: line 1 column 18 (char 17)",
+        "webhook: refused a request from 127.0.0.1: 400 bad_request: malformed JSON: EOF while parsing "
+        "a string at line 1 column 37",
         "webhook: refused a request from 127.0.0.1: 405 method_not_allowed: use POST",
         "webhook: refused a request from 127.0.0.1: 415 unsupported_media_type: Content-Type must be "
         "application/json, not text/plain",
