@@ -255,8 +255,8 @@ async def _load_main(conn: Connection) -> None:
                         text = await answer.read()
                     latencies[index] = time.perf_counter() - started
                     statuses[answer.status] += 1
-                    for decision in json.loads(text).get("decisions", []):
-                        outcomes[decision["outcome"]] += 1
+                    for outcome, seen in json.loads(text).get("outcomes", {}).items():
+                        outcomes[outcome] += seen["alerts"]
 
             cpu_before = usage()["cpu_seconds"]
             started = time.perf_counter()

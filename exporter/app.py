@@ -9,15 +9,27 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from exporter import clock
 from exporter.engine import RunResult
 from exporter.etcd import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
 from exporter.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
+from exporter.logs import LogThrottle, held_note
 from exporter.metrics import InFlightCollector, RunMetrics, SnapshotCollector
 from exporter.policy import human_bytes
 from exporter.refresh import Refresher
@@ -25,6 +37,7 @@ from exporter.settings import ClusterConfig, Settings
 from exporter.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
 
 log = logging.getLogger(__name__)
+http_log = logging.getLogger("exporter.http")
 
 SETTINGS = web.AppKey("settings", Settings)
 REFRESHER = web.AppKey("refresher", Refresher)
@@ -37,6 +50,75 @@ WEBHOOK = web.AppKey("webhook", Webhook)
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
 RUN_RESULTS = [*(r.value for r in RunResult), JOB_FAILED]
+
+
+# What was wrong with a request aiohttp could not parse, in words that quote nothing of it.
+_MALFORMED = (
+    (BadHttpMethod, "not HTTP (TLS or another protocol sent to this plain-HTTP port?)"),
+    (LineTooLong, "a request line or header is too long"),
+    (InvalidHeader, "an invalid header"),
+    (InvalidURLError, "an invalid URL"),
+    (BadStatusLine, "an invalid request line"),
+    (PayloadEncodingError, "a body that cannot be read (its chunked, length or content encoding)"),
+)
+
+
+class ServerLog:
+    """Stands in for aiohttp's server logger (`web.Application(handler_args={"logger": ...})`).
+
+    aiohttp logs a request it cannot parse as an ERROR with a traceback and the repr of the bytes
+    received (`RequestHandler.handle_error`): 100 connections sending 200 KB of garbage each wrote
+    ~51 MB of log in a second, without credentials. Here such a request is counted
+    (`etcd_autodefrag_http_errors_total{cause="malformed_request"}`) and logged as one short
+    WARNING per peer a minute, naming the peer and what was wrong, never what was sent. A handler
+    that fails (a bug of ours, answered 500) keeps its traceback, once per exception type a minute.
+    """
+
+    def __init__(self, metrics: RunMetrics) -> None:
+        self.metrics = metrics
+        self.throttle = LogThrottle()
+
+    def debug(self, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        """aiohttp's debug lines (timeouts, early disconnects; a first request that is not HTTP)."""
+        if _malformed(exc_info) is not None:
+            self._malformed(exc_info, args)
+        else:
+            logging.getLogger("aiohttp.server").debug(msg, *args, exc_info=exc_info, **kwargs)
+
+    def exception(self, msg: str, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        """aiohttp's error lines: a request it could not parse, or a handler that failed."""
+        if isinstance(exc_info, web.RequestPayloadError):
+            # The rest of a broken body, read by aiohttp after the answer was sent (the webhook
+            # refused it with 400 if it read it): counted, and no more than a debug line.
+            self.metrics.count_http_error("malformed_request")
+            http_log.debug("http: the rest of a request's body cannot be read: %s", _malformed(exc_info))
+            return
+        if _malformed(exc_info) is not None:
+            self._malformed(exc_info, args)
+            return
+        self.metrics.count_http_error("server_error")
+        kind = type(exc_info).__name__ if isinstance(exc_info, BaseException) else msg
+        held = self.throttle.admit(("server_error", kind), clock.monotonic())
+        if held is not None:
+            error = exc_info if isinstance(exc_info, BaseException) else None
+            http_log.error(msg + "%s", *args, held_note(held), exc_info=error)
+
+    def _malformed(self, exc: BaseException, args: tuple[Any, ...]) -> None:
+        self.metrics.count_http_error("malformed_request")
+        peer = str(args[0]) if args else "an unknown peer"  # "Error handling request from %s"
+        held = self.throttle.admit(("malformed_request", peer), clock.monotonic())
+        if held is not None:
+            reason = _malformed(exc)
+            http_log.warning("http: refused a malformed request from %s: %s%s", peer, reason, held_note(held))
+
+
+def _malformed(exc: Any) -> str | None:
+    """What was wrong when `exc` says a request was not valid HTTP, else None."""
+    if isinstance(exc, web.RequestPayloadError):  # a body aiohttp could not decode
+        exc = exc.__cause__
+    if not isinstance(exc, HttpProcessingError):
+        return None
+    return next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed HTTP message")
 
 
 def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
@@ -78,12 +160,12 @@ def create_app(
     credentials = load_credentials(settings)
     if executor is None:
         executor = executor_from_settings(settings, config_file=config_file)
-    app = web.Application()
+    registry = CollectorRegistry(auto_describe=False)
+    run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
+    app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
     app[SETTINGS] = settings
     app[EXECUTOR] = executor
-    registry = CollectorRegistry(auto_describe=False)
     app[REGISTRY] = registry
-    run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app[RUN_METRICS] = run_metrics
     metrics_handler = make_aiohttp_handler(registry)
 

@@ -7,7 +7,9 @@ end and result are kept in `<state_dir>/<cluster>.json`, so that a restarted ser
 service on the same host, still sees it running or cooling down.
 
 Dry-run is threaded down to the one call that would create something, which logs
-`DRY-RUN: would ...` instead.
+`DRY-RUN: would ...` instead. It goes through the same single-flight and cooldown bookkeeping as a
+real launch (`DryRuns`), so that its log and metrics predict what the service would do for real:
+a storm of alerts for one cluster makes one "would launch", and the rest are skipped as cooling down.
 """
 
 import asyncio
@@ -28,7 +30,7 @@ from exporter import clock, jobs, kube
 from exporter.engine import RunResult
 from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
 from exporter.policy import human_bytes
-from exporter.routing import RunState
+from exporter.routing import RunState, cooldown_seconds
 from exporter.settings import (
     ENV_PREFIX,
     ClusterConfig,
@@ -88,6 +90,46 @@ class Executor(Protocol):
 
     def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
         """What is known about each cluster's runs, for `routing.decide`."""
+
+
+DRY_RUN_REASON = "dry run: nothing started"
+
+
+class DryRuns:
+    """The runs a dry-run executor would have launched, marked dry and kept in memory only.
+
+    A would-be run counts as started and ended at the same moment, with the result `dry_run`: the
+    cluster then cools down as after a real run, which is all a dry run can predict (how long a
+    real run would take, it cannot know). In memory, so that neither a real service sharing the
+    state directory (or the API server) nor this service after a restart mistakes one for a run.
+    """
+
+    def __init__(self) -> None:
+        self._ended: dict[str, datetime] = {}
+
+    def record(self, cluster: str, now: datetime) -> RunOutcome:
+        """A would-be run of `cluster` at `now`; its outcome for the run metrics."""
+        self._ended[cluster] = now
+        return RunOutcome(cluster, RunResult.DRY_RUN.value, now, now, reason=DRY_RUN_REASON)
+
+    def merged(self, cluster: str, real: RunState) -> RunState:
+        """The cluster's run state: the real one, unless a dry run ended after it."""
+        ended = self._ended.get(cluster)
+        if ended is None or real.running or (real.finished_at is not None and real.finished_at >= ended):
+            return real
+        return RunState(running=False, started_at=ended, finished_at=ended, result=RunResult.DRY_RUN.value)
+
+
+def refused_launch(state: RunState, *, job: str, cooldown: float, now: datetime) -> LaunchResult | None:
+    """Why a launch would not start now by this run state (in flight, cooling down), else None."""
+    if state.running:
+        return LaunchResult(False, job, f"already running: {job}", LaunchOutcome.ALREADY_RUNNING)
+    if state.finished_at is not None:
+        until = state.finished_at + timedelta(seconds=cooldown)
+        if now < until:
+            reason = f"cooling down until {until.isoformat(timespec='seconds')} after a {state.result} run"
+            return LaunchResult(False, job, reason, LaunchOutcome.COOLING_DOWN)
+    return None
 
 
 def outcome_from_report(
@@ -198,6 +240,7 @@ class LocalExecutor:
         self._on_finished: OnFinished = lambda _outcome: None
         self._children: dict[str, asyncio.Task[None]] = {}
         self._reconciler: asyncio.Task[None] | None = None
+        self._dry = DryRuns()
 
     # --- files ---
 
@@ -270,12 +313,13 @@ class LocalExecutor:
         out = {}
         for cluster in clusters:
             state = self._read_state(cluster)
-            out[cluster] = RunState(
+            real = RunState(
                 running=state.running or cluster in self._children,
                 started_at=state.started_at,
                 finished_at=state.finished_at,
                 result=state.result,
             )
+            out[cluster] = self._dry.merged(cluster, real) if self.dry_run else real
         return out
 
     async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
@@ -284,8 +328,16 @@ class LocalExecutor:
         job = f"local run of {name}"
         command = self.child_command(cluster)
         if self.dry_run:
+            # What a real launch would check, from the state files (read only: a dry run takes
+            # no lock and writes nothing) and the dry runs before this one.
+            now = clock.utcnow()
+            known = self.runs([name])[name]
+            refused = refused_launch(known, job=job, cooldown=self.cooldown_seconds, now=now)
+            if refused is not None:
+                return refused
             log.info("DRY-RUN: would run %s (alert %s)", shlex.join(command), trigger.alertname)
-            return LaunchResult(False, job, "dry run: nothing started", LaunchOutcome.DRY_RUN)
+            self._report(self._dry.record(name, now))
+            return LaunchResult(False, job, DRY_RUN_REASON, LaunchOutcome.DRY_RUN)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = self._try_lock(name)
@@ -367,10 +419,13 @@ class LocalExecutor:
             self._write_state(cluster, _State(outcome.started_at, outcome.finished_at, outcome.result, pid))
         except OSError as exc:  # the cooldown is lost, the outcome is still counted
             log.error("cluster %s: cannot record the run's end in %s: %s", cluster, self.state_dir, exc)
+        self._report(outcome)
+
+    def _report(self, outcome: RunOutcome) -> None:
         try:
             self._on_finished(outcome)
         except Exception:  # metrics or logging must not lose the state we just wrote
-            log.exception("cluster %s: recording the run's outcome failed", cluster)
+            log.exception("cluster %s: recording the run's outcome failed", outcome.cluster)
 
     def _record_orphan(self, cluster: str, state: _State) -> None:
         """A run started by an earlier (or another) service ended: its report file says how."""
@@ -460,6 +515,7 @@ class KubernetesExecutor:
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: dict[str, RunState] = {}
+        self._dry = DryRuns()
         self._on_finished: OnFinished = lambda _outcome: None
         self._started_at = clock.utcnow()
 
@@ -494,6 +550,8 @@ class KubernetesExecutor:
 
     def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
         """What this replica saw: Jobs it created or found running, and Jobs it saw end."""
+        if self.dry_run:
+            return {name: self._dry.merged(name, self._runs.get(name, RunState())) for name in clusters}
         return {name: self._runs.get(name, RunState()) for name in clusters}
 
     async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
@@ -506,7 +564,15 @@ class KubernetesExecutor:
             raise ExecutorRejected(str(exc)) from None
         namespace = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
+        now = clock.utcnow()
         if self.dry_run:
+            # The API server keeps the real lock and cooldown (the Job); a dry run creates no Job,
+            # so its own runs are checked here, as the Job would be.
+            state = self.runs([cluster.name])[cluster.name]
+            cooldown = cooldown_seconds(cluster, self.cooldown_seconds)
+            refused = refused_launch(state, job=f"Job {name}", cooldown=cooldown, now=now)
+            if refused is not None:
+                return refused
             log.info(
                 "DRY-RUN: would create Job %s in namespace %s (alert %s)", name, namespace, trigger.alertname
             )
@@ -522,6 +588,11 @@ class KubernetesExecutor:
             previous = self._runs.get(cluster.name, RunState())
             started = clock.utcnow() if result.created else previous.started_at
             self._runs[cluster.name] = replace(previous, running=True, started_at=started)
+        if result.outcome is LaunchOutcome.DRY_RUN:
+            try:
+                self._on_finished(self._dry.record(cluster.name, now))
+            except Exception:  # metrics or logging must not fail a launch that was answered
+                log.exception("cluster %s: recording the dry run failed", cluster.name)
         if namespace not in self._watches:
             self._watch(namespace)
         if result.created:

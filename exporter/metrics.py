@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 PREFIX = "etcd_autodefrag"
 MEMBER_LABELS = ["etcd_cluster", "member"]
 ALARM_KINDS = (AlarmKind.NOSPACE, AlarmKind.CORRUPT)
+HTTP_ERROR_CAUSES = ("malformed_request", "server_error")
 
 
 def cluster_problems(snapshot: ClusterSnapshot) -> list[str]:
@@ -237,6 +238,16 @@ class RunMetrics:
         )
         for outcome in alert_outcomes:
             self.alerts.labels(outcome)  # every outcome exported from the start, at 0
+        self.http_errors = Counter(
+            f"{PREFIX}_http_errors",
+            "HTTP requests answered with an error before or outside the handlers' own answers: "
+            "malformed_request (not valid HTTP, answered 400 by the server) or server_error (a "
+            "handler failed: a bug, answered 5xx).",
+            ["cause"],
+            registry=registry,
+        )
+        for cause in HTTP_ERROR_CAUSES:
+            self.http_errors.labels(cause)
 
     def declare_clusters(self, clusters: Iterable[str], results: Iterable[str]) -> None:
         """Export every cluster's run counters from the start, at 0, and drop removed clusters.
@@ -270,6 +281,10 @@ class RunMetrics:
         self.duration.labels(cluster).set(duration_seconds)
         self.reclaimed.labels(cluster).inc(max(reclaimed_bytes, 0))
         self.last_run.labels(cluster, result).set(finished_at.timestamp())
+
+    def count_http_error(self, cause: str) -> None:
+        """Count a request the HTTP server answered with an error (HTTP_ERROR_CAUSES)."""
+        self.http_errors.labels(cause).inc()
 
     def count_alert(self, outcome: str, count: int = 1) -> None:
         """Count alerts (or one refused request) under an outcome."""

@@ -135,7 +135,7 @@ class Refresher:
         watch.lock_tokens_checked = True
         try:
             if await ClusterLock(watch.client, endpoints, cluster=watch.config.name).write_tokens():
-                log.info("cluster %s: wrote the NOSPACE lock tokens", watch.config.name)
+                log.debug("cluster %s: wrote the NOSPACE lock tokens", watch.config.name)
         except LockUnavailable as exc:
             log.warning(
                 "cluster %s: cannot write the NOSPACE lock tokens, so a run that starts under NOSPACE "

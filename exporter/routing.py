@@ -9,7 +9,7 @@ label matches as the empty string, regexes are anchored at both ends.
 """
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -402,7 +402,7 @@ def decide(
     return result(Decision.LAUNCH, f"alert {alert.name} fired for cluster {name}", name)
 
 
-def decide_all(
+def iter_decisions(
     *,
     alerts: Sequence[AlertmanagerAlert],
     clusters: Sequence[ClusterConfig] | ClusterIndex,
@@ -410,9 +410,12 @@ def decide_all(
     runs: Mapping[str, RunState],
     now: datetime,
     policy: Policy,
-) -> list[AlertDecision]:
-    """`decide` for every alert of a notification, with at most one launch per cluster."""
-    decisions = []
+) -> Iterator[AlertDecision]:
+    """`decide` for every alert of a notification in turn, with at most one launch per cluster.
+
+    A generator, so that the webhook can decide a large notification a slice at a time and let
+    other requests (`/healthz` included) in between.
+    """
     launching: dict[str, str] = {}
     for alert in alerts:
         decision = decide(
@@ -431,8 +434,24 @@ def decide_all(
                 )
             else:
                 launching[cluster] = decision.alertname
-        decisions.append(decision)
-    return decisions
+        yield decision
+
+
+def decide_all(
+    *,
+    alerts: Sequence[AlertmanagerAlert],
+    clusters: Sequence[ClusterConfig] | ClusterIndex,
+    snapshots: Mapping[str, ClusterHealth],
+    runs: Mapping[str, RunState],
+    now: datetime,
+    policy: Policy,
+) -> list[AlertDecision]:
+    """`decide` for every alert of a notification, with at most one launch per cluster."""
+    return list(
+        iter_decisions(
+            alerts=alerts, clusters=clusters, snapshots=snapshots, runs=runs, now=now, policy=policy
+        )
+    )
 
 
 def _labels(labels: Mapping[str, str]) -> str:

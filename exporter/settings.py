@@ -575,6 +575,15 @@ class WebhookSettings(_Model):
     # which Alertmanager does not retry, so the cap errs large. Bound groups with the receiver's
     # `max_alerts` instead (Alertmanager then reports the rest in `truncatedAlerts`).
     max_body_bytes: Annotated[ByteCount, Field(ge=1024)] = 4 * 1024 * 1024
+    # A minimal alert is ~80 bytes, so 4 MiB can hold ~50,000 of them, which take seconds of CPU
+    # to validate and decide: the count is capped too, and checked before that work.
+    max_alerts: int = Field(
+        default=1000,
+        ge=1,
+        description="Most alerts one notification may carry; more are refused with 413 (not retried). "
+        "Set the Alertmanager receiver's max_alerts to this or less: it then sends the first ones "
+        "and counts the rest in truncatedAlerts.",
+    )
     acting_alerts: list[str] | None = Field(
         default=None,
         description="Alert names that launch runs; default EtcdDefragRecommended, EtcdNoSpaceAlarm and "

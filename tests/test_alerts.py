@@ -17,6 +17,8 @@ import promql_parser
 import pytest
 import yaml
 
+from exporter.settings import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
 RULES = ALERTS / "etcd-autodefrag-rules.yaml"
@@ -310,7 +312,7 @@ def test_alertmanager_webhook_receiver() -> None:
     (webhook,) = receiver["webhook_configs"]
     assert webhook["url"] == WEBHOOK_URL
     assert webhook["send_resolved"] is True
-    assert webhook["max_alerts"] == 0
+    assert webhook["max_alerts"] == Settings().webhook.max_alerts  # more would be refused
     authorization = webhook["http_config"]["authorization"]
     assert authorization["type"] == "Bearer"
     assert authorization["credentials_file"].startswith("/")
@@ -376,7 +378,7 @@ def test_alertmanagerconfig_mirrors_the_plain_example() -> None:
     (webhook,) = receiver["webhookConfigs"]
     assert webhook["url"] == WEBHOOK_URL
     assert webhook["sendResolved"] is True
-    assert webhook["maxAlerts"] == 0
+    assert webhook["maxAlerts"] == Settings().webhook.max_alerts
     authorization = webhook["httpConfig"]["authorization"]
     assert authorization["type"] == "Bearer"
     assert set(authorization["credentials"]) == {"name", "key"}

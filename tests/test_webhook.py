@@ -8,6 +8,7 @@ single-flight guarantees across restarts and processes are.
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.http_exceptions import BadStatusLine
 from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from exporter import webhook as webhook_module
 from exporter.app import create_app
@@ -272,7 +276,14 @@ async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float, wh
 
 
 def outcomes(body: dict[str, Any]) -> list[str]:
-    return [d["outcome"] for d in body["decisions"]]
+    """The reply's outcomes, one per alert, grouped in the order each outcome first occurred."""
+    return [outcome for outcome, seen in body["outcomes"].items() for _ in range(seen["alerts"])]
+
+
+def reason(body: dict[str, Any], outcome: str) -> str:
+    """The reason the reply gives for an outcome (its first alert's)."""
+    text: str = body["outcomes"][outcome]["reason"]
+    return text
 
 
 # --- the happy paths -----------------------------------------------------------------------------
@@ -285,15 +296,17 @@ async def test_firing_alert_launches_with_the_trigger(etcd: EtcdCluster, serve: 
     status, body = await post(client, notification(the_alert))
     assert status == 200
     assert body["status"] == "ok"
-    assert body["decisions"] == [
-        {
-            "alertname": "EtcdDefragRecommended",
-            "fingerprint": the_alert["fingerprint"],
-            "cluster": "c1",
-            "outcome": "launch",
-            "reason": "alert EtcdDefragRecommended fired for cluster c1",
-        }
-    ]
+    assert body == {
+        "status": "ok",
+        "alerts": 1,
+        "outcomes": {
+            "launch": {
+                "alerts": 1,
+                "clusters": ["c1"],
+                "reason": "alert EtcdDefragRecommended fired for cluster c1",
+            }
+        },
+    }
     [(cluster, trigger)] = executor.launched
     assert cluster == "c1"
     assert trigger.alertname == "EtcdDefragRecommended"
@@ -359,7 +372,7 @@ async def test_unrouted_and_ambiguous_alerts_answer_2xx_and_are_counted(
     status, body = await post(client, notification(alert("nope"), alert(None), alert(None, job="kube-etcd")))
     assert status == 200
     assert outcomes(body) == ["skip_unrouted", "skip_unrouted", "skip_ambiguous"]
-    assert "match several clusters (k1, k2)" in body["decisions"][2]["reason"]
+    assert "match several clusters (k1, k2)" in reason(body, "skip_ambiguous")
     assert executor.launched == []
     metrics = await scrape(client)
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_unrouted") == 2
@@ -379,7 +392,7 @@ async def test_paused_and_unhealthy_clusters_launch_nothing(etcd: EtcdCluster, s
     status, body = await post(client, notification(alert("paused"), alert("dead")))
     assert status == 200
     assert outcomes(body) == ["skip_paused", "skip_unhealthy"]
-    assert dead in body["decisions"][1]["reason"]
+    assert dead in reason(body, "skip_unhealthy")
     assert executor.launched == []
 
 
@@ -434,6 +447,73 @@ async def test_authentication(
         assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="unauthorized") == 1
     assert TOKEN not in caplog.text
     assert "pa55" not in caplog.text
+
+
+async def raw_request(client: TestClient, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes no HTTP client library would (non-UTF-8 headers, control characters) and read
+    the status line and body of the answer."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        async with asyncio.timeout(30):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+WEBHOOK_HEAD = b"POST /webhook/alertmanager HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Bearer \xff\xfe",  # not UTF-8
+        b"Bearer " + TOKEN.encode() + b"\xff",  # the token and a byte more
+        b"Bearer caf\xe9",  # latin-1
+        "Bearer café-中".encode(),  # UTF-8, not ASCII
+        b"\xff\xfe " + TOKEN.encode(),  # the scheme itself
+        b"Basic \xff\xfe",
+        b"Basic " + base64.b64encode(b"alertmanager:\xff"),
+        b"Bearer\t" + TOKEN.encode() + b"\xc3\x28",  # a tab, and an invalid UTF-8 sequence
+    ],
+)
+async def test_any_bytes_in_the_credentials_are_a_401_never_a_500(
+    etcd: EtcdCluster, serve: Serve, authorization: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19 item 6: a non-UTF-8 byte in the header raised UnicodeEncodeError (a 500)."""
+    webhook = {"token": TOKEN, "basic_auth_username": "alertmanager", "basic_auth_password": "pa55"}
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor, webhook=webhook)
+    body = json.dumps(notification(alert("c0"))).encode()
+    status, answer = await raw_request(
+        client, WEBHOOK_HEAD + b"Authorization: " + authorization + b"\r\n", body
+    )
+    assert status == 401
+    assert json.loads(answer) == {"status": "error", "error": "missing or wrong credentials"}
+    assert executor.launched == []
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="unauthorized") == 1
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_non_ascii_token_is_compared_as_utf8_bytes(etcd: EtcdCluster, serve: Serve) -> None:
+    token = "tökén-中文-secret"
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": token})
+    body = json.dumps(notification(alert("c0"))).encode()
+    good = WEBHOOK_HEAD + b"Authorization: Bearer " + token.encode() + b"\r\n"
+    assert (await raw_request(client, good, body))[0] == 200
+    cut = WEBHOOK_HEAD + b"Authorization: Bearer " + token.encode()[:-1] + b"\r\n"  # half a character
+    assert (await raw_request(client, cut, body))[0] == 401
+
+
+def test_authorized_never_raises_on_any_string() -> None:
+    credentials = webhook_module.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
+    for header in ["Bearer \udcff", "Bearer \ud800", "Basic \udcff", "\x00", "Bearer " + TOKEN + "\udcff"]:
+        assert webhook_module.authorized(header, credentials) is False
+    assert webhook_module.authorized(f"Bearer {TOKEN}", credentials) is True
 
 
 async def test_token_from_a_file_and_from_the_environment(
@@ -550,7 +630,17 @@ JSON = {"Content-Type": "application/json"}
         ("POST", JSON, b"", 400, "bad_request", "malformed JSON"),
         ("POST", JSON, b'{"version": "4",', 400, "bad_request", "malformed JSON"),
         ("POST", JSON, b"\xff\xfe{}", 400, "bad_request", "malformed JSON"),
-        ("POST", JSON, b"[]", 400, "bad_request", "invalid payload: (body): Input should be a valid dict"),
+        ("POST", JSON, b"[" * 100_000, 400, "bad_request", "malformed JSON: recursion limit exceeded"),
+        ("POST", JSON, b'{"a":' * 100_000, 400, "bad_request", "malformed JSON: recursion limit exceeded"),
+        (
+            "POST",
+            {**JSON, "Content-Encoding": "gzip"},
+            b"not gzip at all",
+            400,
+            "bad_request",
+            "the body cannot be read: its Content-Encoding does not decode",
+        ),
+        ("POST", JSON, b"[]", 400, "bad_request", "invalid payload: (body): Input should be an object"),
         ("POST", JSON, b"null", 400, "bad_request", "invalid payload"),
         ("POST", JSON, b'{"version": "4"}', 400, "bad_request", "groupKey: Field required"),
         (
@@ -591,7 +681,7 @@ JSON = {"Content-Type": "application/json"}
             json.dumps({**notification(alert("c0")), "alerts": "many"}).encode(),
             400,
             "bad_request",
-            "alerts: Input should be a valid list",
+            "alerts: Input should be a valid array",
         ),
     ],
 )
@@ -606,7 +696,8 @@ async def test_bad_requests_get_a_4xx_and_a_short_reason(
     error: str,
 ) -> None:
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_body_bytes": 2048})
+    cap = 2048 if body == "chunked" or len(body or b"") <= 4096 else 4 * 1024 * 1024
+    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_body_bytes": cap})
     data = chunks(b"[" + b" " * 4096 + b"]") if body == "chunked" else body
     response = await client.request(method, "/webhook/alertmanager", data=data, headers={**AUTH, **headers})
     assert response.status == status
@@ -654,6 +745,184 @@ async def test_the_default_body_cap_holds_a_large_group(etcd: EtcdCluster, serve
     status, answer = await post(client, body)
     assert status == 200
     assert outcomes(answer).count("launch") == 1
+
+
+async def test_too_many_alerts_are_refused_before_validation(etcd: EtcdCluster, serve: Serve) -> None:
+    """413, as for the body cap (a payload larger than we process; Alertmanager does not retry
+    4xx): the count is checked before the costly part, so even invalid alerts are not looked at."""
+    executor = FakeExecutor()
+    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_alerts": 5})
+    status, body = await post(client, notification(*(alert("c0", member=f"m{i}") for i in range(5))))
+    assert (status, outcomes(body).count("launch")) == (200, 1)
+    status, body = await post(client, notification(*(alert("c0", member=f"m{i}") for i in range(6))))
+    assert status == 413
+    assert body["error"] == (
+        "6 alerts in one notification, more than webhook.max_alerts (5): set max_alerts: 5 (or less) "
+        "in the Alertmanager receiver's webhook_config"
+    )
+    status, _ = await post(client, {**notification(alert("c0")), "alerts": [{"status": "nonsense"}] * 6})
+    assert status == 413  # not 400: the alerts themselves were never validated
+    assert len(executor.launched) == 1
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="too_many_alerts") == 2
+
+
+def test_the_alert_cap_is_a_setting_with_a_floor() -> None:
+    assert Settings().webhook.max_alerts == 1000
+    with pytest.raises(ValueError, match="max_alerts"):
+        Settings(webhook={"max_alerts": 0})
+
+
+async def test_the_reply_counts_outcomes_instead_of_listing_alerts(etcd: EtcdCluster, serve: Serve) -> None:
+    """The reply used to carry an entry per alert (13 MB for a 4 MiB body of minimal alerts)."""
+    client = await serve(clusters(etcd, 2), FakeExecutor())
+    alerts = [alert("c0", member=f"m{i}") for i in range(400)]
+    alerts += [alert(f"unknown-{i}") for i in range(500)] + [alert("c1", status="resolved")] * 100
+    response = await client.post("/webhook/alertmanager", json=notification(*alerts), headers=AUTH)
+    assert response.status == 200
+    text = await response.text()
+    assert len(text) < 2000
+    body = json.loads(text)
+    assert body["alerts"] == 1000
+    assert {k: (v["alerts"], v["clusters"]) for k, v in body["outcomes"].items()} == {
+        "launch": (1, ["c0"]),
+        "skip_duplicate": (399, ["c0"]),
+        "skip_unrouted": (500, []),
+        "skip_resolved": (100, []),
+    }
+    assert reason(body, "skip_unrouted").startswith(
+        'labels {alertname="EtcdDefragRecommended", etcd_cluster="unknown-0"'
+    )
+
+
+async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
+    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17 item 5 and issue 18 item 4: 400/405/415 left no line, and every 401 wrote one."""
+    now = [1000.0]
+    monkeypatch.setattr(webhook_module.clock, "monotonic", lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="exporter.webhook")
+    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": TOKEN, "max_body_bytes": 2048})
+    valid = json.dumps(notification(alert("c0"))).encode()
+    bad = {
+        "unauthorized": ("POST", {**JSON, "Authorization": f"Bearer {TOKEN[:-1]}"}, valid),
+        "bad_request": ("POST", {**JSON, **AUTH}, b'{"version": "4", "secret-looking body'),
+        "method_not_allowed": ("GET", AUTH, None),
+        "unsupported_media_type": ("POST", {**AUTH, "Content-Type": "text/plain"}, valid),
+        "payload_too_large": ("POST", {**JSON, **AUTH}, b"x" * 4096),
+    }
+    for _ in range(20):
+        for method, headers, body in bad.values():
+            response = await client.request(method, "/webhook/alertmanager", data=body, headers=headers)
+            assert 400 <= response.status < 500
+    lines = [r for r in caplog.records if r.name == "exporter.webhook"]
+    assert [r.levelno for r in lines] == [logging.WARNING] * 5
+    assert [r.getMessage() for r in lines] == [
+        "webhook: refused a request from 127.0.0.1: 401 unauthorized: missing or wrong credentials",
+        "webhook: refused a request from 127.0.0.1: 400 bad_request: malformed JSON: EOF while parsing "
+        "a string at line 1 column 37",
+        "webhook: refused a request from 127.0.0.1: 405 method_not_allowed: use POST",
+        "webhook: refused a request from 127.0.0.1: 415 unsupported_media_type: Content-Type must be "
+        "application/json, not text/plain",
+        "webhook: refused a request from 127.0.0.1: 413 payload_too_large: body larger than 2048 bytes: "
+        "raise webhook.max_body_bytes or set max_alerts in the Alertmanager receiver",
+    ]
+    assert TOKEN[:-1] not in caplog.text
+    assert "secret-looking" not in caplog.text
+    metrics = await scrape(client)
+    for outcome in bad:
+        assert metrics.value("etcd_autodefrag_alerts_total", outcome=outcome) == 20
+    now[0] += 60  # a minute later, the next one is logged again, saying how many were not
+    caplog.clear()
+    method, headers, body = bad["unauthorized"]
+    await client.request(method, "/webhook/alertmanager", data=body, headers=headers)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "exporter.webhook"]
+    assert line.endswith("missing or wrong credentials (and 19 more like it since the last such line)")
+
+
+async def test_unrouted_alerts_are_logged_once_a_minute_however_many(
+    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One WARNING per unrouted alert made 44,619 lines from one post (issue 18 item 4)."""
+    caplog.set_level(logging.INFO, logger="exporter.webhook")
+    client = await serve(clusters(etcd, 1), FakeExecutor())
+    alerts = [alert(f"nope-{i}") for i in range(500)] + [alert(None, job=f"j{i}") for i in range(500)]
+    for _ in range(3):
+        status, body = await post(client, notification(*alerts))
+        assert (status, outcomes(body).count("skip_unrouted")) == (200, 1000)
+    [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert "skip_unrouted" in line
+    assert 'etcd_cluster="nope-0"' in line
+    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="skip_unrouted") == 3000
+
+
+async def test_request_text_in_every_field_stays_on_one_line(
+    etcd: EtcdCluster, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 item 2, through the service's own log handler in the default text format.
+
+    Newline, CR, ESC, NUL, C1 controls, line separators and a lone surrogate in alert names, label
+    keys and values, fingerprints, unrouted cluster names, reasons (of a refusal and of a failed
+    launch), the Content-Type and the peer of a malformed request: every record is one line.
+    """
+    from exporter import logs
+    from exporter.app import ServerLog
+    from exporter.metrics import RunMetrics
+
+    evil = "\n2026-01-01 00:00:00 ERROR forged\r\x1b[2J\x00\x85\u2028\u2029"
+    stream = io.StringIO()
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", root.handlers[:])
+    monkeypatch.setattr(root, "level", root.level)
+    access = logging.getLogger("aiohttp.access")
+    monkeypatch.setattr(access, "level", access.level)
+    logs.configure(fmt="text", level="DEBUG", stream=stream)
+    records: list[logging.LogRecord] = []
+    root.handlers[0].addFilter(lambda record: records.append(record) is None)
+
+    failing = FakeExecutor(fail=ExecutorUnavailable(f"Kubernetes API said {evil}"))
+    client = await serve(clusters(etcd, 2), failing)
+    named = {
+        "status": "firing",
+        "labels": {"alertname": f"EtcdDefragRecommended{evil}"},
+        "startsAt": "2026-11-22T11:55:00Z",
+        "fingerprint": f"fp{evil}",
+    }
+    labels = {"alertname": "EtcdDefragRecommended", f"key{evil}": f"value{evil}", "etcd_cluster": f"c0{evil}"}
+    unrouted = {**named, "labels": labels}
+    routed = {**alert("c1"), "fingerprint": f"fp{evil}"}
+    await post(client, notification(named, unrouted, routed, {**unrouted, "status": "resolved"}))
+    bad_key = notification({**alert("c0"), "labels": {f"k{evil}": 7}})
+    assert (await post(client, bad_key))[0] == 400
+    head = b"POST /webhook/alertmanager HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + TOKEN.encode()
+    content_type = (
+        b"\r\nContent-Type: text/" + "\u2028\x85".encode() + b"\xff\xfe\r\n"
+    )  # no controls: HTTP refuses those
+    assert (await raw_request(client, head + content_type, b"{}"))[0] == 415
+    ServerLog(RunMetrics(CollectorRegistry(), alert_outcomes=[])).exception(
+        "Error handling request from %s", f"10.0.0.1{evil}", exc_info=BadStatusLine(evil)
+    )
+
+    text = stream.getvalue()
+    text.encode("utf-8")  # a lone surrogate would fail here, and in a real log file
+    lines = text.split("\n")
+    assert lines.pop() == ""
+    assert len(lines) == len(records)  # exactly one line per record
+    assert len(text.splitlines()) == len(records)  # and no other kind of line break inside one
+    assert all(line[:4].isdigit() and line.isprintable() for line in lines)
+    escaped = "\\n2026-01-01 00:00:00 ERROR forged\\r\\x1b[2J\\x00\\x85\\u2028\\u2029"
+    for shown in (
+        f"EtcdDefragRecommended{escaped}",  # alert name
+        f"key{escaped}",  # label key
+        f"value{escaped}",  # label value
+        f"fp{escaped}",  # fingerprint
+        f'etcd_cluster="c0{escaped}"',  # the cluster an alert names
+        f"Kubernetes API said {escaped}",  # a reason from the executor
+        f"k{escaped}: Input should be a valid string",  # a refusal's reason quoting a key
+        "not text/\\u2028\\x85",  # the Content-Type
+        f"from 10.0.0.1{escaped}",  # the peer of a malformed request
+    ):
+        assert shown in text, shown
 
 
 # --- executor failures ---------------------------------------------------------------------------
@@ -737,15 +1006,43 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
     status, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
     assert status == 200
     assert outcomes(body) == ["dry_run", "skip_resolved"]
-    assert body["decisions"][0]["reason"] == "dry run: nothing started"
+    assert reason(body, "dry_run") == "dry run: nothing started"
+    # The same single-flight and cooldown as a real launch (issue 18 item 6): the next alerts for
+    # c0 would find its run cooling down, and c1 is launched once, too.
+    for _ in range(3):
+        status, body = await post(client, notification(alert("c0"), alert("c1")))
+        assert status == 200
+        assert body["outcomes"].keys() <= {"dry_run", "skip_cooldown"}
+    assert "cools down until" in reason(body, "skip_cooldown")
+    assert "after its last run (dry_run)" in reason(body, "skip_cooldown")
     dry = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DRY-RUN: would run ")]
-    assert len(dry) == 1
+    assert len(dry) == 2
     assert (
         f"-m exporter defrag --output json --log-format text --log-level INFO --config {config} --cluster c0"
         in dry[0]
     )
-    assert not state_dir.exists()  # not even a lock file
-    assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome="dry_run") == 1
+    assert not state_dir.exists()  # not even a lock file: a dry run's bookkeeping stays in memory
+    metrics = await scrape(client)
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="dry_run") == 2
+    assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_cooldown") == 5
+    assert metrics.value("etcd_autodefrag_runs_total", etcd_cluster="c0", result="dry_run") == 1
+    assert metrics.value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
+
+
+async def test_a_dry_run_never_holds_back_a_real_one(
+    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+) -> None:
+    """Dry runs are remembered in memory only: a real service on the same state directory, or this
+    service after a restart, launches as if they had never been."""
+    state_dir = tmp_path / "state"
+    dry = await serve(clusters(etcd, 1), None, executor={"dry_run": True, "state_dir": state_dir})
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["dry_run"]
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["skip_cooldown"]
+    real = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    assert outcomes((await post(real, notification(alert("c0"))))[1]) == ["launch"]
+    await fake_defrag.next()
+    # ... and the dry service sees the real run, as a real launch would.
+    assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["skip_already_running"]
 
 
 async def test_local_run_end_to_end_with_the_stand_in(
@@ -783,7 +1080,7 @@ async def test_local_run_end_to_end_with_the_stand_in(
     # Cooling down now.
     status, body = await post(client, notification(alert("c1")))
     assert (status, outcomes(body)) == (200, ["skip_cooldown"])
-    assert "cools down until" in body["decisions"][0]["reason"]
+    assert "cools down until" in reason(body, "skip_cooldown")
     assert len(fake_defrag.children) == 1
 
 
@@ -1059,7 +1356,7 @@ async def test_kubernetes_restart_between_posts_creates_no_second_job(
     second = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
     status, body = await post(second, notification(alert("c0")))
     assert (status, outcomes(body)) == (200, ["skip_already_running"])
-    assert "already running: Job etcd-autodefrag-c0" in body["decisions"][0]["reason"]
+    assert "already running: Job etcd-autodefrag-c0" in reason(body, "skip_already_running")
     assert len(fake_kube.jobs) == 1
 
     fake_kube.finish_job(NAMESPACE, "etcd-autodefrag-c0", message=job_report("c0", 3 * 1024 * 1024))
@@ -1144,7 +1441,7 @@ async def test_kubernetes_api_failures_map_to_the_retry_contract(
     fake_kube.fail_next(1, status, match="POST /apis/batch/v1/namespaces/etcd/jobs")
     code, body = await post(client, notification(alert("c0")))
     assert (code, outcomes(body)) == (answer, [outcome])
-    assert f"Kubernetes API: {status}" in body["decisions"][0]["reason"]
+    assert f"Kubernetes API: {status}" in reason(body, outcome)
     assert fake_kube.jobs == {}
     # Alertmanager retries the 503: the retry goes through.
     code, body = await post(client, notification(alert("c0")))
@@ -1171,6 +1468,11 @@ async def test_kubernetes_dry_run_creates_nothing(
     assert (code, outcomes(body)) == (200, ["dry_run"])
     assert fake_kube.jobs == {}
     assert "DRY-RUN: would create Job etcd-autodefrag-c0 in namespace etcd" in caplog.text
+    # The Job would exist now: what follows waits for its cooldown, as it would for real.
+    answers = await asyncio.gather(*(post(client, notification(alert("c0"))) for _ in range(20)))
+    assert {(code, tuple(outcomes(body))) for code, body in answers} == {(200, ("skip_cooldown",))}
+    assert caplog.text.count("DRY-RUN: would create Job etcd-autodefrag-c0 in namespace etcd") == 1
+    assert fake_kube.jobs == {}
 
 
 async def test_a_cluster_without_a_kubernetes_section_is_rejected(
@@ -1179,4 +1481,4 @@ async def test_a_cluster_without_a_kubernetes_section_is_rejected(
     client = await serve(clusters(etcd, 1), kube_executor(kube_api))
     code, body = await post(client, notification(alert("c0")))
     assert (code, outcomes(body)) == (422, ["launch_rejected"])
-    assert "no kubernetes section" in body["decisions"][0]["reason"]
+    assert "no kubernetes section" in reason(body, "launch_rejected")
