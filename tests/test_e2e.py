@@ -24,6 +24,7 @@ from stack import (
     RECEIVER,
     SHIPPED_ALERTMANAGER,
     SHIPPED_RULES,
+    History,
     MiB,
     Samples,
     Stack,
@@ -83,6 +84,28 @@ def test_demo_alertmanager_keeps_the_shipped_route(tmp_path: Path) -> None:
         "credentials_file": str(tmp_path / "token"),
     }
     assert hook["send_resolved"] is True
+
+
+def test_the_demo_is_sure_to_select_every_member_in_its_last_round() -> None:
+    """The demo's rounds, replayed on a History: the last compaction frees enough for the rule, for sure."""
+    import run as demo  # demo/run.py, on the path with demo/stack.py
+
+    history = History()
+    keys = [f"/demo/objects/{i:05d}" for i in range(demo.KEYS)]
+    compactions = []
+    for total_bytes in demo.ROUNDS_BYTES:
+        for _ in range(-(-total_bytes // (demo.KEYS * demo.VALUE_BYTES))):  # as Stack.write_history
+            history.overwrite(keys, demo.VALUE_BYTES)
+        compactions.append(history.compacted(revision=0))
+    assert demo.FLOOR_BYTES == FLOOR_BYTES
+    # Round 1 supersedes all but the last values; every later one, also the previous round's last.
+    assert compactions[0].superseded_bytes == demo.ROUNDS_BYTES[0] - demo.KEYS * demo.VALUE_BYTES
+    assert [c.superseded_bytes for c in compactions[1:]] == list(demo.ROUNDS_BYTES[1:])
+    last = compactions[-1]
+    assert last.free_floor_bytes >= FLOOR_BYTES
+    # The rule's other half, dbSizeFree >= 0.5 * dbSize, wants more free than in use: the live values
+    # and the little else bbolt keeps (measured: under 0.1 MiB), so twice the live values is plenty.
+    assert last.free_floor_bytes > 2 * demo.KEYS * demo.VALUE_BYTES
 
 
 def finished_run(stack: Stack) -> dict[str, Any]:
@@ -166,11 +189,13 @@ def test_fragmentation_alert_leads_to_one_run_leader_last(tmp_path: Path) -> Non
         assert quiet.total(RUNS, etcd_cluster=cluster) == 0
         assert stack.alert_state("EtcdDefragRecommended") is None
 
-        # 128 MiB of superseded versions of 16 MiB of live data, then compaction: the files keep
-        # their size, and every member has well over the 100 MiB floor to give back.
+        # 128 MiB written over 16 MiB of live data, then compaction: the files keep their size, and
+        # the 112 MiB of old versions are sure to leave every member over the 100 MiB floor.
         stack.write_history(128 * MiB, keys=32, value_size=512 * 1024)
-        stack.compact()
-        stack.wait_free_everywhere(110 * MiB)
+        compaction = stack.compact()
+        assert compaction.superseded_bytes == 112 * MiB
+        assert compaction.free_floor_bytes >= FLOOR_BYTES
+        stack.wait_free_everywhere(compaction.free_floor_bytes)
         fragmented = stack.wait_metrics(
             lambda m: m.by_member(RECOMMENDED, etcd_cluster=cluster) == {n.name: 1.0 for n in etcd.members},
             timeout=30,
