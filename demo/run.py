@@ -139,8 +139,7 @@ def fragment(stack: Stack, out: Narrator) -> None:
         compaction = stack.compact()
         out.say(
             f"Compacted the history up to revision {compaction.revision} (kube-apiserver does this every "
-            f"5 minutes): the pages of {human_bytes(compaction.superseded_bytes)} of old versions are free "
-            "now, but the files do not shrink"
+            "5 minutes): the old versions' pages are free now, but the files do not shrink"
         )
         # Wait for what the data guarantees: the free space a member shows beyond it is bbolt's
         # allocator at work, different per member and per run.
