@@ -229,9 +229,12 @@ class Follower:
             )
         elif self.alert_state == "firing":
             self.resolved_at = time.monotonic()
+            # The run writes its report as it ends; the executor's state says so only once the service
+            # has noticed the child's exit, and Prometheus may resolve the alert in between.
+            ended = self.run_result is not None or self.stack.run_report() is not None
             why = (
                 "no member is worth a defrag any more"
-                if self.run_result
+                if ended
                 else "the members done have nothing left to give back, and the one being defragmented "
                 "does not answer meanwhile, so its gauges are missing for that moment"
             )
