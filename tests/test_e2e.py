@@ -25,6 +25,7 @@ from stack import (
     SHIPPED_ALERTMANAGER,
     SHIPPED_RULES,
     History,
+    LogFollower,
     MiB,
     Samples,
     Stack,
@@ -106,6 +107,55 @@ def test_the_demo_is_sure_to_select_every_member_in_its_last_round() -> None:
     # The rule's other half, dbSizeFree >= 0.5 * dbSize, wants more free than in use: the live values
     # and the little else bbolt keeps (measured: under 0.1 MiB), so twice the live values is plenty.
     assert last.free_floor_bytes > 2 * demo.KEYS * demo.VALUE_BYTES
+
+
+class _ResolvingStack:
+    """What the demo's Follower looks at to narrate the alert; nothing else is there to call."""
+
+    cluster = "demo"
+    options = StackOptions()
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.alerts: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+
+    def service_log(self) -> LogFollower:
+        return LogFollower(self.log_path)
+
+    def prometheus_alerts(self) -> list[dict[str, Any]]:
+        return self.alerts
+
+    def run_report(self) -> dict[str, Any] | None:
+        return self.report
+
+
+@pytest.mark.parametrize(
+    ("report", "why"),
+    [
+        # The run has ended (its report is on disk), though the executor's state does not say so yet.
+        ({"result": "success"}, "no member is worth a defrag any more"),
+        (None, "the one being defragmented does not answer meanwhile"),
+    ],
+)
+def test_the_demo_says_why_the_alert_resolved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any] | None, why: str
+) -> None:
+    import run as demo  # demo/run.py, on the path with demo/stack.py
+
+    stack = _ResolvingStack(tmp_path / "service.log")
+    follower = demo.Follower(stack, demo.Narrator())  # type: ignore[arg-type]
+    stack.alerts = [
+        {"labels": {"alertname": demo.ALERT, "etcd_cluster": "demo"}, "state": "firing", "value": "1e8"}
+    ]
+    follower._alert()
+    stack.alerts, stack.report = [], report
+    follower._alert()
+
+    lines = capsys.readouterr().out.splitlines()
+    assert "is FIRING" in lines[0]
+    assert f"{demo.ALERT} is resolved: " in lines[1]
+    assert why in lines[1]
 
 
 def finished_run(stack: Stack) -> dict[str, Any]:
