@@ -50,6 +50,7 @@ from etcd_harness import (  # noqa: E402 - the harness lives with the tests
     EtcdCluster,
     EtcdHarnessError,
     EtcdRequestError,
+    free_after_compaction_floor_bytes,
     start_cluster,
     wait_until,
 )
@@ -99,6 +100,41 @@ class StackOptions:
     # Alertmanager re-sends a still-firing group this often; the webhook must not launch again.
     repeat_interval: str = "1h"
     cooldown_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """What `Stack.compact` removed, and the free space it is sure to leave on every member."""
+
+    revision: int
+    superseded_bytes: int  # the old versions of what the stack wrote, removed by this compaction
+    free_floor_bytes: int  # etcd_harness.free_after_compaction_floor_bytes
+
+
+@dataclass
+class History:
+    """What the stack wrote, for what a compaction is sure to free: no guess at bbolt's allocator."""
+
+    live_value_bytes: dict[str, int] = field(default_factory=dict)  # key -> its latest value's size
+    superseded_bytes: int = 0  # old versions' bytes since the last compaction
+
+    def overwrite(self, keys: list[str], value_bytes: int) -> None:
+        """Each of `keys` now holds a `value_bytes` value; the one it held before is an old version."""
+        for key in keys:
+            self.superseded_bytes += self.live_value_bytes.get(key, 0)
+            self.live_value_bytes[key] = value_bytes
+
+    def compacted(self, revision: int) -> Compaction:
+        """A compaction at `revision` removed every old version so far."""
+        compaction = Compaction(
+            revision=revision,
+            superseded_bytes=self.superseded_bytes,
+            free_floor_bytes=free_after_compaction_floor_bytes(
+                superseded_bytes=self.superseded_bytes, live_keys=len(self.live_value_bytes)
+            ),
+        )
+        self.superseded_bytes = 0
+        return compaction
 
 
 def free_port() -> int:
@@ -317,6 +353,7 @@ class Stack:
         self.config_file = workdir / "etcd-autodefrag.yaml"
         self.rules_file = workdir / "prometheus" / "etcd-autodefrag-rules.yaml"
         self._http = _Http()
+        self.history = History()
 
     def __enter__(self) -> Stack:
         return self
@@ -642,13 +679,12 @@ class Stack:
         etcd keeps every superseded value until the history is compacted, so the database files
         grow by about what is written, while the live data stays at `keys * value_size`.
         """
-        etcd = self._etcd()
         written = 0
         next_progress = progress_every_bytes
         round_index = 0
         while written < total_bytes:
             value = round_index.to_bytes(4, "big") * (value_size // 4)
-            etcd.put_many((f"/demo/objects/{i:05d}", value) for i in range(keys))
+            self._put_objects(keys, value)
             written += keys * len(value)
             round_index += 1
             if on_progress is not None and (written >= next_progress or written >= total_bytes):
@@ -656,32 +692,30 @@ class Stack:
                 next_progress += progress_every_bytes
         return written
 
-    def compact(self) -> int:
+    def _put_objects(self, keys: int, value: bytes) -> None:
+        """Overwrite the `keys` demo objects with `value`, and say so in the history."""
+        names = [f"/demo/objects/{i:05d}" for i in range(keys)]
+        self._etcd().put_many((name, value) for name in names)
+        self.history.overwrite(names, len(value))
+
+    def compact(self) -> Compaction:
         """Compact the history up to the current revision (as kube-apiserver does every 5 minutes)."""
         etcd = self._etcd()
         revision = etcd.revision()
         etcd.compact(revision)
-        return revision
+        return self.history.compacted(revision)
 
     def wait_free_everywhere(self, min_free_bytes: int, *, timeout: float = 30.0) -> dict[str, int]:
-        """Until every member reports at least `min_free_bytes` free; member -> free bytes."""
+        """Until every member shows at least `min_free_bytes` free; member -> free bytes.
+
+        Wait for a `Compaction.free_floor_bytes`, never for more: what a member shows above it
+        depends on bbolt's allocator, not on the data.
+        """
         etcd = self._etcd()
-
-        def free_everywhere() -> dict[str, int] | None:
-            free = {
-                name: int(s.get("dbSize", 0)) - int(s.get("dbSizeInUse", 0))
-                for name, s in etcd.statuses().items()
-            }
-            if all(f >= min_free_bytes for f in free.values()):
-                return free
-            # bbolt turns the pages a compaction freed from "pending" into "free" only at the start
-            # of the next write transaction, and a member that compacted writes only when it
-            # applies something (tests/etcd_harness.py, EtcdCluster.churn).
-            etcd.put("/demo/tick", b"")
-            return None
-
         return self.wait(
-            free_everywhere, timeout=timeout, what=f"{min_free_bytes} free bytes on every member"
+            lambda: etcd.free_everywhere(min_free_bytes),
+            timeout=timeout,
+            what=f"{min_free_bytes} free bytes on every member",
         )
 
     def overwrite_until_nospace(
@@ -696,7 +730,7 @@ class Stack:
         for round_index in range(max_rounds):
             value = round_index.to_bytes(4, "big") * (value_size // 4)
             try:
-                etcd.put_many((f"/demo/objects/{i:05d}", value) for i in range(keys))
+                self._put_objects(keys, value)
             except EtcdRequestError as error:
                 if NOSPACE_ERROR not in error.message:
                     raise

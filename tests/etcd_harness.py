@@ -58,6 +58,13 @@ START_ATTEMPTS = 3
 HTTP_TIMEOUT_SECONDS = 5.0
 LOG_TAIL_LINES = 15
 NOSPACE_ERROR = "etcdserver: mvcc: database space exceeded"
+# bbolt's page size is the OS page size: 4 KiB on the Linux machines the tests and the demo run on.
+PAGE_BYTES = 4096
+# The writes after a compaction (the waits' ticks, etcd's own bookkeeping) take a few of its freed
+# pages back: each commit copies the branch and leaf pages it touches, and the old copies become
+# free only at a later write transaction. 64 pages are several commits' worth; after the demo's
+# compactions, what is in use beyond the live values measures under 0.1 MiB.
+COMPACTION_SLACK_BYTES = 64 * PAGE_BYTES
 ADDRESS_IN_USE = "address already in use"
 
 T = TypeVar("T")
@@ -83,6 +90,20 @@ class _MemberExited(EtcdHarnessError):
     def __init__(self, member: EtcdMember) -> None:
         super().__init__(f"etcd member {member.name} exited early\n{member.log_tail()}")
         self.member = member
+
+
+def free_after_compaction_floor_bytes(*, superseded_bytes: int, live_keys: int) -> int:
+    """The free bytes (dbSize - dbSizeInUse) every member is sure to show after a compaction.
+
+    Before the compaction every version was in use at once, and a member's dbSize (bbolt's page
+    high-water mark, which the file never shrinks below without a defrag) covered them all; after
+    it, only the latest versions stay in use. So once bbolt has released the pages the compaction
+    freed, the free bytes are at least the superseded versions' bytes, less one page per live key (a
+    leaf rewritten around a surviving value may round up by a page) and COMPACTION_SLACK_BYTES.
+    Whatever shows above that is bbolt's allocator (how far the file outgrew the data), which
+    differs per member and per run: no wait may count on it.
+    """
+    return superseded_bytes - live_keys * PAGE_BYTES - COMPACTION_SLACK_BYTES
 
 
 def wait_until(
@@ -533,32 +554,47 @@ class EtcdCluster:
     ) -> None:
         """Write `keys` keys `rounds` times over (then compact) so that every member has free pages.
 
-        With `compact`, returns once every running member reports at least half of the superseded
-        values' bytes as free (dbSize - dbSizeInUse), i.e. real fragmentation a defrag would reclaim.
+        With `compact`, returns once every running member shows the free space the compaction is
+        sure to give (`free_after_compaction_floor_bytes`): real fragmentation a defrag reclaims.
         """
+        floor_bytes = free_after_compaction_floor_bytes(
+            superseded_bytes=keys * value_size * (rounds - 1), live_keys=keys
+        )
+        if compact and floor_bytes <= 0:
+            raise EtcdHarnessError(
+                f"churn(keys={keys}, value_size={value_size}, rounds={rounds}) supersedes too little "
+                "for the compaction to free anything for sure: write more rounds or larger values"
+            )
         for round_index in range(rounds):
             value = bytes([round_index % 256]) * value_size
             self.put_many((f"/etcd-harness/churn/{i:06d}", value) for i in range(keys))
-        if not compact:
-            return
-        self.compact()
-        superseded_bytes = keys * value_size * (rounds - 1)
+        if compact:
+            self.compact()
+            self.wait_free(floor_bytes, timeout=20)
 
-        def fragmented_everywhere() -> bool:
-            statuses = self.statuses().values()
-            if all(_free_bytes(s) >= superseded_bytes // 2 for s in statuses):
-                return True
-            # bbolt only moves pages freed by a commit from "pending" to "free" at the start of the
-            # next write transaction, and etcd only writes when it applies something; so a member
-            # that already compacted needs one more write before dbSizeInUse shows the space.
-            self.put("/etcd-harness/churn-tick", b"")
-            return False
+    def free_everywhere(self, min_free_bytes: int) -> dict[str, int] | None:
+        """Member -> free bytes if every running member has `min_free_bytes` free; else None, after a tick.
 
-        self.wait(
-            fragmented_everywhere,
-            timeout=20,
-            what=f"every member to report >= {superseded_bytes // 2} free bytes after compaction",
+        bbolt moves the pages a commit freed from "pending" to "free" only at the start of a later
+        write transaction (and only once no read transaction still sees them), and etcd writes only
+        when it applies something: so a member that already compacted needs more writes before its
+        dbSizeInUse shows the space. Each look that falls short writes one tiny key for that.
+        """
+        free = {name: _free_bytes(status) for name, status in self.statuses().items()}
+        if all(f >= min_free_bytes for f in free.values()):
+            return free
+        self.put("/etcd-harness/tick", b"")
+        return None
+
+    def wait_free(self, min_free_bytes: int, *, timeout: float) -> dict[str, int]:
+        """`free_everywhere` until it holds; member -> free bytes."""
+        free = self.wait(
+            lambda: self.free_everywhere(min_free_bytes),
+            timeout=timeout,
+            what=f"every member to show >= {min_free_bytes} free bytes",
         )
+        assert free is not None  # wait() only returns truthy results
+        return free
 
     def fill_until_nospace(self, value_size: int = 64 * 1024, max_writes: int = 10_000) -> None:
         """Write distinct keys until etcd refuses with NOSPACE and the alarm is listed."""

@@ -24,6 +24,8 @@ from stack import (
     RECEIVER,
     SHIPPED_ALERTMANAGER,
     SHIPPED_RULES,
+    History,
+    LogFollower,
     MiB,
     Samples,
     Stack,
@@ -83,6 +85,77 @@ def test_demo_alertmanager_keeps_the_shipped_route(tmp_path: Path) -> None:
         "credentials_file": str(tmp_path / "token"),
     }
     assert hook["send_resolved"] is True
+
+
+def test_the_demo_is_sure_to_select_every_member_in_its_last_round() -> None:
+    """The demo's rounds, replayed on a History: the last compaction frees enough for the rule, for sure."""
+    import run as demo  # demo/run.py, on the path with demo/stack.py
+
+    history = History()
+    keys = [f"/demo/objects/{i:05d}" for i in range(demo.KEYS)]
+    compactions = []
+    for total_bytes in demo.ROUNDS_BYTES:
+        for _ in range(-(-total_bytes // (demo.KEYS * demo.VALUE_BYTES))):  # as Stack.write_history
+            history.overwrite(keys, demo.VALUE_BYTES)
+        compactions.append(history.compacted(revision=0))
+    assert demo.FLOOR_BYTES == FLOOR_BYTES
+    # Round 1 supersedes all but the last values; every later one, also the previous round's last.
+    assert compactions[0].superseded_bytes == demo.ROUNDS_BYTES[0] - demo.KEYS * demo.VALUE_BYTES
+    assert [c.superseded_bytes for c in compactions[1:]] == list(demo.ROUNDS_BYTES[1:])
+    last = compactions[-1]
+    assert last.free_floor_bytes >= FLOOR_BYTES
+    # The rule's other half, dbSizeFree >= 0.5 * dbSize, wants more free than in use: the live values
+    # and the little else bbolt keeps (measured: under 0.1 MiB), so twice the live values is plenty.
+    assert last.free_floor_bytes > 2 * demo.KEYS * demo.VALUE_BYTES
+
+
+class _ResolvingStack:
+    """What the demo's Follower looks at to narrate the alert; nothing else is there to call."""
+
+    cluster = "demo"
+    options = StackOptions()
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.alerts: list[dict[str, Any]] = []
+        self.report: dict[str, Any] | None = None
+
+    def service_log(self) -> LogFollower:
+        return LogFollower(self.log_path)
+
+    def prometheus_alerts(self) -> list[dict[str, Any]]:
+        return self.alerts
+
+    def run_report(self) -> dict[str, Any] | None:
+        return self.report
+
+
+@pytest.mark.parametrize(
+    ("report", "why"),
+    [
+        # The run has ended (its report is on disk), though the executor's state does not say so yet.
+        ({"result": "success"}, "no member is worth a defrag any more"),
+        (None, "the one being defragmented does not answer meanwhile"),
+    ],
+)
+def test_the_demo_says_why_the_alert_resolved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], report: dict[str, Any] | None, why: str
+) -> None:
+    import run as demo  # demo/run.py, on the path with demo/stack.py
+
+    stack = _ResolvingStack(tmp_path / "service.log")
+    follower = demo.Follower(stack, demo.Narrator())  # type: ignore[arg-type]
+    stack.alerts = [
+        {"labels": {"alertname": demo.ALERT, "etcd_cluster": "demo"}, "state": "firing", "value": "1e8"}
+    ]
+    follower._alert()
+    stack.alerts, stack.report = [], report
+    follower._alert()
+
+    lines = capsys.readouterr().out.splitlines()
+    assert "is FIRING" in lines[0]
+    assert f"{demo.ALERT} is resolved: " in lines[1]
+    assert why in lines[1]
 
 
 def finished_run(stack: Stack) -> dict[str, Any]:
@@ -166,11 +239,13 @@ def test_fragmentation_alert_leads_to_one_run_leader_last(tmp_path: Path) -> Non
         assert quiet.total(RUNS, etcd_cluster=cluster) == 0
         assert stack.alert_state("EtcdDefragRecommended") is None
 
-        # 128 MiB of superseded versions of 16 MiB of live data, then compaction: the files keep
-        # their size, and every member has well over the 100 MiB floor to give back.
+        # 128 MiB written over 16 MiB of live data, then compaction: the files keep their size, and
+        # the 112 MiB of old versions are sure to leave every member over the 100 MiB floor.
         stack.write_history(128 * MiB, keys=32, value_size=512 * 1024)
-        stack.compact()
-        stack.wait_free_everywhere(110 * MiB)
+        compaction = stack.compact()
+        assert compaction.superseded_bytes == 112 * MiB
+        assert compaction.free_floor_bytes >= FLOOR_BYTES
+        stack.wait_free_everywhere(compaction.free_floor_bytes)
         fragmented = stack.wait_metrics(
             lambda m: m.by_member(RECOMMENDED, etcd_cluster=cluster) == {n.name: 1.0 for n in etcd.members},
             timeout=30,

@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from etcd_harness import (
     EtcdCluster,
+    EtcdHarnessError,
     EtcdRequestError,
     TlsMaterial,
+    free_after_compaction_floor_bytes,
     start_cluster,
     wait_until,
 )
@@ -68,13 +70,34 @@ def test_shared_cluster_has_three_members_and_one_leader(etcd: EtcdCluster) -> N
 
 
 @pytest.mark.etcd
-def test_churn_leaves_free_space_on_every_member(fresh_etcd_cluster: EtcdCluster) -> None:
-    fresh_etcd_cluster.churn()
+@pytest.mark.parametrize(
+    ("keys", "value_size", "rounds"),
+    [
+        (200, 16 * 1024, 3),  # the default: values of 4 pages, two to a leaf
+        (64, 3000, 20),  # values well under a page, several to a leaf
+        (8, 512 * 1024, 4),  # values of 128 pages, as in the demo
+    ],
+)
+def test_churn_leaves_at_least_the_floor_free_on_every_member(
+    fresh_etcd_cluster: EtcdCluster, keys: int, value_size: int, rounds: int
+) -> None:
+    fresh_etcd_cluster.churn(keys=keys, value_size=value_size, rounds=rounds)
 
+    floor_bytes = free_after_compaction_floor_bytes(
+        superseded_bytes=keys * value_size * (rounds - 1), live_keys=keys
+    )
     for name, status in fresh_etcd_cluster.statuses().items():
         db_size_bytes = int(status["dbSize"])
         free_bytes = db_size_bytes - int(status["dbSizeInUse"])
+        assert free_bytes >= floor_bytes, (name, status)
         assert free_bytes > 0.3 * db_size_bytes, (name, status)
+
+
+def test_churn_refuses_a_workload_that_frees_nothing_for_sure(tmp_path: Path) -> None:
+    # Refused before anything is written: a cluster without members is enough to show it.
+    cluster = EtcdCluster(tmp_path, [], quota_bytes=32 * MiB, tls=None, cluster_flags=())
+    with pytest.raises(EtcdHarnessError, match="supersedes too little"):
+        cluster.churn(keys=10, value_size=100, rounds=2)
 
 
 @pytest.mark.etcd
