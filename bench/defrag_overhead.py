@@ -303,7 +303,7 @@ class _TimedClient(EtcdClient):
 
 
 async def _engine_run(endpoints: list[str]) -> tuple[float, float, RunReport]:
-    config = ClusterConfig(name="bench", endpoints=endpoints, rule="true")
+    config = ClusterConfig(name="bench", endpoints=endpoints, rule="true", settle_seconds=0)
     async with aiohttp.ClientSession() as session:
         client = _TimedClient(session)
         engine = DefragEngine(client, config)
@@ -374,6 +374,8 @@ def cli_command(cluster: EtcdCluster) -> list[str]:
         ",".join(cluster.endpoints),
         "--rule",
         "true",
+        "--settle-seconds",
+        "0",  # the cluster started seconds ago: no rollout gate
         "--output",
         "json",
     ]

@@ -1,7 +1,7 @@
 """The `etcd-autodefrag` command line: `defrag`, `status`, `serve` and `render`.
 
 Exit codes (README, "Exit codes"): 0 success or nothing to do, 1 a member failed, 2 bad usage or
-configuration, 3 refused by the safety gate.
+configuration, 3 refused by the safety gate, 75 deferred by the rollout gate.
 """
 
 import argparse
@@ -26,7 +26,15 @@ from exporter import render as render_mod
 from exporter.cluster_lock import LockUnavailable
 from exporter.engine import DefragEngine, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFiles, make_ssl_context
-from exporter.policy import cluster_rule, fragmentation_ratio, free_bytes, human_bytes, quota_usage_ratio
+from exporter.policy import (
+    QuorumCost,
+    cluster_rule,
+    fragmentation_ratio,
+    free_bytes,
+    human_bytes,
+    quorum_cost,
+    quota_usage_ratio,
+)
 from exporter.settings import (
     DEFAULT_ENDPOINT,
     ENV_PREFIX,
@@ -99,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     defrag.add_argument("--continue-on-error", action="store_true", help="go on after a failed member")
     defrag.add_argument("--member-timeout", type=float, metavar="S", help="per-member defrag timeout")
     defrag.add_argument("--deadline", type=float, metavar="S", help="deadline of the whole run")
+    defrag.add_argument(
+        "--allow-unavailable",
+        action="store_true",
+        help="accept that a cluster of one or two voting members stops answering while a member is "
+        "defragmented (allow_unavailable_defrag; refused otherwise, exit 3)",
+    )
+    defrag.add_argument(
+        "--settle-seconds",
+        type=float,
+        metavar="S",
+        help="defer (exit 75) while a member started less than S seconds ago; 0 turns it off",
+    )
     defrag.add_argument(
         "--break-lock",
         action="store_true",
@@ -233,6 +253,7 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
         "request_timeout": "request_timeout_seconds",
         "member_timeout": "member_timeout_seconds",
         "deadline": "deadline_seconds",
+        "settle_seconds": "settle_seconds",
     }
     for flag, name in flag_fields.items():
         if getattr(args, flag, None) is not None:
@@ -240,6 +261,8 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     for flag in ("compact", "move_leader", "continue_on_error"):
         if getattr(args, flag, False):
             overrides[flag] = True
+    if getattr(args, "allow_unavailable", False):
+        overrides["allow_unavailable_defrag"] = True
 
     if args.cluster:
         base = settings.cluster(args.cluster).model_dump()
@@ -375,10 +398,16 @@ async def run_status(cluster: ClusterConfig) -> ClusterSnapshot:
         return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
 
 
-def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
-    """One dict per member, the columns of `status`."""
+def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> list[dict[str, Any]]:
+    """One dict per member, the columns of `status`.
+
+    `whole_cluster` False (no member discovery): the rows are the given members only, too few to
+    say what a defrag costs the quorum, so `defrag_cost` is null.
+    """
     rows = []
     alarms = {a.member_id: a.kind.value for a in snapshot.alarms}
+    voters = [m for m in snapshot.members if not m.member.is_learner]
+    cost, cost_reason = quorum_cost(voting=len(voters), healthy_voting=sum(m.up for m in voters))
     for m in snapshot.members:
         s = m.status
         usage = quota_usage_ratio(s) if s else None
@@ -402,6 +431,15 @@ def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
                 "alarms": alarms.get(m.member.id or (s.member_id if s else 0), ""),
                 "defrag_recommended": bool(m.verdict and m.verdict.defrag),
                 "reason": m.verdict.reason if m.verdict else m.error,
+                # What defragmenting this member would cost the cluster (exporter.policy.quorum_cost).
+                "defrag_cost": (None if not whole_cluster else "none" if m.member.is_learner else cost.value),
+                "defrag_cost_reason": (
+                    "not known: only the given members were asked (no member discovery)"
+                    if not whole_cluster
+                    else "learner: never defragmented"
+                    if m.member.is_learner
+                    else cost_reason
+                ),
             }
         )
     return rows
@@ -440,6 +478,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         if r["reason"]:
             lines.append(f"{r['name'] or r['endpoint']}: {r['reason']}")
+    costs = {
+        (r["defrag_cost"], r["defrag_cost_reason"])
+        for r in rows
+        if r["defrag_cost"] not in (QuorumCost.NONE, None)
+    }
+    for cost, reason in sorted(costs):
+        lines.append(f"defrag risk ({cost}): {reason}")
     return "\n".join(lines)
 
 
@@ -704,7 +749,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if snapshot.error:
                 print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
                 return 1
-            rows = status_rows(snapshot)
+            rows = status_rows(snapshot, whole_cluster=cluster.discover_members)
             print(json.dumps(rows, indent=2) if args.output == "json" else format_table(rows))
             return 1 if any(r["db_size_bytes"] is None for r in rows) else 0
     except (UsageError, ConfigError) as exc:

@@ -42,6 +42,14 @@ DEFAULT_LISTEN_PORT = 9479
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 40
 
+# A rolling update restarts one member after the other: kamaji-etcd's StatefulSet waits for each Pod to
+# be Ready (etcd's /readyz, or its /health probe every 10 s) before the next, so a member that started
+# within the last 3 minutes says the rollout may still be going, and a freshly restarted member may
+# still be catching up with the leader's log (a snapshot transfer of a large database takes minutes).
+# kubeadm upgrades restart one control-plane node at a time with a similar cadence. Short enough that
+# an alert that keeps firing (`for: 10m`, re-sent every repeat_interval) runs soon after a rollout.
+DEFAULT_SETTLE_SECONDS = 180.0
+
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Ratio = Annotated[float, Field(ge=0, le=1)]
 
@@ -351,6 +359,16 @@ class ClusterConfig(_Model):
     continue_on_error: bool = False
     disarm_below_ratio: Annotated[float, Field(gt=0, le=1)] = 0.9
     paused: bool = False
+    allow_unavailable_defrag: bool = Field(
+        default=False,
+        description="Accept that the cluster stops answering while a member is defragmented: needed to "
+        "defragment a cluster of one or two voting members (docs/safety.md).",
+    )
+    settle_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=DEFAULT_SETTLE_SECONDS,
+        description="Defer a run while a member's etcd process started less than this long ago "
+        "(a restart or rolling update in progress; docs/safety.md). 0 turns the check off.",
+    )
     alerts: AlertRouting = Field(default_factory=AlertRouting)
     kubernetes: KubernetesTarget | None = None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from etcd_harness import EtcdCluster, _free_ports, wait_until
+from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
@@ -35,9 +35,14 @@ def tls_flags(cluster: EtcdCluster) -> list[str]:
     ]
 
 
+# The harness's clusters started seconds ago, which the rollout gate would defer (docs/safety.md).
+SETTLED = ["--settle-seconds", "0"]
+
+
 def test_defrag_json_report(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
     etcd.churn()
-    code = main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"])
+    args = ["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"]
+    code = main([*args, *SETTLED])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["result"] == "success"
@@ -63,7 +68,7 @@ def test_defrag_over_tls(tls_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFi
     cluster = tls_etcd_cluster
     cluster.churn()
     args = ["defrag", "--endpoints", cluster.endpoints[0], *tls_flags(cluster), "--rule", "dbSizeFree > 0"]
-    assert main(args) == 0
+    assert main([*args, *SETTLED]) == 0
     out = capsys.readouterr().out
     assert out.count("defragmented") == 3
 
@@ -117,6 +122,8 @@ def test_status_json_agrees_with_etcd(etcd: EtcdCluster, capsys: pytest.CaptureF
         assert row["is_leader"] == (endpoint == leader)
         assert row["db_size_bytes"] > 0
         assert row["db_free_bytes"] == row["db_size_bytes"] - row["db_size_in_use_bytes"]
+        assert row["defrag_cost"] == "none"
+        assert "leaves 2 of 3 voting members" in row["defrag_cost_reason"]
 
 
 def test_status_with_a_stopped_member(
@@ -214,6 +221,7 @@ def test_console_script_runs(etcd: EtcdCluster) -> None:
             "--dry-run",
             "--rule",
             "true",
+            *SETTLED,
         ],
         capture_output=True,
         text=True,
@@ -388,3 +396,43 @@ def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
     job = yaml.safe_load(capsys.readouterr().out)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"
+
+
+# --- the safety gates (docs/safety.md) --------------------------------------------------------
+
+
+def test_a_single_member_cluster_needs_allow_unavailable_and_status_shows_the_risk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with start_cluster(tmp_path / "etcd", size=1) as cluster:
+        cluster.churn()
+        endpoint = cluster.endpoints[0]
+        defrag = ["defrag", "--endpoints", endpoint, "--rule", "dbSizeFree > 0", "--output", "json", *SETTLED]
+
+        assert main(defrag) == 3
+        refused = json.loads(capsys.readouterr().out)
+        assert refused["result"] == "refused"
+        assert "a single voting member" in refused["reason"]
+        assert "--allow-unavailable" in refused["reason"]
+        assert refused["members"][0]["outcome"] == "not_reached"
+
+        assert main(["status", "--endpoints", endpoint]) == 0
+        text = capsys.readouterr().out
+        assert "defrag risk (cluster_unavailable): a single voting member: the whole cluster stops" in text
+        assert main(["status", "--endpoints", endpoint, "--output", "json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["defrag_cost"] == "cluster_unavailable"
+
+        assert main([*defrag, "--allow-unavailable"]) == 0
+        assert json.loads(capsys.readouterr().out)["result"] == "success"
+
+
+def test_a_deferred_run_exits_75(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared cluster started this session, well within an hour: a rollout for the gate."""
+    etcd.churn()
+    args = ["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"]
+    assert main([*args, "--settle-seconds", "36000"]) == 75
+    report = json.loads(capsys.readouterr().out)
+    assert (report["result"], report["exit_code"]) == ("deferred", 75)
+    assert "settle_seconds 36000" in report["reason"]
+    assert {m["outcome"] for m in report["members"]} == {"not_reached"}

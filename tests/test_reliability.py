@@ -254,6 +254,7 @@ def write_config(path: Path, proxies: Proxies, **options: Any) -> Path:
         "rule": "dbSizeFree > 0",
         "request_timeout_seconds": 2,
         "health_timeout_seconds": 20,
+        "settle_seconds": 0,  # the cluster started seconds ago: no rollout gate
         **options,
     }
     path.write_text(yaml.safe_dump({"clusters": [cluster]}))

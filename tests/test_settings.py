@@ -7,6 +7,7 @@ import pytest
 
 from exporter.cli import main
 from exporter.settings import (
+    DEFAULT_SETTLE_SECONDS,
     ENV_PREFIX,
     ConfigError,
     Settings,
@@ -249,3 +250,17 @@ def test_a_typo_in_the_environment_stops_start_up_with_exit_2(
         "ETCD_AUTODEFRAG_LISTEN_ADRESS: no such setting (did you mean ETCD_AUTODEFRAG_LISTEN_ADDRESS?)" in err
     )
     assert "Traceback" not in err
+
+
+def test_safety_settings_per_cluster(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, VALID + "    allow_unavailable_defrag: true\n    settle_seconds: 0\n")
+    )
+    a, b = settings.clusters
+    assert (a.allow_unavailable_defrag, a.settle_seconds) == (False, DEFAULT_SETTLE_SECONDS)
+    assert (b.allow_unavailable_defrag, b.settle_seconds) == (True, 0)
+    assert 120 <= DEFAULT_SETTLE_SECONDS <= 300
+    with pytest.raises(
+        ConfigError, match=r"clusters\[1\]\.settle_seconds: Input should be greater than or equal to 0"
+    ):
+        load_settings(write(tmp_path, VALID + "    settle_seconds: -1\n"))
