@@ -348,7 +348,10 @@ def make_client(session: aiohttp.ClientSession, cluster: ClusterConfig) -> EtcdC
         try:
             ssl_context = make_ssl_context(tls)
         except (OSError, ValueError) as exc:
-            raise UsageError(f"cluster {cluster.name}: cannot load TLS files: {exc}") from None
+            # ssl's own message ("[SSL] PEM lib") names no file: say which ones were read.
+            named = {"ca": tls.ca_file, "cert": tls.cert_file, "key": tls.key_file}
+            files = ", ".join(f"{what} {path}" for what, path in named.items() if path)
+            raise UsageError(f"cluster {cluster.name}: cannot load TLS files ({files}): {exc}") from None
     return EtcdClient(
         session,
         ssl_context=ssl_context,
