@@ -481,6 +481,7 @@ _LOG_LEVELS = {
     Decision.SKIP_UNROUTED: logging.WARNING,
     Decision.SKIP_AMBIGUOUS: logging.WARNING,
     Decision.SKIP_UNHEALTHY: logging.WARNING,
+    Decision.SKIP_UNAVAILABLE: logging.WARNING,  # a configuration choice is missing, said once a minute
     Decision.SKIP_NO_SNAPSHOT: logging.WARNING,
     Decision.SKIP_STALE_SNAPSHOT: logging.WARNING,
 }
