@@ -19,7 +19,6 @@ from test_webhook import (
     FakeExecutor,
     alert,
     eventually,
-    kube_executor,
     notification,
     outcomes,
     post,
@@ -28,7 +27,7 @@ from test_webhook import (
 )
 
 from exporter.app import create_app
-from exporter.executors import Executor, LocalExecutor
+from exporter.executors import Executor, KubernetesExecutor, LocalExecutor
 from exporter.settings import ClusterConfig
 
 Serve = Callable[..., Awaitable[TestClient]]
@@ -102,7 +101,14 @@ async def test_no_job_while_the_kamaji_statefulset_rolls_out(
     # `kubectl rollout restart`: a new revision, one Pod updated so far.
     statefulset["metadata"]["generation"] = 2
     statefulset["status"].update(observedGeneration=2, updatedReplicas=1, updateRevision="tenant-etcd-2")
-    client = await serve([kamaji_cluster(tls_etcd_cluster)], kube_executor(kube_api))
+    executor = KubernetesExecutor(
+        api_client=kube_api,
+        image="ghcr.io/etcd-autodefrag/etcd-autodefrag:test",
+        cooldown_seconds=3600,
+        timeout_seconds=5,
+        namespaces=["kamaji-system"],  # watched from the start, as the service does
+    )
+    client = await serve([kamaji_cluster(tls_etcd_cluster)], executor)
 
     status, body = await post(client, notification(alert("tenant")))
     assert (status, outcomes(body)) == (200, ["skip_deferred"])
