@@ -403,7 +403,12 @@ class Stack:
                     "cooldown_seconds": self.options.cooldown_seconds,
                 },
                 "clusters": [
-                    {"name": self.cluster, "endpoints": etcd.endpoints, "compact": self.options.compact}
+                    {
+                        "name": self.cluster,
+                        "endpoints": etcd.endpoints,
+                        "compact": self.options.compact,
+                        "settle_seconds": 0,
+                    }
                 ],
             }
             self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -33,10 +33,12 @@ from exporter.cluster_lock import LockUnavailable
 from exporter.engine import DefragEngine, RunReport, iter_lines
 from exporter.etcd import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
 from exporter.policy import (
+    QuorumCost,
     cluster_rule,
     fragmentation_ratio,
     free_bytes,
     human_bytes,
+    quorum_cost,
     quota_usage_ratio,
     thresholds_expression,
 )
@@ -64,6 +66,7 @@ class ExitCode(IntEnum):
     FAILED = 1
     USAGE = 2
     REFUSED = 3
+    DEFERRED = 75  # EX_TEMPFAIL: try again later
     INTERRUPTED = 130  # 128 + SIGINT
     BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe ended
 
@@ -76,7 +79,10 @@ EXIT_CODE_MEANINGS = {
     ExitCode.USAGE: "bad usage or configuration: a flag, config file, environment variable, TLS file "
     "or listen address; the message names it. Nothing was contacted",
     ExitCode.REFUSED: "refused before touching anything: no endpoint answered, a voting member is down, "
-    "a CORRUPT alarm, another run holds the lock; `status`: an endpoint or member did not answer",
+    "a CORRUPT alarm, another run holds the lock, the defrag would stop a 1- or 2-member cluster; "
+    "`status`: an endpoint or member did not answer",
+    ExitCode.DEFERRED: "deferred: the cluster is changing (a member started within settle_seconds, a "
+    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
     ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`)",
 }
@@ -228,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="S",
         help=f"deadline of the whole run in seconds (default: {_default('deadline_seconds'):g})",
+    )
+    defrag.add_argument(
+        "--allow-unavailable",
+        action="store_true",
+        help="accept that a cluster of one or two voting members stops answering while a member is "
+        "defragmented (allow_unavailable_defrag; refused otherwise, exit 3)",
+    )
+    defrag.add_argument(
+        "--settle-seconds",
+        type=float,
+        metavar="S",
+        help="defer (exit 75) while a member started less than S seconds ago; 0 turns it off",
     )
     defrag.add_argument(
         "--break-lock",
@@ -469,6 +487,7 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
         "request_timeout": "request_timeout_seconds",
         "member_timeout": "member_timeout_seconds",
         "deadline": "deadline_seconds",
+        "settle_seconds": "settle_seconds",
     }
     for flag, name in flag_fields.items():
         if getattr(args, flag, None) is not None:
@@ -476,6 +495,8 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     for flag in ("compact", "move_leader", "continue_on_error"):
         if getattr(args, flag, False):
             overrides[flag] = True
+    if getattr(args, "allow_unavailable", False):
+        overrides["allow_unavailable_defrag"] = True
 
     if args.cluster:
         base = settings.cluster(args.cluster).model_dump()
@@ -640,12 +661,18 @@ async def run_status(cluster: ClusterConfig, ssl_context: ssl.SSLContext | None)
         return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
 
 
-def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
-    """One dict per member, the columns of `status`."""
+def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> list[dict[str, Any]]:
+    """One dict per member, the columns of `status`.
+
+    `whole_cluster` False (no member discovery): the rows are the given members only, too few to
+    say what a defrag costs the quorum, so `defrag_cost` is null.
+    """
     rows = []
     alarms: dict[int, list[str]] = {}
     for alarm in snapshot.alarms:
         alarms.setdefault(alarm.member_id, []).append(alarm.kind.value)
+    voters = [m for m in snapshot.members if not m.member.is_learner]
+    cost, cost_reason = quorum_cost(voting=len(voters), healthy_voting=sum(m.up for m in voters))
     for m in snapshot.members:
         s = m.status
         usage = quota_usage_ratio(s) if s else None
@@ -670,6 +697,15 @@ def status_rows(snapshot: ClusterSnapshot) -> list[dict[str, Any]]:
                 "defrag_recommended": bool(m.verdict and m.verdict.defrag),
                 "reason": m.verdict.reason if m.verdict else m.error,
                 "error": m.error,
+                # What defragmenting this member would cost the cluster (exporter.policy.quorum_cost).
+                "defrag_cost": (None if not whole_cluster else "none" if m.member.is_learner else cost.value),
+                "defrag_cost_reason": (
+                    "not known: only the given members were asked (no member discovery)"
+                    if not whole_cluster
+                    else "learner: never defragmented"
+                    if m.member.is_learner
+                    else cost_reason
+                ),
             }
         )
     return rows
@@ -708,6 +744,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         if r["reason"]:
             lines.append(f"{r['name'] or r['endpoint']}: {r['reason']}")
+    costs = {
+        (r["defrag_cost"], r["defrag_cost_reason"])
+        for r in rows
+        if r["defrag_cost"] not in (QuorumCost.NONE, None)
+    }
+    for cost, reason in sorted(costs):
+        lines.append(f"defrag risk ({cost}): {reason}")
     return "\n".join(lines)
 
 
@@ -1039,7 +1082,7 @@ def status(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SS
     if snapshot.error:
         print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
         return ExitCode.REFUSED
-    rows = status_rows(snapshot)
+    rows = status_rows(snapshot, whole_cluster=cluster.discover_members)
     print(json.dumps(rows, indent=2) if args.output == "json" else format_table(rows))
     return ExitCode.REFUSED if any(r["db_size_bytes"] is None for r in rows) else ExitCode.OK
 

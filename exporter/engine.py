@@ -27,6 +27,7 @@ from exporter.cluster_lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable
 from exporter.etcd import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import (
+    GateDecision,
     Health,
     PlannedMember,
     Step,
@@ -41,6 +42,8 @@ from exporter.policy import (
     leader_last,
     leader_of,
     make_plan,
+    quorum_gate,
+    rollout_gate,
     voting_members,
 )
 from exporter.settings import ClusterConfig
@@ -57,15 +60,20 @@ class RunResult(StrEnum):
     DRY_RUN = "dry_run"
     FAILED = "failed"
     REFUSED = "refused"
+    DEFERRED = "deferred"  # the cluster is changing (rollout gate): not a failure, try again later
 
 
-# Documented in the README ("Exit codes"); 2 (bad usage or config) is the CLI's own.
+# Documented in the README ("Exit codes"); 2 (bad usage or config) is the CLI's own. Deferred is
+# sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a CronJob or a
+# script sees a non-zero code it can tell apart from a failure.
+EXIT_DEFERRED = 75
 EXIT_CODES = {
     RunResult.SUCCESS: 0,
     RunResult.NOTHING_TO_DO: 0,
     RunResult.DRY_RUN: 0,
     RunResult.FAILED: 1,
     RunResult.REFUSED: 3,
+    RunResult.DEFERRED: EXIT_DEFERRED,
 }
 
 
@@ -205,7 +213,9 @@ class DefragEngine:
         self.rule = cluster_rule(cluster)
         self._lock = lock or (lambda _cluster_id: nullcontext())
         self.break_lock = break_lock  # the operator says no other run is going on (docs/locking.md)
-        self._quotas = QuotaCache()
+        # Each status reads the member's metrics page again: the rollout gate must see a member that
+        # restarted between two steps of the run (one ~150 kB page per member and step).
+        self._quotas = QuotaCache(max_age_seconds=0.0)
         self._started = 0.0
         self._in_progress: MemberReport | None = None
         self._defrag_in_flight: str | None = None  # a member whose defragment call got no answer
@@ -263,7 +273,13 @@ class DefragEngine:
             f": {self.report.reason}" if self.report.reason else "",
             human_bytes(self.report.reclaimed_bytes),
             self.report.duration_seconds,
-            level=logging.ERROR if self.report.exit_code else logging.INFO,
+            level=(
+                logging.WARNING
+                if self.report.result is RunResult.DEFERRED
+                else logging.ERROR
+                if self.report.exit_code
+                else logging.INFO
+            ),
         )
         return self.report
 
@@ -279,6 +295,8 @@ class DefragEngine:
             except LockUnavailable as exc:
                 raise self._stop(RunResult.REFUSED, str(exc)) from None
             if self.cluster.compact:
+                # Compaction changes the cluster too: a run the gates would stop must not do it first.
+                self._gate(self._gates(topology, topology.members, statuses))
                 await self._compact(topology, statuses)
                 statuses = await self._statuses(topology)
             plan = make_plan(
@@ -295,6 +313,8 @@ class DefragEngine:
                 if planned.step is not Step.DEFRAG:
                     self._member(planned.member.id).outcome = Outcome.SKIPPED
             if any(planned.step is Step.DEFRAG for planned in plan.members):
+                # Only a run that would defragment is gated: one with nothing to do says so.
+                self._gate(self._gates(topology, topology.members, statuses), plan.members)
                 await self._take_cluster_lock(topology, held)
             else:
                 await self._write_nospace_tokens(topology)
@@ -314,6 +334,49 @@ class DefragEngine:
         else:
             self.report.result = RunResult.NOTHING_TO_DO
             self.report.reason = "no member matches the rule"
+
+    # --- the safety gates: quorum and rollout (exporter.policy) ---------------------------------
+
+    def _gates(
+        self, topology: _Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
+    ) -> GateDecision:
+        """The quorum gate, then the rollout gate, over the members as they are now."""
+        voters = voting_members(members)
+        quorum = quorum_gate(
+            voting=len(voters),
+            healthy_voting=sum(m.id in statuses for m in voters),
+            allow_unavailable=self.cluster.allow_unavailable_defrag,
+        )
+        if not quorum.proceed:
+            return quorum
+        return rollout_gate(
+            members=members,
+            planned_members=topology.members,
+            started_at_seconds={
+                i: s.process_start_time_seconds for i, s in statuses.items() if s.process_start_time_seconds
+            },
+            now_seconds=clock.utcnow().timestamp(),  # wall clock: the members report Unix time
+            settle_seconds=self.cluster.settle_seconds,
+        )
+
+    def _gate(self, decision: GateDecision, remaining: Sequence[PlannedMember] = ()) -> None:
+        """Stop the run as refused or deferred unless the gate says proceed."""
+        if decision.proceed:
+            return
+        for p in remaining:
+            if p.step is Step.DEFRAG:
+                self._member(p.member.id).reason = f"not reached: {decision.gate.value}"
+        if decision.deferred:
+            raise self._stop(RunResult.DEFERRED, f"the cluster is changing: {decision.reason}")
+        raise self._stop(RunResult.REFUSED, decision.reason)
+
+    async def _current_members(self, topology: _Topology) -> list[Member]:
+        """The member list now, from the first member that answers (to compare with the plan's)."""
+        try:
+            _, members = await first_answer(list(topology.endpoints.values()), self.client.members)
+        except NoEndpointAnswered as exc:
+            raise self._stop(RunResult.FAILED, f"the member list could not be read: {exc}") from None
+        return members
 
     # --- the lock in etcd -------------------------------------------------------------------------
 
@@ -485,6 +548,7 @@ class DefragEngine:
             pending = [p for p in remaining if p.step is Step.DEFRAG]
             if not pending:
                 return
+            self._gate(self._gates(topology, await self._current_members(topology), statuses), remaining)
             if pending[-1].member.id != leader_id and any(p.member.id == leader_id for p in pending):
                 # Leadership moved to a member we have not visited yet: it must still go last.
                 remaining = leader_last(remaining, leader_id)

@@ -24,6 +24,7 @@ import aiohttp
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 
 QUOTA_METRIC = "etcd_server_quota_backend_bytes"
+START_TIME_METRIC = "process_start_time_seconds"  # client_golang's process collector, on every member
 # etcd's grpc status codes that matter here (google.golang.org/grpc/codes).
 _GRPC_OUT_OF_RANGE = 11
 
@@ -152,6 +153,8 @@ def make_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
         except ssl.SSLError as exc:
             if exc.reason == "KEY_VALUES_MISMATCH":
                 problem = f"does not belong to the certificate {tls.cert_file}"
+            elif exc.reason is None:  # "[SSL] PEM lib": the marker is there, the key is not
+                problem = "its PEM private key cannot be parsed (truncated or damaged?)"
             else:
                 problem = f"cannot be used with the certificate {tls.cert_file} ({exc.reason})"
             raise TlsFileError("key_file", tls.key_file or tls.cert_file, problem) from None
@@ -263,15 +266,30 @@ def parse_alarms(body: Mapping[str, Any]) -> list[Alarm]:
 
 def parse_quota_line(line: str) -> int | None:
     """The quota from one exposition line, if it is the quota gauge (value may be `1.6777216e+07`)."""
-    if not line.startswith(QUOTA_METRIC):
+    value = parse_gauge_line(line, QUOTA_METRIC)
+    return int(value) if value is not None else None
+
+
+def parse_gauge_line(line: str, metric: str) -> float | None:
+    """The value of one exposition line if it is a sample of `metric` (not of a longer-named one)."""
+    if not line.startswith(metric):
         return None
-    rest = line[len(QUOTA_METRIC) :]
+    rest = line[len(metric) :]
     if rest[:1] not in (" ", "{"):
         return None  # another metric sharing the prefix
     try:
-        return int(float(rest.rsplit("}", 1)[-1].split()[0]))
+        return float(rest.rsplit("}", 1)[-1].split()[0])
     except (IndexError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class MetricsFacts:
+    """What the engine reads from a member's /metrics page; None where the page does not say."""
+
+    quota_bytes: int | None = None
+    # When the member's etcd process started (Unix time): the rollout gate's "just restarted".
+    process_start_time_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -330,23 +348,34 @@ class EtcdApi(Protocol):
         self, endpoint: str, prefix: bytes, *, timeout: float | None = None
     ) -> dict[bytes, KeyValue]: ...
     async def move_leader(self, endpoint: str, target_id: int, *, timeout: float | None = None) -> None: ...
-    async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None: ...
+    async def read_metrics(self, endpoint: str, *, timeout: float | None = None) -> MetricsFacts: ...
 
 
 def find_quota(page: bytes) -> int | None:
     """The quota from a whole exposition page, or None when the page has no quota gauge."""
+    value = find_gauge(page, QUOTA_METRIC)
+    return int(value) if value is not None else None
+
+
+def find_gauge(page: bytes, metric: str) -> float | None:
+    """The first sample of `metric` on a whole exposition page, or None when it has none."""
     start = 0
-    needle = QUOTA_METRIC.encode()
+    needle = metric.encode()
     while (at := page.find(needle, start)) >= 0:
         end = page.find(b"\n", at)
         line_start = at == 0 or page[at - 1 : at] == b"\n"
         if (
             line_start
-            and (quota := parse_quota_line(page[at : end if end >= 0 else None].decode())) is not None
+            and (value := parse_gauge_line(page[at : end if end >= 0 else None].decode(), metric)) is not None
         ):
-            return quota
+            return value
         start = at + len(needle)
     return None
+
+
+def metrics_facts(page: bytes) -> MetricsFacts:
+    """The quota and the process start time from a whole exposition page."""
+    return MetricsFacts(find_quota(page), find_gauge(page, START_TIME_METRIC))
 
 
 @functools.lru_cache(maxsize=64)
@@ -552,12 +581,8 @@ class EtcdClient:
         payload = {"targetID": str(target_id)}
         await self._post(endpoint, "/v3/maintenance/transfer-leadership", payload, timeout)
 
-    async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None:
-        """The backend quota from the member's `/metrics`, reading only until the quota line.
-
-        The page is ~150 kB; the quota gauge sits in the middle of it, so we stream lines and stop
-        there rather than parse the whole exposition.
-        """
+    async def read_metrics(self, endpoint: str, *, timeout: float | None = None) -> MetricsFacts:
+        """The backend quota and the process start time from the member's `/metrics` page."""
         url = endpoint.rstrip("/") + "/metrics"
         seconds = timeout if timeout is not None else self.timeout_seconds
         async with (
@@ -571,6 +596,6 @@ class EtcdClient:
         ):
             if response.status != 200:
                 raise EtcdApiError(endpoint, f"/metrics: HTTP {response.status}", http_status=response.status)
-            # One read and a C-level search: line-by-line reading of the ~150 kB page cost more
-            # than everything else in a cold refresh of 1,000 members (bench/exporter.py).
-            return find_quota(await response.read())
+            # One read and a C-level search per figure: line-by-line reading of the ~150 kB page
+            # cost more than everything else in a cold refresh of 1,000 members (bench/exporter.py).
+            return metrics_facts(await response.read())

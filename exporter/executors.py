@@ -29,12 +29,13 @@ from typing import Any, Protocol
 from exporter import clock, jobs, kube
 from exporter.engine import RunResult
 from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
-from exporter.policy import human_bytes
+from exporter.policy import human_bytes, statefulset_rollout_gate
 from exporter.routing import RunState, cooldown_seconds
 from exporter.settings import (
     ENV_PREFIX,
     ClusterConfig,
     ExecutorSettings,
+    KubernetesTarget,
     Settings,
     default_cluster,
 )
@@ -74,6 +75,15 @@ class RunOutcome:
 
 
 OnFinished = Callable[[RunOutcome], None]
+
+
+def starts_cooldown(result: str) -> bool:
+    """Whether a run that ended with this result keeps the cluster's alerts from launching for a while.
+
+    A deferred run found the cluster changing (a rollout) and touched nothing: the next notification
+    may launch again at once (README, "Exit codes"; docs/safety.md).
+    """
+    return result != RunResult.DEFERRED
 
 
 class Executor(Protocol):
@@ -316,7 +326,7 @@ class LocalExecutor:
             real = RunState(
                 running=state.running or cluster in self._children,
                 started_at=state.started_at,
-                finished_at=state.finished_at,
+                finished_at=state.finished_at if starts_cooldown(state.result) else None,
                 result=state.result,
             )
             out[cluster] = self._dry.merged(cluster, real) if self.dry_run else real
@@ -352,7 +362,7 @@ class LocalExecutor:
                 self._record_orphan(name, state)
                 state = self._read_state(name)
             now = clock.utcnow()
-            if state.finished_at is not None:
+            if state.finished_at is not None and starts_cooldown(state.result):
                 until = state.finished_at + timedelta(seconds=self.cooldown_seconds)
                 if now < until:
                     os.close(fd)
@@ -564,6 +574,8 @@ class KubernetesExecutor:
             raise ExecutorRejected(str(exc)) from None
         namespace = manifest["metadata"]["namespace"]
         name = manifest["metadata"]["name"]
+        if (deferred := await self._rollout_gate(cluster, name)) is not None:
+            return deferred
         now = clock.utcnow()
         if self.dry_run:
             # The API server keeps the real lock and cooldown (the Job); a dry run creates no Job,
@@ -600,6 +612,32 @@ class KubernetesExecutor:
             self._best_effort_event(manifest, "DefragTriggered", message, "Normal")
         return result
 
+    async def _rollout_gate(self, cluster: ClusterConfig, job_name: str) -> LaunchResult | None:
+        """A deferral while a kamaji cluster's etcd StatefulSet rolls out, else None (launch).
+
+        The Job cannot look itself (its token is not mounted), so the service does, right before it
+        creates the Job: a rolling update restarts the members one after the other (docs/safety.md).
+        """
+        target = cluster.kubernetes
+        if target is None or target.variant is not KubernetesTarget.Variant.KAMAJI:
+            return None
+        assert target.etcd_name is not None  # the settings require it for kamaji
+        try:
+            statefulset = await kube.read_statefulset(
+                self.api, target.namespace, target.etcd_name, timeout=self.timeout_seconds
+            )
+        except kube.KubeUnavailable as exc:
+            raise ExecutorUnavailable(str(exc)) from None
+        except kube.KubeRejected as exc:
+            raise ExecutorRejected(
+                f"cannot read StatefulSet {target.namespace}/{target.etcd_name} for the rollout gate: {exc}"
+            ) from None
+        gate = statefulset_rollout_gate(statefulset)
+        if gate.proceed:
+            return None
+        log.info("cluster %s: deferred, no Job created: %s", cluster.name, gate.reason)
+        return LaunchResult(False, job_name, f"deferred: {gate.reason}", LaunchOutcome.DEFERRED)
+
     def _watch(self, namespace: str) -> None:
         self._watches[namespace] = asyncio.create_task(
             kube.watch_jobs(self.api, namespace, self._job_finished, request_timeout=self.timeout_seconds)
@@ -614,7 +652,8 @@ class KubernetesExecutor:
             outcome = replace(outcome, reason=f"Job {job.job_name} failed ({job.reason}) without a report")
         known = self._runs.get(job.cluster, RunState())
         if known.finished_at is None or finished >= known.finished_at:
-            self._runs[job.cluster] = RunState(False, job.started_at, finished, outcome.result)
+            cooling = finished if starts_cooldown(outcome.result) else None
+            self._runs[job.cluster] = RunState(False, job.started_at, cooling, outcome.result)
         # After a restart the watch lists the finished Jobs still kept for their TTL: the previous
         # service counted those. Count a Job we knew running, or one that ended after we started
         # (Kubernetes times have whole seconds: one ending in our first second is not counted).
@@ -654,6 +693,8 @@ def finished_event(job: JobOutcome, outcome: RunOutcome) -> tuple[dict[str, Any]
     if outcome.result in (RunResult.SUCCESS, RunResult.NOTHING_TO_DO, RunResult.DRY_RUN):
         message = f"{outcome.result}: reclaimed {human_bytes(outcome.reclaimed_bytes)}{took}"
         return manifest, "DefragSucceeded", message, "Normal"
+    if outcome.result == RunResult.DEFERRED:
+        return manifest, "DefragDeferred", f"deferred{took}: {outcome.reason}", "Normal"
     message = f"{outcome.result}{took}: {outcome.reason or 'see the log of the Job pod'}"
     return manifest, "DefragFailed", message, "Warning"
 

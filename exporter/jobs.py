@@ -378,6 +378,7 @@ class LaunchOutcome(StrEnum):
     ALREADY_RUNNING = "already_running"
     COOLING_DOWN = "cooling_down"
     NAME_TAKEN = "name_taken"  # a Job of that name that we did not create blocks the cluster
+    DEFERRED = "deferred"  # the cluster is changing (its StatefulSet rolls out): no Job, no cooldown
 
 
 @dataclass(frozen=True)

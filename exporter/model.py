@@ -48,6 +48,8 @@ class MemberStatus:
     is_learner: bool = False
     # Quota as the member itself reports it (status on etcd >= 3.6, else its metrics page); 0 = unknown.
     quota_bytes: int = 0
+    # When its etcd process started (Unix time, from its metrics page); 0 = unknown.
+    process_start_time_seconds: float = 0.0
     errors: tuple[str, ...] = ()
     # Active alarms of the whole cluster: etcd lists them in the status reply's `errors`.
     alarms: tuple[Alarm, ...] = ()

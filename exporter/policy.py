@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.rule import Rule, RuleEvaluationError, parse_rule
@@ -185,6 +186,181 @@ def health_gate(
 def label(member: Member) -> str:
     """How a member is named in messages: its name, or its hex id before it has one."""
     return member.name or f"{member.id:x}"
+
+
+# --- the safety gates: what a defrag costs, and whether the cluster is changing ------------------
+#
+# etcd blocks a member's reads and writes, and its raft apply, for the whole defragmentation (etcd
+# maintenance guide, "Defragmentation"). While it runs, that member cannot acknowledge proposals, so
+# the others must still form a quorum (more than half of the voting members) on their own.
+
+
+class QuorumCost(StrEnum):
+    """What defragmenting one voting member costs the cluster; also shown by `status`."""
+
+    NONE = "none"  # the other healthy voting members still form a quorum
+    CLUSTER_UNAVAILABLE = "cluster_unavailable"  # the only voting member: the whole cluster stops
+    QUORUM_LOST = "quorum_lost"  # the others are fewer than a quorum: writes (and quorum reads) stop
+
+
+def quorum_size(voting: int) -> int:
+    """Votes a raft decision needs among `voting` members."""
+    return voting // 2 + 1
+
+
+def quorum_cost(*, voting: int, healthy_voting: int) -> tuple[QuorumCost, str]:
+    """What defragmenting one of the healthy voting members costs, with the reason in words."""
+    if voting <= 1:
+        return QuorumCost.CLUSTER_UNAVAILABLE, (
+            "a single voting member: the whole cluster stops answering while it is defragmented "
+            "(seconds to minutes, with any API server on top of it)"
+        )
+    left, needed = healthy_voting - 1, quorum_size(voting)
+    if left < needed:
+        return QuorumCost.QUORUM_LOST, (
+            f"{healthy_voting} of {voting} voting members healthy: defragmenting one leaves {left}, "
+            f"fewer than the quorum of {needed}, so the cluster stops accepting writes meanwhile"
+        )
+    return QuorumCost.NONE, (
+        f"defragmenting one member leaves {left} of {voting} voting members, a quorum of {needed} or more"
+    )
+
+
+class Gate(StrEnum):
+    """Whether a run may defragment the next member; also the log's and the report's reason."""
+
+    PROCEED = "proceed"
+    REFUSE_UNAVAILABLE = "refuse_unavailable"  # a defrag would take the cluster or its quorum down
+    DEFER_RECENT_START = "defer_recent_start"  # a member restarted within settle_seconds
+    DEFER_LEARNER = "defer_learner"  # a member is being added
+    DEFER_MEMBERS_CHANGED = "defer_members_changed"  # the member list is not the one planned with
+    DEFER_ROLLOUT = "defer_rollout"  # the StatefulSet of the members is rolling out (kamaji)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """A gate's answer with the reason a person reads."""
+
+    gate: Gate
+    reason: str = ""
+
+    @property
+    def proceed(self) -> bool:
+        """The run may go on."""
+        return self.gate is Gate.PROCEED
+
+    @property
+    def deferred(self) -> bool:
+        """The cluster is changing: try again later (not a failure, no cooldown)."""
+        return self.gate.value.startswith("defer_")
+
+
+def quorum_gate(*, voting: int, healthy_voting: int, allow_unavailable: bool) -> GateDecision:
+    """Refuse a defrag that would take the cluster or its quorum down, unless downtime is accepted.
+
+    Performed by `exporter.engine` before the first member and again before each one. Automation
+    (the webhook's Jobs, CronJobs) must not stop a cluster as a side effect: a one-member cluster
+    (kind, single-master kubeadm, a small Kamaji datastore) or a two-member one is refused unless
+    its configuration says `allow_unavailable_defrag: true` (the CLI: `--allow-unavailable`).
+    """
+    cost, why = quorum_cost(voting=voting, healthy_voting=healthy_voting)
+    if cost is QuorumCost.NONE:
+        return GateDecision(Gate.PROCEED, why)
+    if allow_unavailable:
+        return GateDecision(Gate.PROCEED, f"{why}; accepted (allow_unavailable_defrag)")
+    return GateDecision(
+        Gate.REFUSE_UNAVAILABLE,
+        f"{why}; set allow_unavailable_defrag: true for this cluster (or pass --allow-unavailable) "
+        "to accept that",
+    )
+
+
+def membership(members: Iterable[Member]) -> frozenset[tuple[int, bool, tuple[str, ...]]]:
+    """What identifies a member list for the rollout gate: ids, learner flags and peer URLs."""
+    return frozenset((m.id, m.is_learner, tuple(sorted(m.peer_urls))) for m in members)
+
+
+def rollout_gate(
+    *,
+    members: Sequence[Member],
+    planned_members: Sequence[Member],
+    started_at_seconds: Mapping[int, float],
+    now_seconds: float,
+    settle_seconds: float,
+) -> GateDecision:
+    """Defer while the cluster is changing: a learner, a changed member list, a member just started.
+
+    Performed by `exporter.engine` before the plan (with `planned_members` the same list) and again
+    before each member. `started_at_seconds` maps member id to its `process_start_time_seconds`
+    (Unix time, from its /metrics page); a member missing from it cannot be judged and does not
+    defer. Cluster API's automatic defrag for KubeadmControlPlane skips rollouts for the same
+    reasons: a restarted member may still be catching up, and the next one is about to restart.
+    """
+    if membership(members) != membership(planned_members):
+        before = {m.id for m in planned_members}
+        after = {m.id for m in members}
+        what = [f"added {label(m)}" for m in members if m.id not in before]
+        what += [f"removed {label(m)}" for m in planned_members if m.id not in after]
+        return GateDecision(
+            Gate.DEFER_MEMBERS_CHANGED,
+            "the member list changed since the plan"
+            + (f" ({', '.join(what)})" if what else " (a learner promoted or a peer URL changed)"),
+        )
+    if learners := [m for m in members if m.is_learner]:
+        return GateDecision(
+            Gate.DEFER_LEARNER,
+            f"learner {', '.join(label(m) for m in learners)} present: a member is being added",
+        )
+    if settle_seconds > 0:
+        for member in members:
+            started = started_at_seconds.get(member.id)
+            if started is not None and (age := now_seconds - started) < settle_seconds:
+                return GateDecision(
+                    Gate.DEFER_RECENT_START,
+                    f"member {label(member)} started {max(age, 0):.0f}s ago (settle_seconds "
+                    f"{settle_seconds:g}): a restart or rolling update may be in progress",
+                )
+    return GateDecision(Gate.PROCEED)
+
+
+def statefulset_rollout_gate(statefulset: Mapping[str, Any]) -> GateDecision:
+    """Defer while a StatefulSet (kamaji-etcd's members) is not fully rolled out.
+
+    The checks of `kubectl rollout status statefulset`: the controller has seen the latest spec,
+    every replica is ready, and every replica runs the update revision (with a partition: the
+    replicas above it do). Performed by the Kubernetes executor before it creates a Job.
+    """
+    metadata = statefulset.get("metadata") or {}
+    spec = statefulset.get("spec") or {}
+    status = statefulset.get("status") or {}
+    name = metadata.get("name", "?")
+    replicas = 1 if spec.get("replicas") is None else int(spec["replicas"])
+    observed, generation = int(status.get("observedGeneration") or 0), int(metadata.get("generation") or 0)
+    if observed == 0 or generation > observed:
+        return GateDecision(
+            Gate.DEFER_ROLLOUT, f"StatefulSet {name}: the controller has not yet seen its latest spec"
+        )
+    ready = int(status.get("readyReplicas") or 0)
+    if ready < replicas:
+        return GateDecision(Gate.DEFER_ROLLOUT, f"StatefulSet {name}: {ready} of {replicas} replicas ready")
+    updated = int(status.get("updatedReplicas") or 0)
+    partition = int(((spec.get("updateStrategy") or {}).get("rollingUpdate") or {}).get("partition") or 0)
+    if partition > 0:
+        if updated < replicas - partition:
+            return GateDecision(
+                Gate.DEFER_ROLLOUT,
+                f"StatefulSet {name}: {updated} of the {replicas - partition} replicas above the "
+                "partition updated",
+            )
+        return GateDecision(Gate.PROCEED)
+    current, update = status.get("currentRevision"), status.get("updateRevision")
+    if updated < replicas or current != update:
+        return GateDecision(
+            Gate.DEFER_ROLLOUT,
+            f"StatefulSet {name}: rolling update in progress ({updated} of {replicas} replicas at "
+            f"revision {update or '?'})",
+        )
+    return GateDecision(Gate.PROCEED)
 
 
 # --- the plan ------------------------------------------------------------------------------------

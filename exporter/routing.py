@@ -17,6 +17,7 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from exporter.policy import quorum_gate
 from exporter.settings import ClusterConfig, WebhookSettings
 
 # The alerts this project ships (the alert rules use exactly these names).
@@ -257,6 +258,8 @@ class Decision(StrEnum):
     SKIP_NO_SNAPSHOT = "skip_no_snapshot"
     SKIP_STALE_SNAPSHOT = "skip_stale_snapshot"
     SKIP_UNHEALTHY = "skip_unhealthy"
+    SKIP_UNAVAILABLE = "skip_unavailable"  # the run would be refused: a defrag would stop the cluster
+    SKIP_DEFERRED = "skip_deferred"  # the cluster is changing (a StatefulSet rolling out): next time
     SKIP_DUPLICATE = "skip_duplicate"
 
 
@@ -267,6 +270,7 @@ class ClusterHealth:
     taken_at: datetime
     healthy: bool
     problem: str = ""
+    voting_members: int | None = None  # None: not counted; a healthy cluster has them all up
 
 
 @dataclass(frozen=True)
@@ -345,7 +349,8 @@ def decide(
     """Whether this alert launches a defrag run and on which cluster; performs nothing.
 
     Checked in order: firing, acting, routed to exactly one cluster, not paused, no run in flight,
-    out of cooldown, a fresh snapshot that shows the cluster healthy.
+    out of cooldown, a fresh snapshot that shows the cluster healthy, and a defrag that would not
+    stop the cluster (or the cluster accepts that: allow_unavailable_defrag).
     """
 
     def result(decision: Decision, reason: str, cluster: str | None = None) -> AlertDecision:
@@ -399,6 +404,15 @@ def decide(
         )
     if not health.healthy:
         return result(Decision.SKIP_UNHEALTHY, f"cluster {name} is not healthy: {health.problem}", name)
+    if health.voting_members is not None:
+        # The run's own quorum gate would refuse it: no Job, no cooldown, the reason said here.
+        gate = quorum_gate(
+            voting=health.voting_members,
+            healthy_voting=health.voting_members,
+            allow_unavailable=cluster.allow_unavailable_defrag,
+        )
+        if not gate.proceed:
+            return result(Decision.SKIP_UNAVAILABLE, f"cluster {name}: {gate.reason}", name)
     return result(Decision.LAUNCH, f"alert {alert.name} fired for cluster {name}", name)
 
 

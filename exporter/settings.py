@@ -4,10 +4,12 @@ Precedence, highest first: command-line flags, environment, the YAML file, defau
 forbids unknown keys, so a typo in the config is an error at start-up and never silently ignored.
 """
 
+import difflib
 import io
 import json
 import os
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +52,14 @@ DEFAULT_LISTEN_PORT = 9479
 # Names end up in Kubernetes object names and label values (`etcd-defrag-<name>`, at most 63 chars).
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 40
+
+# A rolling update restarts one member after the other: kamaji-etcd's StatefulSet waits for each Pod to
+# be Ready (etcd's /readyz, or its /health probe every 10 s) before the next, so a member that started
+# within the last 3 minutes says the rollout may still be going, and a freshly restarted member may
+# still be catching up with the leader's log (a snapshot transfer of a large database takes minutes).
+# kubeadm upgrades restart one control-plane node at a time with a similar cadence. Short enough that
+# an alert that keeps firing (`for: 10m`, re-sent every repeat_interval) runs soon after a rollout.
+DEFAULT_SETTLE_SECONDS = 180.0
 
 # No duration here needs to be longer than a year; a bound also keeps `1e300` out of asyncio's
 # timeouts and etcd's lease TTL, where it would fail late (OverflowError, a Go unmarshal error).
@@ -459,6 +469,16 @@ class ClusterConfig(_Model):
     continue_on_error: bool = False
     disarm_below_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
     paused: bool = False
+    allow_unavailable_defrag: bool = Field(
+        default=False,
+        description="Accept that the cluster stops answering while a member is defragmented: needed to "
+        "defragment a cluster of one or two voting members (docs/safety.md).",
+    )
+    settle_seconds: Seconds = Field(
+        default=DEFAULT_SETTLE_SECONDS,
+        description="Defer a run while a member's etcd process started less than this long ago "
+        "(a restart or rolling update in progress; docs/safety.md). 0 turns the check off.",
+    )
     alerts: AlertRouting = Field(default_factory=AlertRouting)
     kubernetes: KubernetesTarget | None = None
 
@@ -759,6 +779,8 @@ def default_cluster() -> ClusterConfig:
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Settings from env and the optional YAML file; raises ConfigError with readable messages."""
+    if problems := unknown_environment(os.environ):
+        raise ConfigError("\n".join(["invalid environment:", *(f"  {p}" for p in problems)]))
     data = _read_yaml(config_file) if config_file is not None else {}
     settings_cls = type("FileSettings", (Settings,), {"file_data": data})
     try:
@@ -798,6 +820,61 @@ def _env_error(exc: SettingsError) -> str:
     else:
         why = f"cannot be read ({cause or exc})"
     return f"environment variable {name}: {why}; it must hold the setting as JSON"
+
+
+# `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli.py)
+# and the host lock's directory (exporter/cli.py, host_lock).
+ENV_OUTSIDE_SETTINGS = ("CONFIG", "LOCK_DIR")
+# What Kubernetes adds for a Service named etcd-autodefrag when a Pod keeps service links on
+# (Kubernetes docs, "Environment variables" of Services): not ours, so not a typo either. PORT only
+# with its `tcp://host:port` value, since a user could well mistype a port setting as ..._PORT.
+_SERVICE_LINK = re.compile(
+    r"SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?"
+)
+_SERVICE_LINK_URL = re.compile(r"(tcp|udp|sctp)://\S+")
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """One problem per `ETCD_AUTODEFRAG_*` variable that no setting reads, naming the closest valid name.
+
+    pydantic-settings ignores such variables, so a typo (`..._LISTEN_ADRESS`) would otherwise start
+    the service on the default silently. Names match case-insensitively, as pydantic-settings reads them.
+    """
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].upper()
+        if rest in ENV_OUTSIDE_SETTINGS or _SERVICE_LINK.fullmatch(rest):
+            continue
+        if rest == "PORT" and _SERVICE_LINK_URL.fullmatch(environ[name]):
+            continue
+        if (hint := _env_hint(rest)) is not None:
+            problems.append(f"{name}: no such setting{hint}")
+    return problems
+
+
+def _env_hint(rest: str) -> str | None:
+    """None when `rest` (after the prefix) names a setting, else a "did you mean" hint (maybe empty)."""
+    model: type[BaseModel] = Settings
+    path: list[str] = []
+    parts = rest.lower().split("__")
+    for index, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            # Compared without the common prefix, which would make every name look alike.
+            names = [f.upper() for f in model.model_fields]
+            if not path:
+                names += ENV_OUTSIDE_SETTINGS
+            matches = difflib.get_close_matches(part.upper(), names, n=1, cutoff=0.6)
+            return f" (did you mean {ENV_PREFIX}{'__'.join([*path, matches[0]]).upper()}?)" if matches else ""
+        path.append(part)
+        nested = field.annotation
+        if index + 1 < len(parts):
+            if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+                return f" ({ENV_PREFIX}{'__'.join(path).upper()} has no parts to set with __)"
+            model = nested
+    return None
 
 
 class _FileSource(PydanticBaseSettingsSource):

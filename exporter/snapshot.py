@@ -7,11 +7,11 @@ costs one timeout, not one per member, and never hides the others.
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from exporter import clock
-from exporter.etcd import EtcdApi, EtcdError, NoEndpointAnswered, first_answer
+from exporter.etcd import EtcdApi, EtcdError, MetricsFacts, NoEndpointAnswered, first_answer
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
 from exporter.rule import Rule
@@ -48,25 +48,26 @@ class ClusterSnapshot:
 
 @dataclass
 class QuotaCache:
-    """Quota per endpoint, read from a member's /metrics once: it changes only with a restart.
+    """What a member's /metrics page says (quota, process start), read once: both change only with a restart.
 
-    An entry is dropped when its member stops answering (it may come back with another quota) and
-    otherwise kept for `max_age_seconds`.
+    An entry is dropped when its member stops answering (it may come back with another quota and
+    start time) and otherwise kept for `max_age_seconds`; 0 reads the page at every status (the
+    engine does, so that its rollout gate sees a restart between two members).
     """
 
     max_age_seconds: float = 600.0
-    _entries: dict[str, tuple[int | None, float]] = field(default_factory=dict)
+    _entries: dict[str, tuple[MetricsFacts, float]] = field(default_factory=dict)
 
-    def get(self, endpoint: str) -> tuple[bool, int | None]:
-        """(known, quota) for an endpoint."""
+    def get(self, endpoint: str) -> MetricsFacts | None:
+        """What the endpoint's page said, or None when it has not been read (lately)."""
         entry = self._entries.get(endpoint)
-        if entry is None or clock.monotonic() - entry[1] > self.max_age_seconds:
-            return False, None
-        return True, entry[0]
+        if entry is None or clock.monotonic() - entry[1] >= self.max_age_seconds:
+            return None
+        return entry[0]
 
-    def put(self, endpoint: str, quota: int | None) -> None:
-        """Remember what the endpoint's metrics said (None: no quota line there)."""
-        self._entries[endpoint] = (quota, clock.monotonic())
+    def put(self, endpoint: str, facts: MetricsFacts) -> None:
+        """Remember what the endpoint's metrics said."""
+        self._entries[endpoint] = (facts, clock.monotonic())
 
     def forget(self, endpoint: str) -> None:
         """Drop an endpoint, e.g. after it failed to answer."""
@@ -76,23 +77,28 @@ class QuotaCache:
 async def member_status(
     client: EtcdApi, cluster: ClusterConfig, endpoint: str, quotas: QuotaCache
 ) -> MemberStatus:
-    """A member's status with the quota it runs with (status field, metrics page, or configured)."""
+    """A member's status with the quota it runs with (status field, metrics page, or configured).
+
+    The metrics page also gives the process start time the rollout gate needs; it is read even when
+    the status carries the quota (etcd >= 3.6), once per `quotas.max_age_seconds`.
+    """
     try:
         status = await client.status(endpoint)
     except EtcdError:
         quotas.forget(endpoint)
         raise
-    metrics_quota = None
-    if not status.quota_bytes:
-        known, metrics_quota = quotas.get(endpoint)
-        if not known:
-            try:
-                metrics_quota = await client.quota_from_metrics(endpoint)
-                quotas.put(endpoint, metrics_quota)
-            except EtcdError:
-                metrics_quota = None  # retried on the next refresh; the configured value covers
+    facts = quotas.get(endpoint)
+    if facts is None:
+        try:
+            facts = await client.read_metrics(endpoint)
+            quotas.put(endpoint, facts)
+        except EtcdError:
+            facts = MetricsFacts()  # retried next time; the configured quota covers meanwhile
     configured = int(cluster.quota_bytes) if cluster.quota_bytes else None
-    return with_quota(status, metrics_quota=metrics_quota, configured_quota=configured)
+    status = with_quota(status, metrics_quota=facts.quota_bytes, configured_quota=configured)
+    if facts.process_start_time_seconds:
+        status = replace(status, process_start_time_seconds=facts.process_start_time_seconds)
+    return status
 
 
 async def discover_members(client: EtcdApi, cluster: ClusterConfig) -> list[Member]:

@@ -255,7 +255,16 @@ def health_of(
         known = cache.get(name) if cache is not None else None
         if known is None or known[0] is not snapshot:
             problems = cluster_problems(snapshot)
-            known = (snapshot, ClusterHealth(snapshot.taken_at, not problems, "; ".join(problems)))
+            # Without discovery the snapshot holds the configured members only, not the voters.
+            voting = (
+                sum(not m.member.is_learner for m in snapshot.members)
+                if watch.config.discover_members
+                else None
+            )
+            known = (
+                snapshot,
+                ClusterHealth(snapshot.taken_at, not problems, "; ".join(problems), voting),
+            )
             if cache is not None:
                 cache[name] = known
         out[name] = known[1]
@@ -538,6 +547,8 @@ class Webhook:
             return decision, Decision.LAUNCH.value
         if result.outcome is LaunchOutcome.DRY_RUN:
             return replace(decision, reason=result.reason), RequestOutcome.DRY_RUN.value
+        if result.outcome is LaunchOutcome.DEFERRED:  # nothing recorded: the next notification retries
+            return self._skipped(replace(decision, decision=Decision.SKIP_DEFERRED, reason=result.reason))
         if result.outcome is LaunchOutcome.NAME_TAKEN:
             log.error("cluster %s: cannot launch: %s", cluster, result.reason)
             return replace(decision, reason=result.reason), RequestOutcome.LAUNCH_REJECTED.value
@@ -574,6 +585,7 @@ _LOG_LEVELS = {
     Decision.SKIP_UNROUTED: logging.WARNING,
     Decision.SKIP_AMBIGUOUS: logging.WARNING,
     Decision.SKIP_UNHEALTHY: logging.WARNING,
+    Decision.SKIP_UNAVAILABLE: logging.WARNING,  # a configuration choice is missing, said once a minute
     Decision.SKIP_NO_SNAPSHOT: logging.WARNING,
     Decision.SKIP_STALE_SNAPSHOT: logging.WARNING,
 }

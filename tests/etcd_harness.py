@@ -160,6 +160,8 @@ def _make_tls(directory: Path) -> tuple[TlsMaterial, _ServerTls]:
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    # Kept so that a test can issue more certificates (`trustme.CA.from_pem`), e.g. an expired one.
+    ca.private_key_pem.write_to_path(str(directory / "ca-key.pem"))
     # trustme certificates carry both serverAuth and clientAuth usages. etcd needs both on its own
     # certificate: its JSON gateway dials the local gRPC server presenting the server certificate,
     # and --client-cert-auth then checks it for clientAuth.

@@ -234,12 +234,22 @@ class FakeKube:
         spec["template"] = {"spec": {"containers": [{"name": "etcd"}], "volumes": volumes}}
         if replicas is not None:
             spec["replicas"] = replicas
+        count = 1 if replicas is None else replicas
+        # Rolled out: what the StatefulSet controller reports once every replica runs the current spec.
         sts = {
             "kind": "StatefulSet",
             "apiVersion": "apps/v1",
-            "metadata": self._new_metadata(namespace, name),
+            "metadata": {**self._new_metadata(namespace, name), "generation": 1},
             "spec": spec,
-            "status": {"replicas": replicas or 0, "readyReplicas": replicas or 0},
+            "status": {
+                "observedGeneration": 1,
+                "replicas": count,
+                "readyReplicas": count,
+                "currentReplicas": count,
+                "updatedReplicas": count,
+                "currentRevision": f"{name}-1",
+                "updateRevision": f"{name}-1",
+            },
         }
         self.statefulsets[(namespace, name)] = sts
         return sts

@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import trustme
 import yaml
-from etcd_harness import EtcdCluster, _free_ports, wait_until
+from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
@@ -45,9 +45,14 @@ def tls_flags(cluster: EtcdCluster) -> list[str]:
     ]
 
 
+# The harness's clusters started seconds ago, which the rollout gate would defer (docs/safety.md).
+SETTLED = ["--settle-seconds", "0"]
+
+
 def test_defrag_json_report(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
     etcd.churn()
-    code = main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"])
+    args = ["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"]
+    code = main([*args, *SETTLED])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     assert report["result"] == "success"
@@ -73,7 +78,7 @@ def test_defrag_over_tls(tls_etcd_cluster: EtcdCluster, capsys: pytest.CaptureFi
     cluster = tls_etcd_cluster
     cluster.churn()
     args = ["defrag", "--endpoints", cluster.endpoints[0], *tls_flags(cluster), "--rule", "dbSizeFree > 0"]
-    assert main(args) == 0
+    assert main([*args, *SETTLED]) == 0
     out = capsys.readouterr().out
     assert out.count("defragmented") == 3
 
@@ -138,6 +143,8 @@ def test_status_json_agrees_with_etcd(etcd: EtcdCluster, capsys: pytest.CaptureF
         assert row["is_leader"] == (endpoint == leader)
         assert row["db_size_bytes"] > 0
         assert row["db_free_bytes"] == row["db_size_bytes"] - row["db_size_in_use_bytes"]
+        assert row["defrag_cost"] == "none"
+        assert "leaves 2 of 3 voting members" in row["defrag_cost_reason"]
 
 
 def test_status_with_a_stopped_member(
@@ -355,6 +362,7 @@ def test_console_script_runs(etcd: EtcdCluster) -> None:
             "--dry-run",
             "--rule",
             "true",
+            *SETTLED,
         ],
         capture_output=True,
         text=True,
@@ -691,6 +699,7 @@ def test_docs_list_the_exit_codes_of_the_code() -> None:
         RunResult.DRY_RUN: ExitCode.OK,
         RunResult.FAILED: ExitCode.FAILED,
         RunResult.REFUSED: ExitCode.REFUSED,
+        RunResult.DEFERRED: ExitCode.DEFERRED,
     }
 
 
@@ -720,9 +729,10 @@ def test_json_reports_of_real_runs_match_the_schema(
     etcd.churn()
     reports = {}
     for name, flags in {
-        "dry_run": ["--dry-run", "--rule", "dbSizeFree > 0"],
-        "success": ["--rule", "dbSizeFree > 0", "--compact"],
-        "nothing_to_do": ["--rule", "false"],
+        "dry_run": ["--dry-run", "--rule", "dbSizeFree > 0", *SETTLED],
+        "deferred": ["--rule", "dbSizeFree > 0", "--settle-seconds", "36000"],
+        "success": ["--rule", "dbSizeFree > 0", "--compact", *SETTLED],
+        "nothing_to_do": ["--rule", "false", *SETTLED],
     }.items():
         main(["defrag", *endpoint, *flags])
         reports[name] = json.loads(capsys.readouterr().out)
@@ -761,7 +771,10 @@ def test_text_reports_say_what_a_dry_run_would_reclaim_and_why_a_run_was_refused
     etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]
 ) -> None:
     etcd.churn()
-    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--dry-run", "--rule", "dbSizeFree > 0"]) == 0
+    assert (
+        main(["defrag", "--endpoints", etcd.endpoints[0], "--dry-run", "--rule", "dbSizeFree > 0", *SETTLED])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-2:] == ["WOULD", "RECLAIM"]
     rows = [line for line in lines[1:] if "would_defrag" in line]
@@ -781,7 +794,47 @@ def test_a_foreign_lock_holder_is_shown_as_text(
 ) -> None:
     etcd.churn()
     etcd.put(LOCK_KEY.decode(), b"someone else")  # not a holder record of ours
-    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0"]) == 3
+    assert main(["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", *SETTLED]) == 3
     out = capsys.readouterr().out
     assert "another defrag run holds the lock key /etcd-autodefrag/defrag-lock in etcd: 'someone else'" in out
     assert "b'" not in out
+
+
+# --- the safety gates (docs/safety.md) --------------------------------------------------------
+
+
+def test_a_single_member_cluster_needs_allow_unavailable_and_status_shows_the_risk(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with start_cluster(tmp_path / "etcd", size=1) as cluster:
+        cluster.churn()
+        endpoint = cluster.endpoints[0]
+        defrag = ["defrag", "--endpoints", endpoint, "--rule", "dbSizeFree > 0", "--output", "json", *SETTLED]
+
+        assert main(defrag) == 3
+        refused = json.loads(capsys.readouterr().out)
+        assert refused["result"] == "refused"
+        assert "a single voting member" in refused["reason"]
+        assert "--allow-unavailable" in refused["reason"]
+        assert refused["members"][0]["outcome"] == "not_reached"
+
+        assert main(["status", "--endpoints", endpoint]) == 0
+        text = capsys.readouterr().out
+        assert "defrag risk (cluster_unavailable): a single voting member: the whole cluster stops" in text
+        assert main(["status", "--endpoints", endpoint, "--output", "json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["defrag_cost"] == "cluster_unavailable"
+
+        assert main([*defrag, "--allow-unavailable"]) == 0
+        assert json.loads(capsys.readouterr().out)["result"] == "success"
+
+
+def test_a_deferred_run_exits_75(etcd: EtcdCluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shared cluster started this session, well within an hour: a rollout for the gate."""
+    etcd.churn()
+    args = ["defrag", "--endpoints", etcd.endpoints[0], "--rule", "dbSizeFree > 0", "--output", "json"]
+    assert main([*args, "--settle-seconds", "36000"]) == 75
+    report = json.loads(capsys.readouterr().out)
+    assert (report["result"], report["exit_code"]) == ("deferred", 75)
+    assert "settle_seconds 36000" in report["reason"]
+    assert {m["outcome"] for m in report["members"]} == {"not_reached"}

@@ -4,17 +4,20 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
-from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdRequestError
+from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdMember, EtcdRequestError, start_cluster
 
 from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
 from exporter.cluster_lock import PREFIX as LOCK_PREFIX
 from exporter.cluster_lock import TOKEN_COUNT
 from exporter.engine import DefragEngine, Outcome, RunReport, RunResult
-from exporter.etcd import EtcdClient, EtcdUnavailable
+from exporter.etcd import START_TIME_METRIC, EtcdClient, EtcdUnavailable, find_gauge
 from exporter.settings import ClusterConfig
 
 pytestmark = pytest.mark.etcd
@@ -53,6 +56,8 @@ def config(cluster: EtcdCluster, **overrides: object) -> ClusterConfig:
         "endpoints": cluster.endpoints[:1],  # one seed: the rest come from the member list
         "rule": ALWAYS,
         "health_timeout_seconds": 20,
+        # The harness's clusters started seconds ago: the rollout gate would defer every run.
+        "settle_seconds": 0,
         **overrides,
     }
     return ClusterConfig.model_validate(options)
@@ -530,3 +535,159 @@ async def test_a_member_that_died_during_its_defrag_is_reported_down(fresh_etcd_
     # Nothing listens on the member any more, so its defrag cannot be running: the lock is given back.
     assert lock_holder(cluster) is None
     dead.start()
+
+
+# --- the safety gates: quorum and rollout (exporter.policy, docs/safety.md) -----------------------
+
+
+@pytest.fixture
+def small_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A fresh cluster of `request.param` members."""
+    cluster = start_cluster(tmp_path / "etcd", size=request.param)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("small_cluster", [1], indirect=True)
+async def test_a_single_member_cluster_is_refused_unless_downtime_is_accepted(
+    small_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = small_cluster
+    cluster.churn()
+    revision = cluster.revision()
+
+    for dry_run in (False, True):  # a dry run runs the gates too, and says what the real run would do
+        report = await run(client, config(cluster), dry_run=dry_run)
+        assert report.result is RunResult.REFUSED
+        assert report.exit_code == 3
+        assert "a single voting member: the whole cluster stops answering" in report.reason
+        assert "allow_unavailable_defrag: true" in report.reason
+        assert report.members[0].reason == "not reached: refuse_unavailable"
+    assert client.defragmented == []
+    assert cluster.revision() == revision  # no lock taken, nothing written
+
+    # Nothing to defragment is not a refusal: a daily CronJob on a dev cluster exits 0 most days.
+    assert (await run(client, config(cluster, rule="false"))).result is RunResult.NOTHING_TO_DO
+
+    accepted = await run(client, config(cluster, allow_unavailable_defrag=True))
+    assert accepted.result is RunResult.SUCCESS, accepted.reason
+    assert client.defragmented == cluster.endpoints
+
+
+@pytest.mark.parametrize("small_cluster", [2], indirect=True)
+async def test_a_two_member_cluster_is_refused_one_defrag_blocks_half_the_votes(
+    small_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = small_cluster
+    cluster.churn()
+    report = await run(client, config(cluster))
+    assert report.result is RunResult.REFUSED
+    assert report.exit_code == 3
+    assert "defragmenting one leaves 1, fewer than the quorum of 2" in report.reason
+    assert client.defragmented == []
+    accepted = await run(client, config(cluster, allow_unavailable_defrag=True))
+    assert accepted.result is RunResult.SUCCESS, accepted.reason
+    assert len(client.defragmented) == 2
+
+
+def started_at(member: EtcdMember) -> float:
+    """The member's process_start_time_seconds, from its own metrics page."""
+    with urllib.request.urlopen(member.client_url + "/metrics", timeout=5) as page:
+        found = find_gauge(page.read(), START_TIME_METRIC)
+    assert found is not None
+    return found
+
+
+async def test_a_member_started_within_settle_seconds_defers_the_run(
+    etcd: EtcdCluster, client: HookedClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    etcd.churn()
+    revision = etcd.revision()
+    youngest = max(started_at(m) for m in etcd.members)
+    caplog.set_level(logging.INFO, logger="exporter.engine")
+
+    report = await run(client, config(etcd, settle_seconds=time.time() - youngest + 3600))
+
+    assert report.result is RunResult.DEFERRED
+    assert report.exit_code == 75
+    assert report.reason.startswith("the cluster is changing: member etcd-")
+    assert "a restart or rolling update may be in progress" in report.reason
+    assert client.defragmented == []
+    assert etcd.revision() == revision  # no lock taken
+    assert json.loads(report.to_json())["result"] == "deferred"
+    (last,) = [r for r in caplog.records if "deferred: the cluster is changing" in r.getMessage()]
+    assert last.levelno == logging.WARNING  # not an error: the next alert or schedule retries
+
+
+async def test_a_member_restarted_mid_run_defers_the_rest(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    """A rolling update that reaches the next member while the run is on its first one."""
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+    settle_seconds = 5.0
+    # Every member older than the settle time (their own clocks say), so that the run starts.
+    cluster.wait(
+        lambda: all(time.time() - started_at(m) > settle_seconds + 0.5 for m in cluster.members),
+        timeout=30,
+        what="members older than the settle time",
+    )
+    leader = cluster.leader()
+    restarted: list[EtcdMember] = []
+
+    async def restart_another_follower(endpoint: str, index: int) -> None:
+        if index == 0:
+            victim = next(m for m in cluster.members if m is not leader and m.client_url != endpoint)
+            await asyncio.to_thread(victim.stop)
+            await asyncio.to_thread(cluster.start)  # restarts it and waits until all are healthy
+            restarted.append(victim)
+
+    client.after_defrag = restart_another_follower
+    report = await run(client, config(cluster, settle_seconds=settle_seconds))
+
+    assert report.result is RunResult.DEFERRED, report.reason
+    assert f"member {restarted[0].name} started" in report.reason
+    assert len(client.defragmented) == 1  # nothing after the restart
+    outcomes = [m.outcome for m in report.members]
+    assert outcomes == [Outcome.DEFRAGMENTED, Outcome.NOT_REACHED, Outcome.NOT_REACHED]
+    assert {m.reason for m in report.members[1:]} == {"not reached: defer_recent_start"}
+    assert lock_holder(cluster) is None  # given back: nothing is in flight
+
+
+async def test_a_member_list_change_mid_run_and_a_learner_defer_the_run(
+    fresh_etcd_cluster: EtcdCluster, client: HookedClient
+) -> None:
+    cluster = fresh_etcd_cluster
+    cluster.churn()
+
+    def add_learner() -> bool:
+        # etcd refuses a member change until every member has been connected for 5 s (strict
+        # reconfig check): retried until it takes. The learner is never started: quorum is unchanged.
+        try:
+            cluster.request("/v3/cluster/member/add", {"peerURLs": ["http://127.0.0.1:9"], "isLearner": True})
+        except EtcdRequestError as exc:
+            if "unhealthy" in exc.message:
+                return False
+            raise
+        return True
+
+    async def add_a_learner(endpoint: str, index: int) -> None:
+        if index == 0:
+            await asyncio.to_thread(cluster.wait, add_learner, timeout=20, what="the learner added")
+
+    client.after_defrag = add_a_learner
+    report = await run(client, config(cluster))
+
+    assert report.result is RunResult.DEFERRED, report.reason
+    assert report.exit_code == 75
+    assert "the member list changed since the plan (added " in report.reason
+    assert len(client.defragmented) == 1
+    assert lock_holder(cluster) is None
+
+    client.after_defrag = None
+    again = await run(client, config(cluster))
+    assert again.result is RunResult.DEFERRED
+    assert "present: a member is being added" in again.reason
+    assert len(client.defragmented) == 1  # the second run touched nothing

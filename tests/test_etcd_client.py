@@ -166,7 +166,7 @@ async def test_a_member_that_dribbles_its_answer_is_cut_off_by_the_request_timeo
         with pytest.raises(EtcdUnavailable, match=r"/v3/maintenance/status: no answer within 1s"):
             await client.status(dribbler)
         with pytest.raises(EtcdUnavailable, match=r"/metrics: no answer within 1s"):
-            await client.quota_from_metrics(dribbler)
+            await client.read_metrics(dribbler)
 
 
 async def test_a_run_against_a_dribbling_member_is_refused_not_failed(dribbler: str) -> None:

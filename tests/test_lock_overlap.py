@@ -76,6 +76,8 @@ def start_runs(cluster: EtcdCluster, count: int, tmp_path: Path) -> list[subproc
             "--rule",
             "false",  # NOSPACE overrides the rule: every member is defragmented
             "--compact",
+            "--settle-seconds",
+            "0",  # the cluster started seconds ago
             "--output",
             "json",
         ]

@@ -4,6 +4,8 @@ import pytest
 
 from exporter.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.policy import (
+    Gate,
+    QuorumCost,
     Step,
     alarms_to_disarm,
     cluster_rule,
@@ -16,7 +18,11 @@ from exporter.policy import (
     leader_last,
     leader_of,
     make_plan,
+    quorum_cost,
+    quorum_gate,
     quota_usage_ratio,
+    rollout_gate,
+    statefulset_rollout_gate,
     thresholds_expression,
     with_quota,
 )
@@ -297,3 +303,137 @@ def test_no_nospace_alarm_nothing_to_disarm() -> None:
 )
 def test_human_bytes(count: int, text: str) -> None:
     assert human_bytes(count) == text
+
+
+# --- the safety gates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("voting", "healthy", "cost"),
+    [
+        (1, 1, QuorumCost.CLUSTER_UNAVAILABLE),  # kind, single-master kubeadm, a small Kamaji datastore
+        (2, 2, QuorumCost.QUORUM_LOST),  # one defrag blocks half the votes
+        (3, 3, QuorumCost.NONE),
+        (3, 2, QuorumCost.QUORUM_LOST),
+        (4, 4, QuorumCost.NONE),
+        (4, 3, QuorumCost.QUORUM_LOST),
+        (5, 4, QuorumCost.NONE),
+        (5, 3, QuorumCost.QUORUM_LOST),
+    ],
+)
+def test_quorum_cost(voting: int, healthy: int, cost: QuorumCost) -> None:
+    assert quorum_cost(voting=voting, healthy_voting=healthy)[0] is cost
+
+
+@pytest.mark.parametrize(
+    ("voting", "allow", "gate", "reason_part"),
+    [
+        (1, False, Gate.REFUSE_UNAVAILABLE, "a single voting member: the whole cluster stops answering"),
+        (1, True, Gate.PROCEED, "accepted (allow_unavailable_defrag)"),
+        (2, False, Gate.REFUSE_UNAVAILABLE, "defragmenting one leaves 1, fewer than the quorum of 2"),
+        (2, True, Gate.PROCEED, "accepted"),
+        (3, False, Gate.PROCEED, "leaves 2 of 3 voting members"),
+    ],
+)
+def test_quorum_gate(voting: int, allow: bool, gate: Gate, reason_part: str) -> None:
+    decision = quorum_gate(voting=voting, healthy_voting=voting, allow_unavailable=allow)
+    assert decision.gate is gate
+    assert reason_part in decision.reason
+    assert not decision.deferred  # a refusal is not "try again later"
+    if gate is Gate.REFUSE_UNAVAILABLE:
+        assert "allow_unavailable_defrag: true" in decision.reason  # says how to accept it
+
+
+NOW = 1_800_000_000.0
+PLANNED = [member(1), member(2), member(3)]
+
+
+@pytest.mark.parametrize(
+    ("members", "started", "settle", "gate", "reason_part"),
+    [
+        (PLANNED, {1: NOW - 3600, 2: NOW - 3600, 3: NOW - 3600}, 180, Gate.PROCEED, ""),
+        (
+            PLANNED,
+            {1: NOW - 3600, 2: NOW - 30, 3: NOW - 3600},
+            180,
+            Gate.DEFER_RECENT_START,
+            "m2 started 30s ago",
+        ),
+        (PLANNED, {2: NOW - 180}, 180, Gate.PROCEED, ""),  # exactly settled
+        (PLANNED, {2: NOW - 30}, 0, Gate.PROCEED, ""),  # 0 turns the check off
+        (PLANNED, {}, 180, Gate.PROCEED, ""),  # no metrics page: cannot judge, does not defer
+        (PLANNED, {2: NOW + 5}, 180, Gate.DEFER_RECENT_START, "started 0s ago"),  # its clock ahead
+        ([*PLANNED, member(4, learner=True)], {}, 0, Gate.DEFER_MEMBERS_CHANGED, "added m4"),
+        (PLANNED[:2], {}, 0, Gate.DEFER_MEMBERS_CHANGED, "removed m3"),
+        ([member(1), member(2), member(3, learner=True)], {}, 0, Gate.DEFER_MEMBERS_CHANGED, "promoted"),
+    ],
+)
+def test_rollout_gate(
+    members: list[Member], started: dict[int, float], settle: float, gate: Gate, reason_part: str
+) -> None:
+    decision = rollout_gate(
+        members=members,
+        planned_members=PLANNED,
+        started_at_seconds=started,
+        now_seconds=NOW,
+        settle_seconds=settle,
+    )
+    assert decision.gate is gate
+    assert reason_part in decision.reason
+    assert decision.deferred is (gate is not Gate.PROCEED)
+
+
+def test_rollout_gate_defers_while_a_learner_is_present() -> None:
+    members = [*PLANNED, member(4, "joining", learner=True)]
+    decision = rollout_gate(
+        members=members, planned_members=members, started_at_seconds={}, now_seconds=NOW, settle_seconds=0
+    )
+    assert decision.gate is Gate.DEFER_LEARNER
+    assert "learner joining present" in decision.reason
+
+
+def statefulset(
+    *,
+    replicas: int = 3,
+    generation: int = 2,
+    observed: int = 2,
+    ready: int = 3,
+    updated: int = 3,
+    current: str = "etcd-2",
+    update: str = "etcd-2",
+    partition: int | None = None,
+) -> dict[str, object]:
+    strategy: dict[str, object] = {"type": "RollingUpdate"}
+    if partition is not None:
+        strategy["rollingUpdate"] = {"partition": partition}
+    return {
+        "metadata": {"name": "etcd", "generation": generation},
+        "spec": {"replicas": replicas, "updateStrategy": strategy},
+        "status": {
+            "observedGeneration": observed,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "updatedReplicas": updated,
+            "currentRevision": current,
+            "updateRevision": update,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("sts", "gate", "reason_part"),
+    [
+        (statefulset(), Gate.PROCEED, ""),
+        (statefulset(generation=3), Gate.DEFER_ROLLOUT, "has not yet seen its latest spec"),
+        (statefulset(ready=2), Gate.DEFER_ROLLOUT, "2 of 3 replicas ready"),
+        (statefulset(updated=1, update="etcd-3"), Gate.DEFER_ROLLOUT, "1 of 3 replicas at revision etcd-3"),
+        # The last Pod updated, the controller not yet done: revisions still differ.
+        (statefulset(update="etcd-3"), Gate.DEFER_ROLLOUT, "rolling update in progress"),
+        (statefulset(partition=2, updated=1, update="etcd-3"), Gate.PROCEED, ""),  # partitioned: done
+        (statefulset(partition=1, updated=1, update="etcd-3"), Gate.DEFER_ROLLOUT, "above the partition"),
+    ],
+)
+def test_statefulset_rollout_gate(sts: dict[str, object], gate: Gate, reason_part: str) -> None:
+    decision = statefulset_rollout_gate(sts)
+    assert decision.gate is gate
+    assert reason_part in decision.reason

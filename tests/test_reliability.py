@@ -24,6 +24,15 @@ this file adds what they did not):
     engine level: `test_engine.py::test_leadership_moving_mid_run_keeps_the_leader_last`.
   - a run exceeding its deadline: `test_a_run_over_its_deadline_stops_cleanly` (the CLI, exit 1, no
     traceback); engine level: `test_engine.py::test_deadline_stops_the_run_cleanly`.
+- Faults of issue 14 (item 6), on real etcd, each asserting the error names the member and the cause,
+  the exit code, nothing further touched, the lock as docs/locking.md says, and no acknowledged write
+  lost: TLS (wrong CA, expired client certificate, server name mismatch):
+  `test_tls_failures_refuse_the_run_naming_each_member_and_the_cause`; an unreadable key file:
+  `test_an_unreadable_key_file_is_a_configuration_error_naming_the_file`; a full disk during a
+  member's defrag (a tmpfs under its database):
+  `test_a_member_whose_disk_fills_during_its_defrag_fails_alone`; a member that accepts and never
+  answers: `test_a_member_that_accepts_and_never_answers_stops_the_run`;
+  a wall-clock jump mid-run: `test_a_wall_clock_jump_mid_run_moves_no_deadline`.
 - Kubernetes API faults (500s, timeouts, 409s, slow responses; 503 when nothing was recorded, never
   two Jobs for one cluster): `test_kubernetes_api_faults_answer_503_until_a_job_is_recorded`;
   the storm with faults, two replicas and a restart:
@@ -56,14 +65,18 @@ import base64
 import io
 import json
 import logging
+import shutil
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -71,6 +84,7 @@ from etcd_harness import EtcdCluster, EtcdMember
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import Counts
+from test_engine import lock_holder
 from test_webhook import (
     AUTH,
     TOKEN,
@@ -85,8 +99,10 @@ from test_webhook import (
 )
 from test_webhook import settings as service_settings
 
-from exporter import logs
+from exporter import clock, logs
 from exporter.app import create_app
+from exporter.engine import DefragEngine, RunResult
+from exporter.etcd import EtcdClient
 from exporter.executors import KubernetesExecutor, LocalExecutor
 from exporter.kube import kube_api_client
 from exporter.settings import ClusterConfig
@@ -254,6 +270,7 @@ def write_config(path: Path, proxies: Proxies, **options: Any) -> Path:
         "rule": "dbSizeFree > 0",
         "request_timeout_seconds": 2,
         "health_timeout_seconds": 20,
+        "settle_seconds": 0,  # the cluster started seconds ago: no rollout gate
         **options,
     }
     path.write_text(yaml.safe_dump({"clusters": [cluster]}))
@@ -439,6 +456,329 @@ async def test_a_run_over_its_deadline_stops_cleanly(
     assert "Traceback" not in run.stderr
     # The third member was never asked: two defragment requests (the second held at the proxy).
     assert len(proxies.defragmented()) == 2
+    check_data(cluster, data, reliability_counts)
+
+
+# --- faults never injected before issue 14: TLS, a full disk, a silent member, a clock jump ---------
+
+
+async def run_cli_config(config: Path, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
+    """`defrag --cluster t` as a process: exit code, the JSON report (None when it printed none), stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exporter",
+        "defrag",
+        "--config",
+        str(config),
+        "--cluster",
+        "t",
+        "--output",
+        "json",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    async with asyncio.timeout(120):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, json.loads(stdout) if stdout.strip() else None, stderr.decode()
+
+
+def tls_config(path: Path, cluster: EtcdCluster, **tls: Any) -> Path:
+    """A config for the TLS cluster `t`, with the cluster's own client TLS files unless overridden."""
+    assert cluster.tls is not None
+    files = {
+        "ca_file": cluster.tls.ca_file,
+        "cert_file": cluster.tls.cert_file,
+        "key_file": cluster.tls.key_file,
+    }
+    options = {
+        "name": "t",
+        "endpoints": cluster.endpoints,
+        "discover_members": False,
+        "rule": "dbSizeFree > 0",
+        "request_timeout_seconds": 2,
+        "settle_seconds": 0,
+        "tls": {k: str(v) for k, v in {**files, **tls}.items()},
+    }
+    path.write_text(yaml.safe_dump({"clusters": [options]}))
+    return path
+
+
+def sizes(cluster: EtcdCluster) -> dict[str, int]:
+    return {m.name: int(m.status()["dbSize"]) for m in cluster.members}
+
+
+@pytest.mark.parametrize("fault", ["wrong CA", "expired client certificate", "server name mismatch"])
+async def test_tls_failures_refuse_the_run_naming_each_member_and_the_cause(
+    tls_etcd_cluster: EtcdCluster, tmp_path: Path, fault: str, reliability_counts: Counts
+) -> None:
+    cluster = tls_etcd_cluster
+    assert cluster.tls is not None
+    cluster.churn(keys=50, rounds=2)  # free pages everywhere: the rule would select every member
+    data = {f"{DATA_PREFIX}tls/{i}": f"v{i}".encode() for i in range(50)}
+    cluster.put_many(data.items())
+    revision, before = cluster.revision(), sizes(cluster)
+    if fault == "wrong CA":
+        other = trustme.CA()
+        other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+        config, cause = (
+            tls_config(tmp_path / "c.yaml", cluster, ca_file=tmp_path / "other-ca.pem"),
+            "the member's certificate is not trusted",
+        )
+    elif fault == "expired client certificate":
+        ca = trustme.CA.from_pem(
+            cluster.tls.ca_file.read_bytes(), (cluster.tls.ca_file.parent / "ca-key.pem").read_bytes()
+        )
+        yesterday = datetime.now(UTC) - timedelta(days=1)
+        expired = ca.issue_cert(
+            "etcd-autodefrag", not_before=yesterday - timedelta(days=30), not_after=yesterday
+        )
+        expired.cert_chain_pems[0].write_to_path(str(tmp_path / "expired.pem"))
+        expired.private_key_pem.write_to_path(str(tmp_path / "expired-key.pem"))
+        config = tls_config(
+            tmp_path / "c.yaml",
+            cluster,
+            cert_file=tmp_path / "expired.pem",
+            key_file=tmp_path / "expired-key.pem",
+        )
+        cause = "certificate"  # etcd ends the handshake with an alert ("bad certificate" or "expired")
+    else:
+        config, cause = (
+            tls_config(tmp_path / "c.yaml", cluster, server_name="etcd.example.com"),
+            "Hostname mismatch",
+        )
+
+    code, report, stderr = await run_cli_config(config)
+    reliability_counts.fault(f"TLS: {fault}")
+
+    assert code == 3, stderr
+    assert report is not None
+    assert report["result"] == "refused"
+    assert "Traceback" not in stderr
+    # Each member's URL is named with the cause (without discovery every endpoint is asked in turn).
+    assert "no configured endpoint answered" in report["reason"]
+    for endpoint in cluster.endpoints:
+        assert endpoint in report["reason"]
+    assert report["reason"].count(cause) >= 1, report["reason"]
+    # Not one request reached etcd's API: nothing defragmented, no lock key written.
+    assert cluster.revision() == revision
+    assert all(sizes(cluster)[name] >= size for name, size in before.items())
+    prefix = f"{DATA_PREFIX}tls/"
+    found = {prefix + key: value for key, value in cluster.keys_with_prefix(prefix).items()}
+    reliability_counts.add("keys_checked", len(data))
+    reliability_counts.add("data_lost", sum(found.get(k) != v for k, v in data.items()))
+    assert found == data
+
+
+async def test_an_unreadable_key_file_is_a_configuration_error_naming_the_file(
+    tls_etcd_cluster: EtcdCluster, tmp_path: Path, reliability_counts: Counts
+) -> None:
+    cluster = tls_etcd_cluster
+    assert cluster.tls is not None
+    revision = cluster.revision()
+    # A Secret half-rotated: the key file is there but holds no key (root reads any file, so a
+    # mode of 000 would not make it unreadable for the tests; a truncated PEM does for everyone).
+    key = tmp_path / "tls.key"
+    key.write_text(cluster.tls.key_file.read_text()[:40])
+    code, report, stderr = await run_cli_config(tls_config(tmp_path / "c.yaml", cluster, key_file=key))
+    reliability_counts.fault("TLS: unreadable key file")
+    assert code == 2, stderr  # README: bad configuration
+    assert report is None
+    assert f"cluster t: tls.key_file {key}: its PEM private key cannot be parsed" in stderr
+    assert "Traceback" not in stderr
+    assert cluster.revision() == revision
+
+
+@pytest.fixture
+def mount_tmpfs() -> Iterator[Callable[[Path, int], None]]:
+    """Mounts a tmpfs of a size at a path (unmounted at teardown); skips when mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size_bytes: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.skip(
+                f"cannot mount a tmpfs here (needs root and mount permission): {result.stderr.strip()}"
+            )
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:  # lazily: a member still running keeps its files until the cluster is killed
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+async def test_a_member_whose_disk_fills_during_its_defrag_fails_alone(
+    proxies: Proxies, tmp_path: Path, mount_tmpfs: Callable[[Path, int], None], reliability_counts: Counts
+) -> None:
+    """The first member's database directory on a tmpfs with room for its file but not for the copy."""
+    cluster = proxies.cluster
+    data = write_data(cluster)
+    leader = cluster.leader()
+    full = min((m for m in cluster.members if m is not leader), key=lambda m: m.name)  # visited first
+    status = full.status()
+    size, in_use = int(status["dbSize"]), int(status["dbSizeInUse"])
+    await asyncio.to_thread(full.stop)
+    snap = full.data_dir / "member" / "snap"
+    saved = tmp_path / "snap-saved"
+    shutil.copytree(snap, saved)
+    page = 4096
+    # The file and a quarter of what the new, compacted copy needs: defrag writes that copy next to it.
+    mount_tmpfs(snap, (size + in_use // 4) // page * page + 16 * page)
+    for item in saved.iterdir():
+        shutil.copy2(item, snap / item.name)
+    await asyncio.to_thread(cluster.start)
+    write_more = {f"{DATA_PREFIX}late/{i}": b"x" for i in range(5)}  # acknowledged after the restart
+    cluster.put_many(write_more.items())
+    data.update(write_more)
+
+    run = await run_cli(write_config(tmp_path / "config.yaml", proxies))
+    reliability_counts.fault("disk full during a member's defrag")
+
+    assert run.code == 1, run.stderr
+    assert run.report["result"] == "failed"
+    assert run.report["reason"] == f"defragmentation failed on {full.name}"
+    (failed,) = [m for m in run.report["members"] if m["outcome"] == "failed"]
+    assert failed["name"] == full.name
+    assert "no space left on device" in failed["reason"]
+    assert proxies.touched() == [(full.name, DEFRAG)]  # nothing after it
+    assert lock_holder(cluster) is None  # etcd answered: no defrag in flight, the lock given back
+    assert "Traceback" not in run.stderr
+    # etcd < 3.4.35 / 3.5.17 then panics at its next write (etcd-io/etcd#18810, fixed by #18822): the
+    # old file is intact, and the WAL is on another disk. Given room, the member comes back whole.
+    if not full.running:
+        assert "no space left on device" in full.log_tail(200)
+        reliability_counts.add("etcd_crashed_after_a_full_disk_defrag", 1)
+    check_data(cluster, data, reliability_counts)
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", f"remount,size={4 * size}", str(snap)], check=True
+    )
+    await asyncio.to_thread(cluster.start)
+    check_data(cluster, data, reliability_counts)
+
+
+@dataclass
+class SilentProxy:
+    """A TCP proxy in front of one member that, once `silence()`d, accepts and reads but never answers.
+
+    A network partition as a client sees it: connections open, requests go out, nothing comes back
+    (unlike a stopped member, which refuses the connection). Connections already open fall silent too.
+    """
+
+    target_port: int
+    silent: bool = False
+    url: str = ""
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def silence(self) -> None:
+        self.silent = True
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while chunk := await source.read(65536):
+                if not self.silent:  # silent: swallow everything, answer nothing, close nothing
+                    sink.write(chunk)
+                    await sink.drain()
+
+        for task in (
+            asyncio.create_task(pipe(reader, upstream_writer)),
+            asyncio.create_task(pipe(upstream_reader, writer)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+async def test_a_member_that_accepts_and_never_answers_stops_the_run(
+    proxies: Proxies, tmp_path: Path, reliability_counts: Counts
+) -> None:
+    cluster = proxies.cluster
+    data = write_data(cluster)
+    leader = cluster.leader()
+    first, second = sorted((m for m in cluster.members if m is not leader), key=lambda m: m.name)
+    silent = SilentProxy(int(proxies.urls[second.name].rsplit(":", 1)[1]))
+    await silent.start()
+
+    async def partition_the_next(member: EtcdMember, index: int) -> None:
+        if index == 0:
+            silent.silence()
+
+    proxies.after_defrag = partition_the_next
+    endpoints = [proxies.urls[first.name], silent.url, proxies.urls[leader.name]]
+    try:
+        run = await run_cli(write_config(tmp_path / "config.yaml", proxies, endpoints=endpoints))
+    finally:
+        await silent.close()
+    reliability_counts.fault("etcd member accepts and never answers mid-run")
+
+    assert run.code == 1, run.stderr
+    assert run.report["result"] == "failed"
+    assert f"member {second.name} failed a linearizable read" in run.report["reason"]
+    assert "no answer within 2s" in run.report["reason"]
+    assert proxies.touched() == [(first.name, DEFRAG)]  # the silent member and the leader untouched
+    assert lock_holder(cluster) is None  # given back through the members that answer
+    assert "Traceback" not in run.stderr
+    check_data(cluster, data, reliability_counts)
+
+
+async def test_a_wall_clock_jump_mid_run_moves_no_deadline(
+    proxies: Proxies, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability_counts: Counts
+) -> None:
+    """Deadlines and durations run on the monotonic clock: the wall clock 2 h forward changes nothing."""
+    cluster = proxies.cluster
+    data = write_data(cluster)
+    jump = timedelta(hours=2)
+    jumped: list[datetime] = []
+    real_utcnow = clock.utcnow
+
+    def wall_clock() -> datetime:
+        return real_utcnow() + (jump if jumped else timedelta(0))
+
+    monkeypatch.setattr(clock, "utcnow", wall_clock)  # exporter.clock is the one source of time
+
+    async def jump_forward(member: EtcdMember, index: int) -> None:
+        if index == 0:
+            jumped.append(clock.utcnow())
+
+    proxies.after_defrag = jump_forward
+    cluster_config = ClusterConfig.model_validate(
+        yaml.safe_load(
+            write_config(
+                tmp_path / "c.yaml", proxies, deadline_seconds=60, member_timeout_seconds=30
+            ).read_text()
+        )["clusters"][0]
+    )
+    async with aiohttp.ClientSession() as session:
+        report = await DefragEngine(EtcdClient(session, timeout_seconds=2), cluster_config).run()
+    reliability_counts.fault("wall clock jumped 2 h forward mid-run")
+
+    assert jumped, "the jump never happened"
+    assert report.result is RunResult.SUCCESS, report.reason  # a wall-clock deadline would have passed
+    assert report.exit_code == 0
+    assert [m.outcome.value for m in report.members] == ["defragmented"] * 3
+    assert report.duration_seconds < 60  # measured on the monotonic clock, not 2 h
+    assert len(proxies.defragmented()) == 3
+    assert lock_holder(cluster) is None
     check_data(cluster, data, reliability_counts)
 
 
@@ -715,7 +1055,10 @@ def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
 
     def refresher(*snapshots: ClusterSnapshot) -> Any:
         watches = {
-            s.cluster: SimpleNamespace(config=SimpleNamespace(name=s.cluster), snapshot=s) for s in snapshots
+            s.cluster: SimpleNamespace(
+                config=SimpleNamespace(name=s.cluster, discover_members=True), snapshot=s
+            )
+            for s in snapshots
         }
         return SimpleNamespace(snapshots=lambda: [(w, w.snapshot) for w in watches.values()], watches=watches)
 

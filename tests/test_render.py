@@ -396,9 +396,9 @@ def test_the_cronjob_command_runs_the_engine(
 
     cluster.churn()
     report_file = tmp_path / "termination-log"
-    done = subprocess.run(
-        local_command(manifest, cluster, report_file), capture_output=True, text=True, timeout=60, check=False
-    )
+    # The cluster started this session: without --settle-seconds 0 the rollout gate defers the run.
+    command = [*local_command(manifest, cluster, report_file), "--settle-seconds", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     report = json.loads(report_file.read_text())
     assert len(report_file.read_bytes()) <= 4096
@@ -445,6 +445,10 @@ async def test_render_job_is_the_job_the_webhook_creates(
     validate(rendered)
 
     settings = load_settings(config)
+    target = settings.cluster("tenant-a").kubernetes
+    assert target is not None
+    assert target.etcd_name is not None
+    fake_kube.add_statefulset(target.namespace, target.etcd_name, replicas=3)  # the rollout gate reads it
     executor = executors.kubernetes_executor(settings, api_client=kube_api)
     await executor.start(lambda _outcome: None)
     try:

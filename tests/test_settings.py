@@ -5,7 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from exporter.settings import ConfigError, Settings, load_settings, parse_byte_size
+from exporter.cli import main
+from exporter.settings import (
+    DEFAULT_SETTLE_SECONDS,
+    ENV_PREFIX,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_byte_size,
+    unknown_environment,
+)
+
+REPO = Path(__file__).resolve().parent.parent
 
 VALID = """
 log_level: debug
@@ -315,3 +326,90 @@ def test_an_empty_rule_loads_and_means_always(tmp_path: Path) -> None:
     (cluster,) = settings.clusters
     assert cluster.rule == ""
     assert cluster_rule(cluster).evaluate({}) is True
+
+
+# --- environment variables: a typo stops start-up ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("ETCD_AUTODEFRAG_LISTEN_ADRESS", "(did you mean ETCD_AUTODEFRAG_LISTEN_ADDRESS?)"),
+        ("ETCD_AUTODEFRAG_WEBHOOK__TOKN", "(did you mean ETCD_AUTODEFRAG_WEBHOOK__TOKEN?)"),
+        ("ETCD_AUTODEFRAG_EXECUTOR__COOLDOWN", "(did you mean ETCD_AUTODEFRAG_EXECUTOR__COOLDOWN_SECONDS?)"),
+        ("ETCD_AUTODEFRAG_CONFG", "(did you mean ETCD_AUTODEFRAG_CONFIG?)"),
+        ("ETCD_AUTODEFRAG_LOCKDIR", "(did you mean ETCD_AUTODEFRAG_LOCK_DIR?)"),
+        ("etcd_autodefrag_log_levl", "(did you mean ETCD_AUTODEFRAG_LOG_LEVEL?)"),  # any case, as read
+        ("ETCD_AUTODEFRAG_LOG_LEVEL__X", "(ETCD_AUTODEFRAG_LOG_LEVEL has no parts to set with __)"),
+        ("ETCD_AUTODEFRAG_PORT", ""),  # not a service link's tcp:// value: a mistyped port setting
+        ("ETCD_AUTODEFRAG_ZZZ", ""),
+    ],
+)
+def test_an_unknown_environment_variable_names_the_closest_setting(name: str, hint: str) -> None:
+    problems = unknown_environment({name: "9479", "HOME": "/root"})
+    assert problems == [f"{name}: no such setting{' ' + hint if hint else ''}"]
+
+
+def test_every_variable_the_project_reads_or_documents_is_known() -> None:
+    """The settings' own names, those read outside the model, and every one named in the repository."""
+    known = {
+        "ETCD_AUTODEFRAG_LOG_LEVEL": "debug",
+        "ETCD_AUTODEFRAG_LISTEN_ADDRESS": "0.0.0.0:9479",
+        "ETCD_AUTODEFRAG_WEBHOOK__TOKEN": "t",
+        "ETCD_AUTODEFRAG_WEBHOOK": "{}",
+        "ETCD_AUTODEFRAG_EXECUTOR__KIND": "local",
+        "ETCD_AUTODEFRAG_CLUSTERS": "[]",
+        "ETCD_AUTODEFRAG_CONFIG": "/c.yaml",
+        "ETCD_AUTODEFRAG_LOCK_DIR": "/run/lock",
+        # Kubernetes service links of a Service named etcd-autodefrag (when a Pod keeps them on).
+        "ETCD_AUTODEFRAG_SERVICE_HOST": "10.0.0.1",
+        "ETCD_AUTODEFRAG_SERVICE_PORT": "9479",
+        "ETCD_AUTODEFRAG_SERVICE_PORT_HTTP": "9479",
+        "ETCD_AUTODEFRAG_PORT": "tcp://10.0.0.1:9479",
+        "ETCD_AUTODEFRAG_PORT_9479_TCP": "tcp://10.0.0.1:9479",
+        "ETCD_AUTODEFRAG_PORT_9479_TCP_ADDR": "10.0.0.1",
+    }
+    assert unknown_environment(known) == []
+    # Every ETCD_AUTODEFRAG_* name written anywhere in code, manifests or docs (prefix-only mentions
+    # and the service-link names quoted above aside).
+    found: dict[str, str] = {}
+    places = ("exporter", "scripts", "tests", "deploy", "docs", "demo", "bench", "alerts", ".ci")
+    files = [REPO / "README.md", REPO / "Makefile", REPO / "Dockerfile"]
+    files += [p for place in places for p in (REPO / place).rglob("*") if p.is_file()]
+    for path in files:
+        if path.name == Path(__file__).name or not path.exists():
+            continue  # this file spells typos on purpose
+        for name in re.findall(rf"{ENV_PREFIX}[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")):
+            found[name] = known.get(name, "tcp://10.0.0.1:9479" if name.endswith("_PORT") else "x")
+    assert len(found) >= 5, found
+    assert unknown_environment(found) == []
+
+
+def test_a_typo_in_the_environment_stops_start_up_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ETCD_AUTODEFRAG_LISTEN_ADRESS", "0.0.0.0:9000")
+    with pytest.raises(ConfigError, match="did you mean ETCD_AUTODEFRAG_LISTEN_ADDRESS"):
+        load_settings()
+    # Every command that reads the settings (`serve` included) stops before doing anything.
+    assert main(["status", "--endpoints", "http://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid environment" in err
+    assert (
+        "ETCD_AUTODEFRAG_LISTEN_ADRESS: no such setting (did you mean ETCD_AUTODEFRAG_LISTEN_ADDRESS?)" in err
+    )
+    assert "Traceback" not in err
+
+
+def test_safety_settings_per_cluster(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, VALID + "    allow_unavailable_defrag: true\n    settle_seconds: 0\n")
+    )
+    a, b = settings.clusters
+    assert (a.allow_unavailable_defrag, a.settle_seconds) == (False, DEFAULT_SETTLE_SECONDS)
+    assert (b.allow_unavailable_defrag, b.settle_seconds) == (True, 0)
+    assert 120 <= DEFAULT_SETTLE_SECONDS <= 300
+    with pytest.raises(
+        ConfigError, match=r"clusters\[1\]\.settle_seconds: Input should be greater than or equal to 0"
+    ):
+        load_settings(write(tmp_path, VALID + "    settle_seconds: -1\n"))

@@ -1246,6 +1246,7 @@ async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Se
         f"    endpoints: [{cluster.endpoints[0]}]\n"
         "    rule: 'dbSizeFree > 1024*1024'\n"
         "    health_timeout_seconds: 20\n"
+        "    settle_seconds: 0\n"  # started seconds ago: no rollout gate
     )
     configured = load_settings(config).clusters
     executor = LocalExecutor(
