@@ -1,10 +1,14 @@
-"""Parsing etcd's JSON gateway replies: strings for 64-bit ints, omitted zero values."""
+"""Parsing etcd's JSON gateway replies (strings for 64-bit ints, omitted zero values), and where
+each etcd release reports what the client reads."""
 
 from pathlib import Path
 
+import aiohttp
 import pytest
+from etcd_harness import EtcdBuild, EtcdCluster
 
 from exporter.etcd import (
+    EtcdClient,
     find_quota,
     parse_alarm_error,
     parse_alarms,
@@ -13,6 +17,8 @@ from exporter.etcd import (
     parse_status,
 )
 from exporter.model import Alarm, AlarmKind
+from exporter.settings import ClusterConfig
+from exporter.snapshot import QuotaCache, member_status
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
 STATUS_NOSPACE = {
@@ -125,3 +131,34 @@ def test_find_quota_in_a_recorded_etcd_page() -> None:
     page = (Path(__file__).parent.parent / "bench" / "data" / "metrics.txt").read_bytes()
     assert len(page) > 100_000  # the real page, not a stub
     assert find_quota(page) == int(float(page.split(b"\netcd_server_quota_backend_bytes ")[1].split()[0]))
+
+
+class MetricsCountingClient(EtcdClient):
+    """The real client, counting how often it reads a member's metrics page for the quota."""
+
+    metrics_reads = 0
+
+    async def quota_from_metrics(self, endpoint: str, *, timeout: float | None = None) -> int | None:
+        self.metrics_reads += 1
+        return await super().quota_from_metrics(endpoint, timeout=timeout)
+
+
+@pytest.mark.etcd
+async def test_quota_from_the_status_on_36_and_from_the_metrics_page_before(
+    etcd: EtcdCluster, etcd_build: EtcdBuild
+) -> None:
+    # etcd 3.6 added dbSizeQuota to StatusResponse; 3.4 and 3.5 only export the quota as a metric.
+    status_has_quota = etcd_build.release >= (3, 6)
+    endpoint = etcd.endpoints[0]
+    assert ("dbSizeQuota" in etcd.members[0].status()) is status_has_quota
+    config = ClusterConfig.model_validate({"name": "q", "endpoints": [endpoint]})
+    async with aiohttp.ClientSession() as session:
+        client = MetricsCountingClient(session)
+        status = await client.status(endpoint)
+        assert status.quota_bytes == (etcd.quota_bytes if status_has_quota else 0)
+        assert await client.quota_from_metrics(endpoint) == etcd.quota_bytes
+        # Both sources agree with --quota-backend-bytes; what every reader of a status gets:
+        client.metrics_reads = 0
+        observed = await member_status(client, config, endpoint, QuotaCache())
+    assert observed.quota_bytes == etcd.quota_bytes
+    assert client.metrics_reads == (0 if status_has_quota else 1)
