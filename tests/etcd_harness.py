@@ -296,8 +296,10 @@ class _Http:
         except urllib.error.HTTPError as error:
             body = error.read().decode(errors="replace")
             try:
-                message = json.loads(body).get("error") or body
-            except ValueError:
+                # grpc-gateway v1 (etcd 3.4, 3.5) sends "error", "code" and "message"; v2 (3.6) drops "error".
+                parsed = json.loads(body)
+                message = parsed.get("error") or parsed.get("message") or body
+            except (ValueError, AttributeError):
                 message = body
             raise EtcdRequestError(request.full_url, error.code, message) from None
 

@@ -8,7 +8,9 @@ import pytest
 from etcd_harness import EtcdBuild, EtcdCluster
 
 from exporter.etcd import (
+    EtcdApiError,
     EtcdClient,
+    EtcdUnavailable,
     find_quota,
     parse_alarm_error,
     parse_alarms,
@@ -16,9 +18,11 @@ from exporter.etcd import (
     parse_quota_line,
     parse_status,
 )
+from exporter.metrics import cluster_problems
 from exporter.model import Alarm, AlarmKind
+from exporter.policy import cluster_rule
 from exporter.settings import ClusterConfig
-from exporter.snapshot import QuotaCache, member_status
+from exporter.snapshot import QuotaCache, member_status, observe_cluster
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
 STATUS_NOSPACE = {
@@ -162,3 +166,50 @@ async def test_quota_from_the_status_on_36_and_from_the_metrics_page_before(
         observed = await member_status(client, config, endpoint, QuotaCache())
     assert observed.quota_bytes == etcd.quota_bytes
     assert client.metrics_reads == (0 if status_has_quota else 1)
+
+
+@pytest.mark.etcd
+async def test_api_errors_carry_code_and_message_and_a_repeated_compaction_is_not_one(
+    etcd: EtcdCluster,
+) -> None:
+    # etcd 3.6's gateway (grpc-gateway v2) answers errors without the "error" field 3.4 and 3.5 send.
+    endpoint = etcd.endpoints[0]
+    revision = etcd.put("/test-client/compact", b"x")
+    async with aiohttp.ClientSession() as session:
+        client = EtcdClient(session)
+        with pytest.raises(EtcdApiError, match="future revision") as future:
+            await client.compact(endpoint, revision + 1000)
+        assert (future.value.code, future.value.http_status) == (11, 400)  # OUT_OF_RANGE
+        assert await client.compact(endpoint, revision) is True
+        assert await client.compact(endpoint, revision) is False  # "already compacted"
+
+
+@pytest.mark.etcd
+async def test_member_list_without_quorum_is_refused_from_35_on(
+    fresh_etcd_cluster: EtcdCluster, etcd_build: EtcdBuild
+) -> None:
+    # We ask for a linearizable member list so that a member cut off from the quorum cannot hand out
+    # a stale one; etcd 3.4 has no such option and answers from its local copy.
+    cluster = fresh_etcd_cluster
+    for member in cluster.members[1:]:
+        member.kill()
+    survivor = cluster.members[0].client_url
+    config = ClusterConfig.model_validate({"name": "q", "endpoints": [survivor], "rule": "dbSize > 0"})
+    async with aiohttp.ClientSession() as session:
+        client = EtcdClient(session, timeout_seconds=1.0)
+        if etcd_build.release >= (3, 5):
+            # etcd gives up after its request timeout (~6 s here); we stop waiting before that.
+            with pytest.raises(EtcdUnavailable, match="no answer within 1s"):
+                await client.members(survivor)
+        else:
+            assert len(await client.members(survivor)) == 3
+        snapshot = await observe_cluster(client, config, cluster_rule(config), QuotaCache())
+    # Either way the cluster is reported unhealthy, for a reason that says why.
+    problems = cluster_problems(snapshot)
+    if etcd_build.release >= (3, 5):
+        assert problems == [f"no endpoint answered: {survivor}: /v3/cluster/member/list: no answer within 1s"]
+    else:
+        assert [problem.split(": ")[0] for problem in sorted(problems)] == [
+            "member etcd-1 did not answer",
+            "member etcd-2 did not answer",
+        ]
