@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
 TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus-alertmanager:amtool
+# The releases `make test-all` runs every etcd test against: Debian's 3.4 and the lines pinned under
+# tools/etcd/, which scripts/build-etcd builds with Go (docs/development.md).
+ETCD_VERSIONS_ALL := 3.4,3.5,3.6
 
-.PHONY: test lint fmt venv debs clean demo
+.PHONY: test test-all lint fmt venv debs etcd-builds clean demo
 
 venv: $(STAMP)
 
@@ -30,6 +33,13 @@ fmt: venv
 
 test: venv debs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Builds only what is missing or stale (a progress line per build); a cold build takes about 2 minutes.
+etcd-builds:
+	scripts/build-etcd
+
+test-all: venv debs lint etcd-builds
+	ETCD_VERSIONS=$(ETCD_VERSIONS_ALL) $(BIN)/pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
