@@ -256,8 +256,13 @@ def _child_environment(prefixes: tuple[str, ...]) -> dict[str, str]:
 
     Both read every `ETCD_*` / `ETCDCTL_*` variable as a flag, warn about the ones they do not know
     (ETCD_VERSIONS) and exit when one duplicates a flag the harness passes (go.etcd.io/etcd/pkg/flags).
+    ETCD_UNSUPPORTED_ARCH stays: etcd 3.4 refuses to start on arm64 without it.
     """
-    return {name: value for name, value in os.environ.items() if not name.startswith(prefixes)}
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(prefixes) or name == "ETCD_UNSUPPORTED_ARCH"
+    }
 
 
 class _Http:
