@@ -47,6 +47,7 @@ if str(ROOT / "tests") not in sys.path:
 
 from etcd_harness import (  # noqa: E402 - the harness lives with the tests
     NOSPACE_ERROR,
+    EtcdBuild,
     EtcdCluster,
     EtcdHarnessError,
     EtcdRequestError,
@@ -99,6 +100,8 @@ class StackOptions:
     group_interval: str = "2s"
     # Alertmanager re-sends a still-firing group this often; the webhook must not launch again.
     repeat_interval: str = "1h"
+    # The etcd release to run (tests/etcd_harness.py); None: the installed etcd.
+    etcd_build: EtcdBuild | None = None
     cooldown_seconds: float = 3600.0
 
 
@@ -374,7 +377,9 @@ class Stack:
     def start_etcd(self) -> EtcdCluster:
         """A 3-member cluster with the options' quota."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.etcd = start_cluster(self.workdir / "etcd", quota_bytes=self.options.quota_bytes)
+        self.etcd = start_cluster(
+            self.workdir / "etcd", quota_bytes=self.options.quota_bytes, build=self.options.etcd_build
+        )
         return self.etcd
 
     def start_service(self) -> str:

@@ -1,14 +1,28 @@
-"""Shared fixtures: real etcd clusters on loopback (tests/etcd_harness.py), a fake Kubernetes API."""
+"""Shared fixtures: real etcd clusters on loopback (tests/etcd_harness.py), a fake Kubernetes API.
+
+Every test that uses etcd (through `etcd_build`, which every cluster fixture depends on) runs once per
+release named in ETCD_VERSIONS, e.g. `ETCD_VERSIONS=3.4,3.5,3.6` (ids `[etcd3.4]`, ...). Unset, it
+runs once against the installed etcd, with ids carrying no version.
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from etcd_harness import EtcdCluster, EtcdHarnessError, start_cluster
+from etcd_harness import (
+    VERSIONS_ENV,
+    EtcdBuild,
+    EtcdCluster,
+    EtcdHarnessError,
+    builds_from_env,
+    installed_build,
+    start_cluster,
+)
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import COUNTS, Counts
@@ -17,10 +31,41 @@ from exporter.cluster_lock import PREFIX as LOCK_PREFIX
 from exporter.etcd import prefix_end
 from exporter.kube import kube_api_client
 
+# The builds ETCD_VERSIONS names, resolved once at start-up (None: the variable is unset).
+_ETCD_BUILDS = pytest.StashKey[list[EtcdBuild] | None]()
 
-def _start(tmp_root: Path, **options: bool) -> EtcdCluster:
+
+def pytest_configure(config: pytest.Config) -> None:
     try:
-        return start_cluster(tmp_root, **options)
+        config.stash[_ETCD_BUILDS] = builds_from_env(os.environ.get(VERSIONS_ENV))
+    except EtcdHarnessError as error:
+        # A version asked for but not built: stop before running anything, without a traceback.
+        raise pytest.UsageError(str(error)) from None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    builds = metafunc.config.stash[_ETCD_BUILDS]
+    if builds is not None and "etcd_build" in metafunc.fixturenames:
+        # Session scope: pytest groups the tests by release, so each shared cluster starts once per release.
+        ids = [build.test_id for build in builds]
+        metafunc.parametrize("etcd_build", builds, ids=ids, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def etcd_build(request: pytest.FixtureRequest) -> EtcdBuild:
+    """The etcd release the test runs against: one of ETCD_VERSIONS, else the installed etcd."""
+    if (build := getattr(request, "param", None)) is not None:
+        assert isinstance(build, EtcdBuild)
+        return build
+    try:
+        return installed_build()
+    except EtcdHarnessError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+def _start(tmp_root: Path, build: EtcdBuild, **options: bool) -> EtcdCluster:
+    try:
+        return start_cluster(tmp_root, build=build, **options)
     except EtcdHarnessError as error:
         # Missing binaries or a cluster that would not come up: fail loudly, never skip.
         pytest.fail(str(error), pytrace=False)
@@ -36,9 +81,9 @@ def _damage(cluster: EtcdCluster) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """One healthy 3-member plain-HTTP cluster (32 MiB quota) for the whole session; use via `etcd`."""
-    cluster = _start(tmp_path_factory.mktemp("etcd-shared"))
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory, etcd_build: EtcdBuild) -> Iterator[EtcdCluster]:
+    """One healthy 3-member plain-HTTP cluster (32 MiB quota) per release; use via `etcd`."""
+    cluster = _start(tmp_path_factory.mktemp("etcd-shared"), etcd_build)
     try:
         yield cluster
     finally:
@@ -78,9 +123,11 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
-def fresh_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+def fresh_etcd_cluster(
+    tmp_path_factory: pytest.TempPathFactory, etcd_build: EtcdBuild
+) -> Iterator[EtcdCluster]:
     """A new 3-member cluster (32 MiB quota) the test may stop, kill or fill."""
-    cluster = _start(tmp_path_factory.mktemp("etcd-fresh"))
+    cluster = _start(tmp_path_factory.mktemp("etcd-fresh"), etcd_build)
     try:
         yield cluster
     finally:
@@ -88,9 +135,11 @@ def fresh_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etc
 
 
 @pytest.fixture(scope="session")
-def tls_etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+def tls_etcd_cluster(
+    tmp_path_factory: pytest.TempPathFactory, etcd_build: EtcdBuild
+) -> Iterator[EtcdCluster]:
     """A 3-member cluster whose clients must present a certificate (`cluster.tls`)."""
-    cluster = _start(tmp_path_factory.mktemp("etcd-tls"), tls=True)
+    cluster = _start(tmp_path_factory.mktemp("etcd-tls"), etcd_build, tls=True)
     try:
         yield cluster
     finally:

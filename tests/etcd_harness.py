@@ -9,6 +9,10 @@ The harness talks to etcd through its v3 JSON gateway
 (https://etcd.io/docs/v3.4/dev-guide/api_grpc_gateway/): POST a JSON body, bytes fields
 base64-encoded, 64-bit integers as JSON strings, zero values omitted.
 It deliberately does not import `exporter`: it is the yardstick the exporter is measured against.
+
+Each cluster runs one etcd release (`EtcdBuild`): by default the etcd installed on the machine
+(Debian's 3.4), or a pinned 3.5/3.6 build made by scripts/build-etcd (`find_build`). The suite picks
+the releases with ETCD_VERSIONS (`builds_from_env`, used by tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import atexit
 import base64
 import ctypes
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,8 +44,13 @@ from typing import Any, TypeVar
 
 import trustme
 
+# The installed etcd (Debian's etcd-server and etcd-client packages): what runs unless told otherwise.
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 ETCDCTL_BIN = shutil.which("etcdctl") or "/usr/bin/etcdctl"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-etcd"
+# Which releases the suite runs against, e.g. "3.4,3.5,3.6"; unset: the installed etcd only.
+VERSIONS_ENV = "ETCD_VERSIONS"
 LOOPBACK = "127.0.0.1"
 
 # Elections within ~0.5 s after a leader is stopped, yet 10 heartbeats per election timeout so a slow
@@ -177,6 +188,107 @@ def _make_tls(directory: Path) -> tuple[TlsMaterial, _ServerTls]:
     )
 
 
+@dataclass(frozen=True)
+class EtcdBuild:
+    """One etcd release: its server and etcdctl binaries and the version the server reports."""
+
+    version: str  # e.g. "3.6.17", as `etcd --version` prints it
+    etcd: str
+    etcdctl: str
+
+    @property
+    def line(self) -> str:
+        """The minor version line, e.g. "3.6": what ETCD_VERSIONS names."""
+        return ".".join(self.version.split(".")[:2])
+
+    @property
+    def release(self) -> tuple[int, int]:
+        """(major, minor), for comparisons such as `build.release >= (3, 6)`."""
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(minor)
+
+    @property
+    def test_id(self) -> str:
+        """The id the suite gives tests run against this release, e.g. "etcd3.6"."""
+        return f"etcd{self.line}"
+
+
+_VERSION_LINE = re.compile(r"^etcd Version: (\S+)$", re.MULTILINE)
+
+
+def etcd_version(etcd: str) -> str:
+    """The version an etcd binary reports, e.g. "3.4.23"."""
+    _check_binaries(etcd)
+    output = subprocess.run([etcd, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    match = _VERSION_LINE.search(output.stdout)
+    if match is None:
+        raise EtcdHarnessError(f"{etcd} --version printed no 'etcd Version:' line: {output.stdout!r}")
+    return match.group(1)
+
+
+@functools.cache
+def installed_build() -> EtcdBuild:
+    """The etcd on PATH (else /usr/bin), with its etcdctl."""
+    _check_binaries(ETCD_BIN, ETCDCTL_BIN)
+    return EtcdBuild(etcd_version(ETCD_BIN), ETCD_BIN, ETCDCTL_BIN)
+
+
+@functools.cache
+def find_build(line: str) -> EtcdBuild:
+    """The binaries for a version line such as "3.6".
+
+    A line pinned under tools/etcd/ comes from scripts/build-etcd's cache (and must have been built
+    from the current pin); any other line is served by the installed etcd if that is its version.
+    """
+    if (REPO_ROOT / "tools" / "etcd" / f"v{line}").is_dir():
+        where = subprocess.run(
+            [str(BUILD_SCRIPT), "--where", line], capture_output=True, text=True, timeout=30, check=False
+        )
+        if where.returncode != 0:
+            raise EtcdHarnessError(where.stderr.strip() or f"{BUILD_SCRIPT} --where {line} failed")
+        directory = Path(where.stdout.strip())
+        etcd, etcdctl = str(directory / "etcd"), str(directory / "etcdctl")
+        build = EtcdBuild(etcd_version(etcd), etcd, etcdctl)
+    else:
+        build = installed_build()
+    if build.line != line:
+        pinned = sorted(p.name.removeprefix("v") for p in (REPO_ROOT / "tools" / "etcd").glob("v*"))
+        raise EtcdHarnessError(
+            f"no etcd {line} here: the installed etcd is {build.version} and the pinned builds "
+            f"(scripts/build-etcd) are {', '.join(pinned)}"
+        )
+    return build
+
+
+def builds_from_env(value: str | None) -> list[EtcdBuild] | None:
+    """The builds ETCD_VERSIONS names (e.g. "3.4,3.5,3.6"), in that order; None when it is unset."""
+    if value is None or not value.strip():
+        return None
+    lines = [line.strip() for line in value.split(",") if line.strip()]
+    malformed = [line for line in lines if not re.fullmatch(r"3\.\d+", line)]
+    if malformed:
+        raise EtcdHarnessError(
+            f"{VERSIONS_ENV}={value!r}: {malformed} are not version lines like 3.4, 3.5, 3.6"
+        )
+    if len(set(lines)) != len(lines):
+        raise EtcdHarnessError(f"{VERSIONS_ENV}={value!r} names a version twice")
+    return [find_build(line) for line in lines]
+
+
+def _child_environment(prefixes: tuple[str, ...]) -> dict[str, str]:
+    """This process's environment without the variables etcd or etcdctl would read as flags.
+
+    Both read every `ETCD_*` / `ETCDCTL_*` variable as a flag, warn about the ones they do not know
+    (ETCD_VERSIONS) and exit when one duplicates a flag the harness passes (go.etcd.io/etcd/pkg/flags).
+    ETCD_UNSUPPORTED_ARCH stays: etcd 3.4 refuses to start on arm64 without it.
+    """
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(prefixes) or name == "ETCD_UNSUPPORTED_ARCH"
+    }
+
+
 class _Http:
     """Tiny JSON-over-HTTP client for the v3 gateway; never goes through a proxy."""
 
@@ -188,6 +300,11 @@ class _Http:
 
     def get(self, url: str, timeout: float = HTTP_TIMEOUT_SECONDS) -> dict[str, Any]:
         return self._send(urllib.request.Request(url), timeout)
+
+    def get_text(self, url: str, timeout: float = HTTP_TIMEOUT_SECONDS) -> str:
+        with self._opener.open(urllib.request.Request(url), timeout=timeout) as response:
+            text: str = response.read().decode()
+            return text
 
     def post(
         self, url: str, payload: dict[str, Any], timeout: float = HTTP_TIMEOUT_SECONDS
@@ -208,8 +325,10 @@ class _Http:
         except urllib.error.HTTPError as error:
             body = error.read().decode(errors="replace")
             try:
-                message = json.loads(body).get("error") or body
-            except ValueError:
+                # grpc-gateway v1 (etcd 3.4, 3.5) sends "error", "code" and "message"; v2 (3.6) drops "error".
+                parsed = json.loads(body)
+                message = parsed.get("error") or parsed.get("message") or body
+            except (ValueError, AttributeError):
                 message = body
             raise EtcdRequestError(request.full_url, error.code, message) from None
 
@@ -245,6 +364,7 @@ class EtcdMember:
     peer_url: str
     data_dir: Path
     log_path: Path
+    build: EtcdBuild = field(default_factory=installed_build, repr=False)
     initial_cluster: str = field(default="", repr=False)
     initial_cluster_state: str = field(default="new", repr=False)
     cluster_flags: tuple[str, ...] = field(default=(), repr=False)
@@ -257,7 +377,7 @@ class EtcdMember:
     def command(self) -> list[str]:
         """The etcd command line this member runs with."""
         return [
-            ETCD_BIN,
+            self.build.etcd,
             f"--name={self.name}",
             f"--data-dir={self.data_dir}",
             f"--listen-client-urls={self.client_url}",
@@ -281,6 +401,7 @@ class EtcdMember:
             self._process = subprocess.Popen(
                 self.command(),
                 stdin=subprocess.DEVNULL,
+                env=_child_environment(("ETCD_",)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Safe despite threads: the hook only calls prctl(), it takes no locks.
@@ -324,6 +445,10 @@ class EtcdMember:
     def status(self, timeout: float = HTTP_TIMEOUT_SECONDS) -> dict[str, Any]:
         """The raw JSON of POST /v3/maintenance/status (ints as strings, zero values omitted)."""
         return self._http.post(f"{self.client_url}/v3/maintenance/status", {}, timeout)
+
+    def metrics_page(self) -> str:
+        """The member's own Prometheus exposition (GET /metrics on its client URL)."""
+        return self._http.get_text(f"{self.client_url}/metrics")
 
     def serving_peers(self) -> bool:
         """Whether the peer URL answers GET /version; raises if the process has exited."""
@@ -377,8 +502,10 @@ class EtcdCluster:
         quota_bytes: int,
         tls: TlsMaterial | None,
         cluster_flags: tuple[str, ...],
+        build: EtcdBuild,
     ) -> None:
         self.directory = directory
+        self.build = build
         self.members = members
         self.quota_bytes = quota_bytes
         self.tls = tls
@@ -642,9 +769,10 @@ class EtcdCluster:
                 f"--cert={self.tls.cert_file}",
                 f"--key={self.tls.key_file}",
             ]
-        env = {**os.environ, "ETCDCTL_API": "3"}
+        # No ETCDCTL_API: 3 is the default since etcdctl 3.4, and etcdctl 3.6 warns about the variable.
+        env = _child_environment(("ETCDCTL_", "ETCD_"))
         result = subprocess.run(
-            [ETCDCTL_BIN, *flags, *args],
+            [self.build.etcdctl, *flags, *args],
             capture_output=True,
             text=True,
             env=env,
@@ -712,6 +840,7 @@ class EtcdCluster:
             initial_cluster=initial_cluster,
             initial_cluster_state=initial_cluster_state,
             cluster_flags=self._cluster_flags,
+            build=self.build,
             ssl_context=self._ssl_context,
         )
 
@@ -794,8 +923,8 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _check_binaries() -> None:
-    missing = [path for path in (ETCD_BIN, ETCDCTL_BIN) if not os.access(path, os.X_OK)]
+def _check_binaries(*paths: str) -> None:
+    missing = [path for path in paths if not os.access(path, os.X_OK)]
     if missing:
         raise EtcdHarnessError(
             f"etcd binaries not found: {', '.join(missing)}. Run `make test`, which installs the "
@@ -811,17 +940,24 @@ def start_cluster(
     tls: bool = False,
     learner: bool = False,
     log_level: str = LOG_LEVEL,
+    build: EtcdBuild | None = None,
 ) -> EtcdCluster:
-    """Start a healthy `size`-member cluster in a new directory under `tmp_root`.
+    """Start a healthy `size`-member cluster of `build` (default: the installed etcd) under `tmp_root`.
 
     With `learner`, one more member is then added as a learner and started. `log_level="info"` makes
     etcd log each defragmentation (see `defrag_intervals`).
     """
-    _check_binaries()
+    build = build or installed_build()
     tmp_root.mkdir(parents=True, exist_ok=True)
     for attempt in range(START_ATTEMPTS):
         cluster = _launch(
-            tmp_root, size=size, quota_bytes=quota_bytes, tls=tls, learner=learner, log_level=log_level
+            tmp_root,
+            size=size,
+            quota_bytes=quota_bytes,
+            tls=tls,
+            learner=learner,
+            log_level=log_level,
+            build=build,
         )
         try:
             cluster.start()
@@ -845,7 +981,14 @@ def start_cluster(
 
 
 def _launch(
-    tmp_root: Path, *, size: int, quota_bytes: int, tls: bool, learner: bool, log_level: str
+    tmp_root: Path,
+    *,
+    size: int,
+    quota_bytes: int,
+    tls: bool,
+    learner: bool,
+    log_level: str,
+    build: EtcdBuild,
 ) -> EtcdCluster:
     directory = Path(tempfile.mkdtemp(prefix="etcd-", dir=tmp_root))
     tls_material, server_tls = _make_tls(directory / "tls") if tls else (None, None)
@@ -855,6 +998,7 @@ def _launch(
         f"--heartbeat-interval={HEARTBEAT_INTERVAL_MS}",
         f"--election-timeout={ELECTION_TIMEOUT_MS}",
         "--auto-compaction-retention=0",
+        # 3.4 logs with capnslog unless told; zap is the default of 3.5 and the only choice in 3.6.
         "--logger=zap",
         "--log-outputs=stderr",
         f"--log-level={log_level}",
@@ -873,7 +1017,7 @@ def _launch(
         flags.append("--strict-reconfig-check=false")
     ports = _free_ports(2 * size)
     cluster = EtcdCluster(
-        directory, [], quota_bytes=quota_bytes, tls=tls_material, cluster_flags=tuple(flags)
+        directory, [], quota_bytes=quota_bytes, tls=tls_material, cluster_flags=tuple(flags), build=build
     )
     scheme = "https" if tls else "http"
     names = [f"etcd-{i}" for i in range(size)]

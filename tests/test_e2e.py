@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from etcd_harness import NOSPACE_ERROR, EtcdRequestError
+from etcd_harness import NOSPACE_ERROR, EtcdBuild, EtcdRequestError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "demo"))
 # demo/ is not a package: its directory goes on the path, as tests/ does for etcd_harness.
@@ -227,8 +227,8 @@ def wait_resolved(stack: Stack, alertname: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.etcd
-def test_fragmentation_alert_leads_to_one_run_leader_last(tmp_path: Path) -> None:
-    options = StackOptions(cluster="e2e-frag", quota_bytes=512 * MiB, alert_for="5s")
+def test_fragmentation_alert_leads_to_one_run_leader_last(tmp_path: Path, etcd_build: EtcdBuild) -> None:
+    options = StackOptions(cluster="e2e-frag", quota_bytes=512 * MiB, alert_for="5s", etcd_build=etcd_build)
     cluster = options.cluster
     with Stack(tmp_path, options) as stack:
         etcd = stack.start().etcd
@@ -315,11 +315,15 @@ def test_fragmentation_alert_leads_to_one_run_leader_last(tmp_path: Path) -> Non
 
 @pytest.mark.e2e
 @pytest.mark.etcd
-def test_nospace_alarm_recovered_by_compaction_defrag_and_disarm(tmp_path: Path) -> None:
+def test_nospace_alarm_recovered_by_compaction_defrag_and_disarm(
+    tmp_path: Path, etcd_build: EtcdBuild
+) -> None:
     # The NOSPACE alert has no `for:`; the others get a long one here, so that EtcdQuotaUsageCritical
     # (also acting, also true at the quota) cannot win the race to the webhook: the run must be the
     # NOSPACE alert's doing.
-    options = StackOptions(cluster="e2e-nospace", quota_bytes=32 * MiB, compact=True, alert_for="60s")
+    options = StackOptions(
+        cluster="e2e-nospace", quota_bytes=32 * MiB, compact=True, alert_for="60s", etcd_build=etcd_build
+    )
     cluster = options.cluster
     with Stack(tmp_path, options) as stack:
         etcd = stack.start().etcd

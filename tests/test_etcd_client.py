@@ -1,4 +1,5 @@
-"""Parsing etcd's JSON gateway replies: strings for 64-bit ints, omitted zero values."""
+"""Parsing etcd's JSON gateway replies (strings for 64-bit ints, omitted zero values), and where
+each etcd release reports what the client reads."""
 
 import asyncio
 import contextlib
@@ -9,11 +10,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from etcd_harness import EtcdBuild, EtcdCluster
 
 from exporter.engine import DefragEngine, RunResult
 from exporter.etcd import (
+    EtcdApiError,
     EtcdClient,
     EtcdUnavailable,
+    MetricsFacts,
     find_quota,
     parse_alarm_error,
     parse_alarms,
@@ -21,8 +25,11 @@ from exporter.etcd import (
     parse_quota_line,
     parse_status,
 )
+from exporter.metrics import cluster_problems
 from exporter.model import Alarm, AlarmKind
+from exporter.policy import cluster_rule
 from exporter.settings import ClusterConfig
+from exporter.snapshot import QuotaCache, member_status, observe_cluster
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
 STATUS_NOSPACE = {
@@ -187,3 +194,82 @@ async def test_a_refused_connection_says_the_request_never_reached_the_member() 
         with pytest.raises(EtcdUnavailable) as caught:
             await EtcdClient(session, timeout_seconds=1).status(closed)
     assert caught.value.reached is False
+
+
+class MetricsCountingClient(EtcdClient):
+    """The real client, counting how often it reads a member's metrics page."""
+
+    metrics_reads = 0
+
+    async def read_metrics(self, endpoint: str, *, timeout: float | None = None) -> MetricsFacts:
+        self.metrics_reads += 1
+        return await super().read_metrics(endpoint, timeout=timeout)
+
+
+@pytest.mark.etcd
+async def test_quota_from_the_status_on_36_and_from_the_metrics_page_before(
+    etcd: EtcdCluster, etcd_build: EtcdBuild
+) -> None:
+    # etcd 3.6 added dbSizeQuota to StatusResponse; 3.4 and 3.5 only export the quota as a metric.
+    status_has_quota = etcd_build.release >= (3, 6)
+    endpoint = etcd.endpoints[0]
+    assert ("dbSizeQuota" in etcd.members[0].status()) is status_has_quota
+    config = ClusterConfig.model_validate({"name": "q", "endpoints": [endpoint]})
+    async with aiohttp.ClientSession() as session:
+        client = MetricsCountingClient(session)
+        status = await client.status(endpoint)
+        assert status.quota_bytes == (etcd.quota_bytes if status_has_quota else 0)
+        assert (await client.read_metrics(endpoint)).quota_bytes == etcd.quota_bytes
+        # Both sources agree with --quota-backend-bytes; what every reader of a status gets:
+        client.metrics_reads = 0
+        observed = await member_status(client, config, endpoint, QuotaCache())
+    assert observed.quota_bytes == etcd.quota_bytes
+    # Read once either way: it also gives the process start time the rollout gate needs.
+    assert client.metrics_reads == 1
+
+
+@pytest.mark.etcd
+async def test_api_errors_carry_code_and_message_and_a_repeated_compaction_is_not_one(
+    etcd: EtcdCluster,
+) -> None:
+    # etcd 3.6's gateway (grpc-gateway v2) answers errors without the "error" field 3.4 and 3.5 send.
+    endpoint = etcd.endpoints[0]
+    revision = etcd.put("/test-client/compact", b"x")
+    async with aiohttp.ClientSession() as session:
+        client = EtcdClient(session)
+        with pytest.raises(EtcdApiError, match="future revision") as future:
+            await client.compact(endpoint, revision + 1000)
+        assert (future.value.code, future.value.http_status) == (11, 400)  # OUT_OF_RANGE
+        assert await client.compact(endpoint, revision) is True
+        assert await client.compact(endpoint, revision) is False  # "already compacted"
+
+
+@pytest.mark.etcd
+async def test_member_list_without_quorum_is_refused_from_35_on(
+    fresh_etcd_cluster: EtcdCluster, etcd_build: EtcdBuild
+) -> None:
+    # We ask for a linearizable member list so that a member cut off from the quorum cannot hand out
+    # a stale one; etcd 3.4 has no such option and answers from its local copy.
+    cluster = fresh_etcd_cluster
+    for member in cluster.members[1:]:
+        member.kill()
+    survivor = cluster.members[0].client_url
+    config = ClusterConfig.model_validate({"name": "q", "endpoints": [survivor], "rule": "dbSize > 0"})
+    async with aiohttp.ClientSession() as session:
+        client = EtcdClient(session, timeout_seconds=1.0)
+        if etcd_build.release >= (3, 5):
+            # etcd gives up after its request timeout (~6 s here); we stop waiting before that.
+            with pytest.raises(EtcdUnavailable, match="no answer within 1s"):
+                await client.members(survivor)
+        else:
+            assert len(await client.members(survivor)) == 3
+        snapshot = await observe_cluster(client, config, cluster_rule(config), QuotaCache())
+    # Either way the cluster is reported unhealthy, for a reason that says why.
+    problems = cluster_problems(snapshot)
+    if etcd_build.release >= (3, 5):
+        assert problems == [f"no endpoint answered: {survivor}: /v3/cluster/member/list: no answer within 1s"]
+    else:
+        assert [problem.split(": ")[0] for problem in sorted(problems)] == [
+            "member etcd-1 did not answer",
+            "member etcd-2 did not answer",
+        ]

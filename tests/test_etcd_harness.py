@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 from etcd_harness import (
+    EtcdBuild,
     EtcdCluster,
     EtcdHarnessError,
     EtcdRequestError,
     TlsMaterial,
+    builds_from_env,
     free_after_compaction_floor_bytes,
     start_cluster,
     wait_until,
@@ -47,6 +49,31 @@ def test_wait_until_returns_the_value_or_names_what_it_waited_for() -> None:
 
 def _raise_os_error() -> None:
     raise OSError("x")
+
+
+@pytest.mark.etcd
+def test_cluster_runs_the_release_it_was_started_with(etcd: EtcdCluster, etcd_build: EtcdBuild) -> None:
+    assert etcd.build == etcd_build
+    assert {status["version"] for status in etcd.statuses().values()} == {etcd_build.version}
+    assert f"etcdctl version: {etcd_build.version}\n" in etcd.etcdctl("version").stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("3.4,latest", r"\['latest'\] are not version lines"),
+        ("3.4,3.4", "names a version twice"),
+        ("3.9", r"no etcd 3\.9 here: the installed etcd is 3\.\d+\.\d+ .* are 3\.5, 3\.6"),
+    ],
+)
+def test_etcd_versions_that_cannot_be_served_are_refused(value: str, error: str) -> None:
+    with pytest.raises(EtcdHarnessError, match=error):
+        builds_from_env(value)
+
+
+def test_etcd_versions_unset_means_the_installed_etcd_only() -> None:
+    assert builds_from_env(None) is None
+    assert builds_from_env(" ") is None
 
 
 @pytest.mark.etcd
@@ -144,7 +171,8 @@ def test_tls_cluster_requires_a_client_certificate(tls_etcd_cluster: EtcdCluster
 
     with_cert = ssl.create_default_context(cafile=str(tls.ca_file))
     with_cert.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    assert json.loads(_get_text(f"{endpoint}/health", with_cert)) == {"health": "true"}
+    # 3.5 and later add "reason" to the reply.
+    assert json.loads(_get_text(f"{endpoint}/health", with_cert))["health"] == "true"
     assert tls_etcd_cluster.leader() in tls_etcd_cluster.members
     health = tls_etcd_cluster.etcdctl("endpoint", "health")
     assert (health.stdout + health.stderr).count("is healthy") == 3  # 3.4 reports on stderr
@@ -172,8 +200,8 @@ def test_fill_until_nospace_raises_the_alarm_and_etcdctl_recovers(
 
 
 @pytest.mark.etcd
-def test_learner_is_added_and_everything_is_removed_on_stop(tmp_path: Path) -> None:
-    with start_cluster(tmp_path, learner=True) as cluster:
+def test_learner_is_added_and_everything_is_removed_on_stop(tmp_path: Path, etcd_build: EtcdBuild) -> None:
+    with start_cluster(tmp_path, learner=True, build=etcd_build) as cluster:
         learners = [m for m in _member_list(cluster) if m.get("isLearner")]
         assert [m["name"] for m in learners] == ["etcd-3-learner"]
         learner = cluster.member("etcd-3-learner")

@@ -107,6 +107,36 @@ async def test_gauges_agree_with_etcd(etcd: EtcdCluster, serve: Callable[..., An
             )
 
 
+# etcd's own gauge for each of ours (https://etcd.io/docs/v3.5/metrics/), as each member exports it.
+ETCD_OWN_GAUGES = {
+    "etcd_mvcc_db_total_size_in_bytes": "etcd_autodefrag_db_size_bytes",
+    "etcd_mvcc_db_total_size_in_use_in_bytes": "etcd_autodefrag_db_size_in_use_bytes",
+    "etcd_server_quota_backend_bytes": "etcd_autodefrag_db_quota_bytes",
+    "etcd_server_is_leader": "etcd_autodefrag_member_is_leader",
+}
+
+
+def etcd_own_gauges(cluster: EtcdCluster) -> dict[str, dict[str, float]]:
+    """etcd gauge name -> member name -> value, read from every member's /metrics."""
+    pages = {m.name: Scrape(m.metrics_page()) for m in cluster.members}
+    return {name: {member: page.value(name) for member, page in pages.items()} for name in ETCD_OWN_GAUGES}
+
+
+async def test_gauges_equal_etcds_own_metrics(etcd: EtcdCluster, serve: Callable[..., Any]) -> None:
+    client = await serve([cluster_config("main", etcd)])
+    # As above: a scrape taken between two equal readings of etcd's metrics.
+    for _ in range(20):
+        theirs = etcd_own_gauges(etcd)
+        ours = await scrape(client)
+        if theirs == etcd_own_gauges(etcd):
+            break
+    else:
+        pytest.fail("etcd's metrics never held still between two readings")
+    assert sum(theirs["etcd_server_is_leader"].values()) == 1
+    for etcd_name, our_name in ETCD_OWN_GAUGES.items():
+        assert ours.by_member(our_name, "main") == theirs[etcd_name], etcd_name
+
+
 async def test_exposition_names_types_labels_and_help(etcd: EtcdCluster, serve: Callable[..., Any]) -> None:
     metrics = await scrape(await serve([cluster_config("main", etcd)]))
     expected_gauges = {

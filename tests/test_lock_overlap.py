@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdHarnessError, EtcdRequestError, start_cluster
+from etcd_harness import (
+    NOSPACE_ERROR,
+    EtcdBuild,
+    EtcdCluster,
+    EtcdHarnessError,
+    EtcdRequestError,
+    start_cluster,
+)
 from reliability_counts import COUNTS
 
 from exporter.cluster_lock import TOKEN_COUNT
@@ -36,11 +43,14 @@ RUN_TIMEOUT_SECONDS = 120
 
 
 @pytest.fixture(scope="module")
-def logged_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    """A 3-member cluster that logs every defragmentation (etcd's level info)."""
+def logged_cluster(tmp_path_factory: pytest.TempPathFactory, etcd_build: EtcdBuild) -> Iterator[EtcdCluster]:
+    """A 3-member cluster of the release under test that logs every defragmentation (level info)."""
     try:
         cluster = start_cluster(
-            tmp_path_factory.mktemp("etcd-overlap"), quota_bytes=QUOTA_BYTES, log_level="info"
+            tmp_path_factory.mktemp("etcd-overlap"),
+            quota_bytes=QUOTA_BYTES,
+            log_level="info",
+            build=etcd_build,
         )
     except EtcdHarnessError as error:
         pytest.fail(str(error), pytrace=False)
