@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian package : command it provides
 TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus-alertmanager:amtool
 
-.PHONY: test lint fmt venv debs clean demo
+.PHONY: test test-kube lint fmt venv debs clean demo
 
 venv: $(STAMP)
 
@@ -30,6 +30,12 @@ fmt: venv
 
 test: venv debs lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests against a real kube-apiserver and kube-controller-manager (docs/kubernetes-tests.md):
+# builds them first when missing or when tools/kubernetes pins another release (cached outside the tree).
+test-kube: venv debs
+	scripts/build-kubernetes
+	$(BIN)/pytest -m kube $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
