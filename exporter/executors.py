@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from exporter import clock, jobs, kube
 from exporter.engine import RunResult
-from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
+from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, RunningJob, Trigger
 from exporter.policy import human_bytes
 from exporter.routing import RunState
 from exporter.settings import (
@@ -435,6 +435,8 @@ class KubernetesExecutor:
     The Job name is the lock and its ttlSecondsAfterFinished the cooldown, both kept by the API
     server, so replicas and restarts agree. What this object remembers (runs in flight, the last
     end) only sharpens the webhook's reasons and the in-flight gauge; losing it loses no guarantee.
+    It is rebuilt from the API: the watch reports Jobs still running as well as finished ones, so a
+    restarted service sees its run in flight (and counts its end).
     """
 
     def __init__(
@@ -457,6 +459,7 @@ class KubernetesExecutor:
         self._watches: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: dict[str, RunState] = {}
+        self._running_uids: dict[str, str] = {}  # cluster -> uid of its running Job, as the watch saw it
         self._on_finished: OnFinished = lambda _outcome: None
         self._started_at = clock.utcnow()
 
@@ -528,7 +531,32 @@ class KubernetesExecutor:
 
     def _watch(self, namespace: str) -> None:
         self._watches[namespace] = asyncio.create_task(
-            kube.watch_jobs(self.api, namespace, self._job_finished, request_timeout=self.timeout_seconds)
+            kube.watch_jobs(
+                self.api,
+                namespace,
+                self._job_finished,
+                on_running=self._job_running,
+                on_gone=self._job_gone,
+                request_timeout=self.timeout_seconds,
+            )
+        )
+
+    def _job_running(self, job: RunningJob) -> None:
+        """A Job of ours runs (just created, or found by the first list after a restart)."""
+        known = self._runs.get(job.cluster, RunState())
+        self._running_uids[job.cluster] = job.uid
+        self._runs[job.cluster] = replace(known, running=True, started_at=job.started_at or known.started_at)
+
+    def _job_gone(self, job: RunningJob) -> None:
+        """The running Job was deleted before it finished: no run is in flight, and no outcome is known."""
+        if self._running_uids.get(job.cluster) != job.uid:
+            return  # a newer Job of that cluster runs
+        del self._running_uids[job.cluster]
+        self._runs[job.cluster] = replace(self._runs.get(job.cluster, RunState()), running=False)
+        log.warning(
+            "Job %s of cluster %s was deleted before it finished: its run's outcome is unknown",
+            job.job_name,
+            job.cluster,
         )
 
     def _job_finished(self, job: JobOutcome) -> None:
@@ -539,6 +567,8 @@ class KubernetesExecutor:
         if outcome.result == JOB_FAILED and job.reason:
             outcome = replace(outcome, reason=f"Job {job.job_name} failed ({job.reason}) without a report")
         known = self._runs.get(job.cluster, RunState())
+        if self._running_uids.get(job.cluster) == job.uid:
+            del self._running_uids[job.cluster]
         if known.finished_at is None or finished >= known.finished_at:
             self._runs[job.cluster] = RunState(False, job.started_at, finished, outcome.result)
         # After a restart the watch lists the finished Jobs still kept for their TTL: the previous

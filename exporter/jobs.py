@@ -478,6 +478,34 @@ def job_outcome(job: Json, pods: Sequence[Json]) -> JobOutcome | None:
     )
 
 
+@dataclass(frozen=True)
+class RunningJob:
+    """A defrag Job that has not finished: its cluster's run is in flight."""
+
+    cluster: str
+    job_name: str
+    uid: str
+    started_at: datetime | None
+
+
+def running_job(job: Json) -> RunningJob | None:
+    """The Job as a run in flight: not finished and not being deleted; None otherwise.
+
+    A Job being deleted (its TTL ran out, or a person deletes it) launches no more Pods: its run
+    is over, whether or not it finished.
+    """
+    metadata = job.get("metadata", {})
+    if finished_condition(job) is not None or metadata.get("deletionTimestamp"):
+        return None
+    status = job.get("status", {})
+    return RunningJob(
+        cluster=(metadata.get("labels") or {}).get(CLUSTER_LABEL, ""),
+        job_name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        started_at=_parse_time(status.get("startTime") or metadata.get("creationTimestamp")),
+    )
+
+
 def build_event(
     job: Json,
     *,
