@@ -526,7 +526,9 @@ class KubernetesExecutor:
             self._watch(namespace)
         if result.created:
             message = f"alert {trigger.alertname} ({trigger.fingerprint or 'no fingerprint'}) fired"
-            self._best_effort_event(manifest, "DefragTriggered", message, "Normal")
+            # With the uid the API server gave the Job: `kubectl describe job` selects Events by it.
+            created = {**manifest, "metadata": {**manifest["metadata"], "uid": result.uid}}
+            self._best_effort_event(created, "DefragTriggered", message, "Normal")
         return result
 
     def _watch(self, namespace: str) -> None:

@@ -376,6 +376,7 @@ class LaunchResult:
     job_name: str
     reason: str
     outcome: LaunchOutcome | None = None  # None from launchers that do not classify (a local run)
+    uid: str = ""  # of the Job the API server created: Events name it, or `kubectl describe` omits them
 
 
 def finished_condition(job: Json) -> tuple[bool, Json] | None:

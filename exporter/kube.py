@@ -236,7 +236,7 @@ async def create_job(
 
     for _attempt in range(2):
         try:
-            await _call(batch.create_namespaced_job, namespace, manifest, timeout=left(), **extra)
+            created = await _call(batch.create_namespaced_job, namespace, manifest, timeout=left(), **extra)
         except KubeError as exc:
             if not _already_exists(exc):
                 raise
@@ -247,7 +247,8 @@ async def create_job(
                     False, name, "dry run: the API server accepts the Job", LaunchOutcome.DRY_RUN
                 )
             log.info("created Job %s/%s", namespace, name)
-            return LaunchResult(True, name, "created", LaunchOutcome.CREATED)
+            uid = str(created.get("metadata", {}).get("uid") or "")
+            return LaunchResult(True, name, "created", LaunchOutcome.CREATED, uid=uid)
         try:
             existing = await _call(batch.read_namespaced_job, name, namespace, timeout=left())
         except KubeRejected as exc:
