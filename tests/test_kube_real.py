@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -1187,3 +1188,49 @@ def test_the_watch_comes_back_after_the_api_server_restarts_without_counting_twi
     service.wait_metric("etcd_autodefrag_runs_total", 1, etcd_cluster="probe", result="success")
     assert plane.get(job_path(PLAIN_NAMESPACE, "outage"), missing_ok=True) is not None
     assert service.metric("etcd_autodefrag_runs_total", etcd_cluster="outage", result="success") == 1
+
+
+def test_the_cronjob_controller_keeps_one_scheduled_run_at_a_time(deployed: ControlPlane) -> None:
+    """`render cronjob` on a one-minute schedule: the controller starts a Job, then skips the next
+    minute's run while that one is active (concurrencyPolicy Forbid). Takes one to two minutes."""
+    plane = deployed
+    namespace = "cron-check"
+    plane.ensure_namespace(namespace, RESTRICTED)
+    manifest = yaml.safe_load(
+        render(
+            "cronjob",
+            "--variant",
+            "kamaji",
+            "-e",
+            "kamaji-etcd",
+            "-n",
+            namespace,
+            "--replicas",
+            "3",
+            "-j",
+            "* * * * *",
+        )
+    )
+    name = manifest["metadata"]["name"]
+    cronjob = plane.create(f"/apis/batch/v1/namespaces/{namespace}/cronjobs?fieldValidation=Strict", manifest)
+    try:
+
+        def jobs() -> list[dict[str, Any]]:
+            found = plane.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs").get("items") or []
+            return [
+                j for j in found if j["metadata"]["ownerReferences"][0]["uid"] == cronjob["metadata"]["uid"]
+            ]
+
+        plane.wait(jobs, timeout=90, what="the CronJob controller's first Job")
+        # Its Pod was admitted at `restricted`; no kubelet runs it, so the Job stays active.
+        selector = urllib.parse.quote(f"involvedObject.name={name},reason=JobAlreadyActive")
+        plane.wait(
+            lambda: plane.request("GET", f"/api/v1/namespaces/{namespace}/events?fieldSelector={selector}")[
+                "items"
+            ],
+            timeout=90,
+            what="the next scheduled run skipped (JobAlreadyActive)",
+        )
+        assert len(jobs()) == 1
+    finally:
+        plane.delete(f"/apis/batch/v1/namespaces/{namespace}/cronjobs/{name}")
