@@ -9,7 +9,7 @@ TEST_DEBS := etcd-server:etcd etcd-client:etcdctl prometheus:promtool prometheus
 # tools/etcd/, which scripts/build-etcd builds with Go (docs/development.md).
 ETCD_VERSIONS_ALL := 3.4,3.5,3.6
 
-.PHONY: test test-all lint fmt venv debs etcd-builds clean demo dist docs
+.PHONY: test test-all test-kube lint fmt venv debs etcd-builds kube-builds clean demo dist docs
 
 venv: $(STAMP)
 
@@ -45,9 +45,20 @@ dist: venv
 etcd-builds:
 	scripts/build-etcd
 
-# Everything: every etcd release, the slow release tests, 20 trials of the NOSPACE lock proof.
-test-all: venv debs lint etcd-builds
+# kube-apiserver and kube-controller-manager at the release tools/kubernetes pins (cached outside the
+# tree; a cold build takes long, a warm one nothing: docs/kubernetes-tests.md).
+kube-builds:
+	scripts/build-kubernetes
+
+# Everything: every etcd release, the real control plane, the slow release tests, and 20 trials of
+# the NOSPACE lock proof per release.
+test-all: venv debs lint etcd-builds kube-builds
 	ETCD_VERSIONS=$(ETCD_VERSIONS_ALL) LOCK_OVERLAP_TRIALS=20 $(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests against a real kube-apiserver and kube-controller-manager (docs/kubernetes-tests.md):
+# builds them first when missing or when tools/kubernetes pins another release (cached outside the tree).
+test-kube: venv debs kube-builds
+	$(BIN)/pytest -m kube $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

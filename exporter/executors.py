@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from exporter import clock, jobs, kube
 from exporter.engine import RunResult
-from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, Trigger
+from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, RunningJob, Trigger
 from exporter.policy import human_bytes, statefulset_rollout_gate
 from exporter.routing import RunState, cooldown_seconds
 from exporter.settings import (
@@ -503,6 +503,8 @@ class KubernetesExecutor:
     The Job name is the lock and its ttlSecondsAfterFinished the cooldown, both kept by the API
     server, so replicas and restarts agree. What this object remembers (runs in flight, the last
     end) only sharpens the webhook's reasons and the in-flight gauge; losing it loses no guarantee.
+    It is rebuilt from the API: the watch reports Jobs still running as well as finished ones, so a
+    restarted service sees its run in flight (and counts its end).
     """
 
     def __init__(
@@ -526,6 +528,7 @@ class KubernetesExecutor:
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: dict[str, RunState] = {}
         self._dry = DryRuns()
+        self._running_uids: dict[str, str] = {}  # cluster -> uid of its running Job, as the watch saw it
         self._on_finished: OnFinished = lambda _outcome: None
         self._started_at = clock.utcnow()
 
@@ -609,7 +612,9 @@ class KubernetesExecutor:
             self._watch(namespace)
         if result.created:
             message = f"alert {trigger.alertname} ({trigger.fingerprint or 'no fingerprint'}) fired"
-            self._best_effort_event(manifest, "DefragTriggered", message, "Normal")
+            # With the uid the API server gave the Job: `kubectl describe job` selects Events by it.
+            created = {**manifest, "metadata": {**manifest["metadata"], "uid": result.uid}}
+            self._best_effort_event(created, "DefragTriggered", message, "Normal")
         return result
 
     async def _rollout_gate(self, cluster: ClusterConfig, job_name: str) -> LaunchResult | None:
@@ -640,7 +645,32 @@ class KubernetesExecutor:
 
     def _watch(self, namespace: str) -> None:
         self._watches[namespace] = asyncio.create_task(
-            kube.watch_jobs(self.api, namespace, self._job_finished, request_timeout=self.timeout_seconds)
+            kube.watch_jobs(
+                self.api,
+                namespace,
+                self._job_finished,
+                on_running=self._job_running,
+                on_gone=self._job_gone,
+                request_timeout=self.timeout_seconds,
+            )
+        )
+
+    def _job_running(self, job: RunningJob) -> None:
+        """A Job of ours runs (just created, or found by the first list after a restart)."""
+        known = self._runs.get(job.cluster, RunState())
+        self._running_uids[job.cluster] = job.uid
+        self._runs[job.cluster] = replace(known, running=True, started_at=job.started_at or known.started_at)
+
+    def _job_gone(self, job: RunningJob) -> None:
+        """The running Job was deleted before it finished: no run is in flight, and no outcome is known."""
+        if self._running_uids.get(job.cluster) != job.uid:
+            return  # a newer Job of that cluster runs
+        del self._running_uids[job.cluster]
+        self._runs[job.cluster] = replace(self._runs.get(job.cluster, RunState()), running=False)
+        log.warning(
+            "Job %s of cluster %s was deleted before it finished: its run's outcome is unknown",
+            job.job_name,
+            job.cluster,
         )
 
     def _job_finished(self, job: JobOutcome) -> None:
@@ -651,6 +681,8 @@ class KubernetesExecutor:
         if outcome.result == JOB_FAILED and job.reason:
             outcome = replace(outcome, reason=f"Job {job.job_name} failed ({job.reason}) without a report")
         known = self._runs.get(job.cluster, RunState())
+        if self._running_uids.get(job.cluster) == job.uid:
+            del self._running_uids[job.cluster]
         if known.finished_at is None or finished >= known.finished_at:
             cooling = finished if starts_cooldown(outcome.result) else None
             self._runs[job.cluster] = RunState(False, job.started_at, cooling, outcome.result)

@@ -389,6 +389,7 @@ class LaunchResult:
     job_name: str
     reason: str
     outcome: LaunchOutcome | None = None  # None from launchers that do not classify (a local run)
+    uid: str = ""  # of the Job the API server created: Events name it, or `kubectl describe` omits them
 
 
 def finished_condition(job: Json) -> tuple[bool, Json] | None:
@@ -488,6 +489,34 @@ def job_outcome(job: Json, pods: Sequence[Json]) -> JobOutcome | None:
         namespace=metadata.get("namespace", ""),
         uid=uid,
         reason=condition.get("reason", ""),
+    )
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """A defrag Job that has not finished: its cluster's run is in flight."""
+
+    cluster: str
+    job_name: str
+    uid: str
+    started_at: datetime | None
+
+
+def running_job(job: Json) -> RunningJob | None:
+    """The Job as a run in flight: not finished and not being deleted; None otherwise.
+
+    A Job being deleted (its TTL ran out, or a person deletes it) launches no more Pods: its run
+    is over, whether or not it finished.
+    """
+    metadata = job.get("metadata", {})
+    if finished_condition(job) is not None or metadata.get("deletionTimestamp"):
+        return None
+    status = job.get("status", {})
+    return RunningJob(
+        cluster=(metadata.get("labels") or {}).get(CLUSTER_LABEL, ""),
+        job_name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        started_at=_parse_time(status.get("startTime") or metadata.get("creationTimestamp")),
     )
 
 

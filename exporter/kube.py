@@ -48,11 +48,13 @@ from exporter.jobs import (
     JobOutcome,
     LaunchOutcome,
     LaunchResult,
+    RunningJob,
     build_event,
     existing_job_launch,
     finished_condition,
     job_outcome,
     kubeadm_endpoints,
+    running_job,
 )
 from exporter.kamaji import SecretLayout, detect_layout, member_endpoints
 from exporter.settings import ClusterConfig, ConfigError, KubernetesTarget
@@ -68,6 +70,7 @@ __all__ = [
     "KubeUnavailable",
     "LaunchOutcome",
     "LaunchResult",
+    "RunningJob",
     "apply_cronjob",
     "create_job",
     "discover",
@@ -84,6 +87,7 @@ log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
 OnFinished = Callable[[JobOutcome], Awaitable[None] | None]
+OnRunning = Callable[[RunningJob], Awaitable[None] | None]
 
 KUBEADM_ETCD_SELECTOR = "component=etcd,tier=control-plane"
 MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is restarted after a backoff, not at once
@@ -233,7 +237,7 @@ async def create_job(
 
     for _attempt in range(2):
         try:
-            await _call(batch.create_namespaced_job, namespace, manifest, timeout=left(), **extra)
+            created = await _call(batch.create_namespaced_job, namespace, manifest, timeout=left(), **extra)
         except KubeError as exc:
             if not _already_exists(exc):
                 raise
@@ -244,7 +248,8 @@ async def create_job(
                     False, name, "dry run: the API server accepts the Job", LaunchOutcome.DRY_RUN
                 )
             log.info("created Job %s/%s", namespace, name)
-            return LaunchResult(True, name, "created", LaunchOutcome.CREATED)
+            uid = str(created.get("metadata", {}).get("uid") or "")
+            return LaunchResult(True, name, "created", LaunchOutcome.CREATED, uid=uid)
         try:
             existing = await _call(batch.read_namespaced_job, name, namespace, timeout=left())
         except KubeRejected as exc:
@@ -281,6 +286,8 @@ async def watch_jobs(
     namespace: str,
     on_finished: OnFinished,
     *,
+    on_running: OnRunning | None = None,
+    on_gone: OnRunning | None = None,
     request_timeout: float = 30.0,
     watch_timeout_seconds: int = 300,
     backoff_initial_seconds: float = 1.0,
@@ -291,13 +298,19 @@ async def watch_jobs(
     List, then watch from the list's resourceVersion; a watch that expires (410 Gone) lists again,
     any other error backs off and lists again. Each Job is reported once per uid by this process
     (a restarted service reports the finished Jobs that still exist once more: outcomes carry
-    `finished_at` for a caller that wants to skip old ones). `on_finished` may be sync or async;
-    an exception in it is logged and the watch goes on.
+    `finished_at` for a caller that wants to skip old ones).
+
+    Jobs still running are reported too, so that a restarted service knows its run is in flight:
+    `on_running` once per uid when a running Job is first seen (listed or added), `on_gone` when
+    such a Job disappears without having finished (deleted, or missing from a new list).
+    Callbacks may be sync or async; an exception in one is logged and the watch goes on.
     """
     watcher = _JobWatcher(
         api_client,
         namespace,
         on_finished,
+        on_running=on_running,
+        on_gone=on_gone,
         request_timeout=request_timeout,
         watch_timeout_seconds=watch_timeout_seconds,
     )
@@ -334,6 +347,8 @@ class _JobWatcher:
         namespace: str,
         on_finished: OnFinished,
         *,
+        on_running: OnRunning | None = None,
+        on_gone: OnRunning | None = None,
         request_timeout: float,
         watch_timeout_seconds: int,
     ) -> None:
@@ -341,9 +356,12 @@ class _JobWatcher:
         self.core = k8s.CoreV1Api(api_client)
         self.namespace = namespace
         self.on_finished = on_finished
+        self.on_running = on_running
+        self.on_gone = on_gone
         self.request_timeout = request_timeout
         self.watch_timeout_seconds = watch_timeout_seconds
         self.reported: set[str] = set()
+        self.running: dict[str, RunningJob] = {}  # uid -> the running Job reported to on_running
 
     async def list(self) -> str:
         """Consider every Job there is; return the list's resourceVersion to watch from."""
@@ -354,8 +372,11 @@ class _JobWatcher:
             timeout=self.request_timeout,
         )
         jobs = job_list.get("items") or []
+        uids = {job.get("metadata", {}).get("uid") for job in jobs}
         # A Job that is gone cannot come back under the same uid: forget it (memory stays bounded).
-        self.reported &= {job.get("metadata", {}).get("uid") for job in jobs}
+        self.reported &= uids
+        for uid in [uid for uid in self.running if uid not in uids]:  # deleted while we did not watch
+            await self._gone(uid)
         for job in jobs:
             await self.consider(job)
         return str(job_list.get("metadata", {}).get("resourceVersion", ""))
@@ -405,14 +426,23 @@ class _JobWatcher:
         metadata = job.get("metadata", {})
         if kind == "DELETED":
             self.reported.discard(metadata.get("uid", ""))
+            await self._gone(metadata.get("uid", ""))
         elif kind in ("ADDED", "MODIFIED"):
             await self.consider(job)
         return str(metadata.get("resourceVersion") or resource_version)
 
     async def consider(self, job: Json) -> None:
-        """Report the Job if it has finished and was not reported yet."""
+        """Report the Job if it has finished and was not reported yet, or if it newly runs."""
         uid = job.get("metadata", {}).get("uid", "")
-        if uid in self.reported or finished_condition(job) is None:
+        if finished_condition(job) is None:
+            if (running := running_job(job)) is None:  # being deleted before it finished
+                await self._gone(uid)
+            elif uid not in self.running:
+                self.running[uid] = running
+                await self._notify(self.on_running, running)
+            return
+        self.running.pop(uid, None)  # it finished: on_finished says so
+        if uid in self.reported:
             return
         name = job["metadata"]["name"]
         try:
@@ -430,12 +460,22 @@ class _JobWatcher:
         if outcome is None:
             return
         self.reported.add(uid)
+        await self._notify(self.on_finished, outcome)
+
+    async def _gone(self, uid: str) -> None:
+        """A Job reported running disappeared (or is being deleted) before it finished."""
+        if (running := self.running.pop(uid, None)) is not None:
+            await self._notify(self.on_gone, running)
+
+    async def _notify(self, callback: Callable[[Any], Awaitable[None] | None] | None, what: Any) -> None:
+        if callback is None:
+            return
         try:
-            result = self.on_finished(outcome)
+            result = callback(what)
             if inspect.isawaitable(result):
                 await result
         except Exception:  # a bug in the callback must not stop the watch
-            log.exception("handling the end of Job %s/%s failed", self.namespace, name)
+            log.exception("handling a change of Job %s/%s failed", self.namespace, what.job_name)
 
 
 # --- events and discovery --------------------------------------------------------------------------

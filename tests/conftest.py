@@ -1,4 +1,5 @@
-"""Shared fixtures: real etcd clusters on loopback (tests/etcd_harness.py), a fake Kubernetes API.
+"""Shared fixtures: real etcd clusters on loopback (tests/etcd_harness.py), a fake Kubernetes API, and a
+real Kubernetes control plane (tests/kube_control_plane.py).
 
 Every test that uses etcd (through `etcd_build`, which every cluster fixture depends on) runs once per
 release named in ETCD_VERSIONS, e.g. `ETCD_VERSIONS=3.4,3.5,3.6` (ids `[etcd3.4]`, ...). Unset, it
@@ -10,7 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from etcd_harness import (
     start_cluster,
 )
 from fake_kube import FakeKube
+from kube_control_plane import ControlPlane, ControlPlaneError, StandInKubelet, binary_dir, unavailable_reason
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import COUNTS, Counts
 
@@ -163,6 +165,46 @@ async def kube_api(fake_kube: FakeKube) -> AsyncIterator[ApiClient]:
     """A real kubernetes_asyncio client talking to `fake_kube`."""
     async with await kube_api_client(host=fake_kube.url) as api:
         yield api
+
+
+# --- a real control plane (tests/kube_control_plane.py) --------------------------------------------
+
+_control_planes: list[ControlPlane] = []
+
+
+@pytest.fixture(scope="session")
+def kube_control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver + kube-controller-manager for the session; skipped where not built."""
+    if reason := unavailable_reason():
+        pytest.skip(reason)
+    plane = ControlPlane(tmp_path_factory.mktemp("kube"), binary_dir())
+    try:
+        plane.start()
+    except ControlPlaneError as error:
+        pytest.fail(str(error), pytrace=False)
+    _control_planes.append(plane)
+    try:
+        yield plane
+    finally:
+        _control_planes.remove(plane)
+        plane.stop()
+
+
+@pytest.fixture
+def kubelet(kube_control_plane: ControlPlane) -> StandInKubelet:
+    """The test acting as scheduler and kubelet for Job Pods."""
+    return StandInKubelet(kube_control_plane)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the control plane's log tails to a failing test that used it."""
+    report = yield
+    if report.failed and _control_planes and "kube_control_plane" in getattr(item, "fixturenames", ()):
+        report.sections.append(("kube control plane logs", _control_planes[-1].log_tails()))
+    return report
 
 
 # --- the reliability suite's tally (tests/reliability_counts.py) ----------------------------------

@@ -13,7 +13,8 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
 from exporter.engine import MemberReport, Outcome, RunReport, RunResult
-from exporter.jobs import JobOutcome, LaunchOutcome, Trigger, build_job
+from exporter.executors import KubernetesExecutor, RunOutcome
+from exporter.jobs import JobOutcome, LaunchOutcome, RunningJob, Trigger, build_job
 from exporter.kube import (
     RBAC_RULES,
     KubeRejected,
@@ -294,6 +295,78 @@ async def test_watch_reports_each_finished_job_once_with_its_report(
     fake_kube.finish_job(NAMESPACE, a, message=report_json("a"))
     await asyncio.sleep(0.2)
     assert [o.job_name for o in watching.seen] == [a, b]
+
+
+async def test_watch_reports_jobs_still_running_and_their_disappearance(
+    fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    """A restarted service must see its run in flight: the list reports running Jobs too."""
+    running: asyncio.Queue[RunningJob] = asyncio.Queue()
+    gone: asyncio.Queue[RunningJob] = asyncio.Queue()
+    finished = Outcomes()
+    a = await create(fake_kube, kube_api, "a")  # before the watch starts: only the list can see it
+    fake_kube.start_job(NAMESPACE, a)
+    task = asyncio.create_task(
+        watch_jobs(
+            kube_api,
+            NAMESPACE,
+            finished,
+            on_running=running.put_nowait,
+            on_gone=gone.put_nowait,
+            request_timeout=2,
+            backoff_initial_seconds=0.05,
+        )
+    )
+    try:
+        listed = await asyncio.wait_for(running.get(), 5)
+        assert (listed.cluster, listed.job_name) == ("a", a)
+        assert listed.started_at is not None
+        b = await create(fake_kube, kube_api, "b")
+        added = await asyncio.wait_for(running.get(), 5)
+        assert (added.cluster, added.job_name) == ("b", b)
+        fake_kube.start_job(NAMESPACE, b)  # a change of a Job already reported running: nothing new
+        fake_kube.finish_job(NAMESPACE, a, message=report_json("a"))
+        assert (await finished.next()).job_name == a
+        fake_kube.delete_job(NAMESPACE, a)  # finished, then deleted by its TTL: not "gone"
+        fake_kube.delete_job(NAMESPACE, b)  # deleted while running: gone, without an outcome
+        assert (await asyncio.wait_for(gone.get(), 5)).job_name == b
+        c = await create(fake_kube, kube_api, "c")
+        assert (await asyncio.wait_for(running.get(), 5)).job_name == c  # events come in order
+        assert running.empty()
+        assert gone.empty()
+        assert [o.job_name for o in finished.seen] == [a]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_restarted_executor_sees_the_job_in_flight_and_counts_its_end(
+    fake_kube: FakeKube, kube_api: ApiClient
+) -> None:
+    name = await create(fake_kube, kube_api, "a")
+    fake_kube.start_job(NAMESPACE, name)
+    executor = KubernetesExecutor(
+        api_client=kube_api, image="img", cooldown_seconds=60, timeout_seconds=2, namespaces=[NAMESPACE]
+    )
+    ended: asyncio.Queue[RunOutcome] = asyncio.Queue()
+    await executor.start(ended.put_nowait)
+    try:
+        await wait_for_condition(lambda: executor.runs(["a"])["a"].running, "the Job seen running")
+        fake_kube.finish_job(NAMESPACE, name, message=report_json("a"))
+        outcome = await asyncio.wait_for(ended.get(), 5)
+        assert (outcome.cluster, outcome.result) == ("a", "success")
+        assert not executor.runs(["a"])["a"].running
+    finally:
+        await executor.stop()
+
+
+async def wait_for_condition(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def test_watch_survives_410_gone_without_reporting_twice(

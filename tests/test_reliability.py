@@ -793,9 +793,14 @@ def kube_clusters(etcd: EtcdCluster, count: int) -> list[ClusterConfig]:
     return clusters(etcd, count, kubernetes={"namespace": NAMESPACE, "variant": "plain"})
 
 
-def kube_executor(api: ApiClient, *, timeout: float = 5) -> KubernetesExecutor:
+def kube_executor(api: ApiClient, *, timeout: float = 5, watch: bool = True) -> KubernetesExecutor:
+    """`watch=False`: no watch until the first launch, so another replica's Job is only met as a 409."""
     return KubernetesExecutor(
-        api_client=api, image=IMAGE, cooldown_seconds=3600, timeout_seconds=timeout, namespaces=[NAMESPACE]
+        api_client=api,
+        image=IMAGE,
+        cooldown_seconds=3600,
+        timeout_seconds=timeout,
+        namespaces=[NAMESPACE] if watch else [],
     )
 
 
@@ -833,7 +838,11 @@ async def test_kubernetes_api_faults_answer_503_until_a_job_is_recorded(
 ) -> None:
     client = await aiohttp_client(
         create_app(
-            service_settings(), clusters=kube_clusters(etcd, 1), executor=kube_executor(kube_api, timeout=1)
+            service_settings(),
+            clusters=kube_clusters(etcd, 1),
+            # The watch would see the other replica's running Job before the post; these cases are
+            # about the create and the read after its 409.
+            executor=kube_executor(kube_api, timeout=1, watch=False),
         )
     )
     if fault.isdigit():
@@ -871,6 +880,7 @@ async def test_kubernetes_api_faults_answer_503_until_a_job_is_recorded(
         assert outcomes(body) == [expected]
     assert jobs_per_cluster(fake_kube) == {"c0": 1}
     reliability_counts.add("duplicate_jobs", sum(n - 1 for n in jobs_per_cluster(fake_kube).values()))
+    await client.close()  # stops the watch its launch started while its API client is still open
 
 
 async def _has_job(fake: FakeKube) -> bool:
@@ -926,8 +936,14 @@ async def test_two_replicas_a_restart_and_api_faults_create_one_job_per_cluster(
         # Replica A restarts (a new process: nothing remembered) while B goes on.
         await replica_a.close()
         reliability_counts.fault("service restart")
+        # Without its watch, so that it meets the Jobs as 409s (and the faults below) instead of
+        # learning of them from the list, as a restarted replica whose list is slow would.
         replica_a = await aiohttp_client(
-            create_app(service_settings(), clusters=configured, executor=kube_executor(api_c, timeout=1))
+            create_app(
+                service_settings(),
+                clusters=configured,
+                executor=kube_executor(api_c, timeout=1, watch=False),
+            )
         )
         fake_kube.fail_next(5, 500, match=CREATE)
         reliability_counts.fault("Kubernetes API: 500 after the restart", 5)
