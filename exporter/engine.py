@@ -184,6 +184,10 @@ class RunReport:
         return text
 
 
+# How much later than the run's deadline a defragment request capped by it times out.
+DEADLINE_GRACE_SECONDS = 1.0
+
+
 class RunStopped(Exception):
     """Ends a run early; the report already says why."""
 
@@ -598,7 +602,11 @@ class DefragEngine:
             return
         if report.leader and self.cluster.move_leader:
             await self._move_leader(topology, member, endpoint, statuses, done)
-        timeout = min(self.cluster.member_timeout_seconds, max(self._seconds_left(), 0.001))
+        # The run's deadline, when it comes first, must be what ends the wait: a request timeout equal
+        # to the time left raced it, and the run was reported as a failed member instead.
+        left = max(self._seconds_left(), 0.001)
+        member_timeout = self.cluster.member_timeout_seconds
+        timeout = member_timeout if member_timeout < left else left + DEADLINE_GRACE_SECONDS
         self._say(
             "%s%s: defragmenting (size %s, in use %s, %s to reclaim)",
             label(member),
