@@ -284,8 +284,8 @@ class Finished:
     stderr: str
 
 
-async def run_cli(config: Path, *extra: str) -> Finished:
-    """`etcd-autodefrag defrag --cluster t` as a process, while this loop serves the proxies."""
+async def run_cli_config(config: Path, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
+    """`defrag --cluster t` as a process: exit code, the JSON report (None when it printed none), stderr."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -305,8 +305,14 @@ async def run_cli(config: Path, *extra: str) -> Finished:
     async with asyncio.timeout(120):
         stdout, stderr = await process.communicate()
     assert process.returncode is not None
-    assert stdout.strip(), f"no report (exit {process.returncode}): {stderr.decode()}"
-    return Finished(process.returncode, json.loads(stdout), stderr.decode())
+    return process.returncode, json.loads(stdout) if stdout.strip() else None, stderr.decode()
+
+
+async def run_cli(config: Path, *extra: str) -> Finished:
+    """`etcd-autodefrag defrag --cluster t` as a process, while this loop serves the proxies."""
+    code, report, stderr = await run_cli_config(config, *extra)
+    assert report is not None, f"no report (exit {code}): {stderr}"
+    return Finished(code, report, stderr)
 
 
 def member_id(member: EtcdMember) -> int:
@@ -460,30 +466,6 @@ async def test_a_run_over_its_deadline_stops_cleanly(
 
 
 # --- faults never injected before issue 14: TLS, a full disk, a silent member, a clock jump ---------
-
-
-async def run_cli_config(config: Path, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
-    """`defrag --cluster t` as a process: exit code, the JSON report (None when it printed none), stderr."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "exporter",
-        "defrag",
-        "--config",
-        str(config),
-        "--cluster",
-        "t",
-        "--output",
-        "json",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=REPO,
-    )
-    async with asyncio.timeout(120):
-        stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, json.loads(stdout) if stdout.strip() else None, stderr.decode()
 
 
 def tls_config(path: Path, cluster: EtcdCluster, **tls: Any) -> Path:
