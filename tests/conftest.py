@@ -48,6 +48,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     builds = metafunc.config.stash[_ETCD_BUILDS]
     if builds is not None and "etcd_build" in metafunc.fixturenames:
+        if metafunc.definition.get_closest_marker("kube") is not None:
+            # The control plane is one per session and keeps its objects: its tests run once, on the
+            # first release named (its own etcd is the installed one anyway).
+            builds = builds[:1]
         # Session scope: pytest groups the tests by release, so each shared cluster starts once per release.
         ids = [build.test_id for build in builds]
         metafunc.parametrize("etcd_build", builds, ids=ids, indirect=True, scope="session")

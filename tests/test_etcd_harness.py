@@ -18,6 +18,7 @@ from etcd_harness import (
     TlsMaterial,
     builds_from_env,
     free_after_compaction_floor_bytes,
+    installed_build,
     start_cluster,
     wait_until,
 )
@@ -122,7 +123,9 @@ def test_churn_leaves_at_least_the_floor_free_on_every_member(
 
 def test_churn_refuses_a_workload_that_frees_nothing_for_sure(tmp_path: Path) -> None:
     # Refused before anything is written: a cluster without members is enough to show it.
-    cluster = EtcdCluster(tmp_path, [], quota_bytes=32 * MiB, tls=None, cluster_flags=())
+    cluster = EtcdCluster(
+        tmp_path, [], quota_bytes=32 * MiB, tls=None, cluster_flags=(), build=installed_build()
+    )
     with pytest.raises(EtcdHarnessError, match="supersedes too little"):
         cluster.churn(keys=10, value_size=100, rounds=2)
 

@@ -613,8 +613,11 @@ async def test_a_member_whose_disk_fills_during_its_defrag_fails_alone(
     saved = tmp_path / "snap-saved"
     shutil.copytree(snap, saved)
     page = 4096
-    # The file and a quarter of what the new, compacted copy needs: defrag writes that copy next to it.
-    mount_tmpfs(snap, (size + in_use // 4) // page * page + 16 * page)
+    # What the directory holds (the database, and on 3.5+ etcd's .snap files too), plus a quarter of
+    # what the new, compacted copy needs: defrag writes that copy next to the file.
+    held = sum(-(-item.stat().st_size // page) * page for item in saved.iterdir())
+    assert held >= size
+    mount_tmpfs(snap, (held + in_use // 4) // page * page + 16 * page)
     for item in saved.iterdir():
         shutil.copy2(item, snap / item.name)
     await asyncio.to_thread(cluster.start)
@@ -641,7 +644,7 @@ async def test_a_member_whose_disk_fills_during_its_defrag_fails_alone(
         reliability_counts.add("etcd_crashed_after_a_full_disk_defrag", 1)
     check_data(cluster, data, reliability_counts)
     await asyncio.to_thread(
-        subprocess.run, ["mount", "-o", f"remount,size={4 * size}", str(snap)], check=True
+        subprocess.run, ["mount", "-o", f"remount,size={4 * held}", str(snap)], check=True
     )
     await asyncio.to_thread(cluster.start)
     check_data(cluster, data, reliability_counts)
