@@ -84,7 +84,7 @@ def actionlint() -> Path:
     binary = ACTIONLINT_DIR / "actionlint"
     if binary.exists():
         return binary
-    go = shutil.which("go")
+    go = shutil.which("go") or shutil.which("go", path="/usr/local/go/bin")  # not always on PATH
     if go is None:
         pytest.skip(f"Go is not installed: it builds actionlint from {ACTIONLINT_MODULE}")
     env = {**os.environ, "GOBIN": str(ACTIONLINT_DIR), "GOFLAGS": "-modcacherw"}
