@@ -1,5 +1,5 @@
 # The etcd-autodefrag image: the service (`serve`, deploy/) and the defrag Jobs it creates
-# (exporter/jobs.py), both started as `etcd-autodefrag ...`.
+# (exporter/kubernetes/jobs.py), both started as `etcd-autodefrag ...`.
 #
 #   docker build -t registry.example.com/etcd-autodefrag:0.1.0 . && docker push ...
 #

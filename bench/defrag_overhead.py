@@ -8,7 +8,7 @@ Run from the repository root:
 
 Four ways to defragment a 3-member etcd cluster (tests/etcd_harness.py, loopback only) are compared:
 
-(a) engine:  `exporter.engine.DefragEngine(...).run()` in this process, rule RULE, every gate on
+(a) engine:  `exporter.defrag.engine.DefragEngine(...).run()` in this process, rule RULE, every gate on
              (health gate before each member, fresh status, rule, defragment, wait until the member
              serves quorum reads and has caught up, status again);
 (b) etcdctl: `etcdctl --endpoints=<all three> --command-timeout=300s defrag --cluster`;
@@ -76,9 +76,9 @@ sys.path.insert(0, str(_ROOT / "tests"))
 import etcd_harness  # noqa: E402
 from etcd_harness import EtcdCluster, free_after_compaction_floor_bytes, start_cluster  # noqa: E402
 
-from exporter.engine import DefragEngine, RunReport, RunResult  # noqa: E402
-from exporter.etcd import EtcdClient  # noqa: E402
-from exporter.settings import ClusterConfig  # noqa: E402
+from exporter.config.settings import ClusterConfig  # noqa: E402
+from exporter.defrag.engine import DefragEngine, RunReport, RunResult  # noqa: E402
+from exporter.etcd.client import EtcdClient  # noqa: E402
 
 MIB = 1024 * 1024
 PAGE_BYTES = 4096  # bbolt's page size on amd64: sizes move in whole pages

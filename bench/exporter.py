@@ -9,7 +9,7 @@ Run from the repository root:
 Three readers of the same fleet are compared, each in a process of its own so that its CPU time and
 peak RSS are its own:
 
-(a) exporter: `GET /metrics` on the real service from `exporter.app.create_app`, served on 127.0.0.1
+(a) exporter: `GET /metrics` on the real service from `exporter.service.app.create_app`, served on 127.0.0.1
     and scraped from the parent process as Prometheus would (its Accept headers, gzip). Every scrape
     refreshes (min_refresh_interval_seconds=0): one status POST per member, member lists and quotas
     cached after the first scrape, which is reported on its own as the cold scrape.
@@ -434,9 +434,9 @@ async def _exporter_main(conn: Connection, endpoints: list[list[str]], concurren
 
     from prometheus_client.exposition import choose_encoder, generate_latest
 
-    from exporter.app import REFRESHER, REGISTRY, create_app
-    from exporter.refresh import Refresher
-    from exporter.settings import Settings
+    from exporter.config.settings import Settings
+    from exporter.service.app import REFRESHER, REGISTRY, create_app
+    from exporter.service.refresh import Refresher
 
     logging.basicConfig(level=logging.WARNING)
     settings = Settings(
@@ -845,7 +845,7 @@ def _use_commit(commit: str, into: Path) -> str:
 
 def _default_concurrency() -> int:
     """The service's default connection limit (settings.max_concurrent_requests)."""
-    from exporter.settings import Settings
+    from exporter.config.settings import Settings
 
     return int(Settings.model_fields["max_concurrent_requests"].default)
 

@@ -28,13 +28,13 @@ counted over 30 days after one day of warm-up:
 The two policies:
 
 (a) ours: every 5 minutes the exporter evaluates the cluster's rule on each member's status
-    (`exporter.policy.evaluate` with `cluster_rule(ClusterConfig(...))`: the default thresholds,
+    (`exporter.core.policy.evaluate` with `cluster_rule(ClusterConfig(...))`: the default thresholds,
     dbSizeFree >= 100 MiB && (dbSizeFree >= 0.5 * dbSize || dbQuotaUsage > 0.8)). The alerts in
     alerts/etcd-autodefrag-rules.yaml that launch runs are modelled with their shipped `for`:
     EtcdDefragRecommended (rule selects a member, 15 min), EtcdQuotaUsageCritical (size > 90% of
     the quota, 5 min) and EtcdNoSpaceAlarm (none). Alertmanager re-sends a firing alert every hour
     (repeat_interval); the webhook launches a run unless one ended less than the cooldown (1 h) ago.
-    A run is the engine's plan (`exporter.policy.make_plan`): the rule is evaluated again on fresh
+    A run is the engine's plan (`exporter.core.policy.make_plan`): the rule is evaluated again on fresh
     statuses and only the members it selects are defragmented (all of them under NOSPACE).
 (b) cron: a CronJob at 00:00 every day that defragments every member (etcdctl defrag --cluster).
 (c) never: no defragmentation, for reference.
@@ -57,9 +57,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from pydantic import ValidationError  # noqa: E402
 
-from exporter.model import Member, MemberStatus  # noqa: E402
-from exporter.policy import cluster_rule, evaluate, make_plan  # noqa: E402
-from exporter.settings import ClusterConfig, format_validation_error  # noqa: E402
+from exporter.config.settings import ClusterConfig, format_validation_error  # noqa: E402
+from exporter.core.model import Member, MemberStatus  # noqa: E402
+from exporter.core.policy import cluster_rule, evaluate, make_plan  # noqa: E402
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -72,7 +72,7 @@ MEMBERS = 3
 MEMBER_STRAND_FACTORS = (0.9, 1.0, 1.1)
 STRAND_RATIO = 0.002
 DEFRAG_BYTES_PER_SECOND = 100 * MIB
-# The shipped alerts and Alertmanager/webhook settings (alerts/, exporter/jobs.py).
+# The shipped alerts and Alertmanager/webhook settings (alerts/, exporter/kubernetes/jobs.py).
 RECOMMENDED_FOR_MINUTES = 15  # EtcdDefragRecommended
 CRITICAL_USAGE_RATIO = 0.9  # EtcdQuotaUsageCritical
 CRITICAL_FOR_MINUTES = 5

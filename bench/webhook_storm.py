@@ -13,7 +13,7 @@ other 9,950 must be answered "already running"; the benchmark fails otherwise.
 Two handlers, served by one process on 127.0.0.1 (kernel-assigned ports), each by its own
 `web.AppRunner`, and measured in the same round, in alternating order:
 
-(a) the real service: `exporter.app.create_app(settings, clusters=..., executor=...)` with a bearer
+(a) the real service: `exporter.service.app.create_app(settings, clusters=..., executor=...)` with a bearer
     token, the real routing and decisions, health from snapshots of a real etcd member (every
     cluster observes the same 1-member etcd 3.4 started by tests/etcd_harness.py), its logs at INFO
     formatted by the service's own handler (written to /dev/null), and the **Kubernetes executor**
@@ -88,10 +88,10 @@ from etcd_harness import EtcdCluster, start_cluster  # noqa: E402
 from fake_kube import FakeKube  # noqa: E402
 
 from exporter import logs  # noqa: E402
-from exporter.app import REFRESHER, create_app  # noqa: E402
-from exporter.executors import kubernetes_executor  # noqa: E402
-from exporter.kube import kube_api_client  # noqa: E402
-from exporter.settings import Settings  # noqa: E402
+from exporter.config.settings import Settings  # noqa: E402
+from exporter.kubernetes.api import kube_api_client  # noqa: E402
+from exporter.launch.executors import kubernetes_executor  # noqa: E402
+from exporter.service.app import REFRESHER, create_app  # noqa: E402
 
 CLUSTERS = 50
 ALERTS = 10_000

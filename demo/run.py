@@ -28,7 +28,7 @@ from typing import Any
 
 from stack import STACK_ERRORS, MiB, Samples, Stack, StackError, StackOptions
 
-from exporter.policy import human_bytes
+from exporter.core.policy import human_bytes
 
 ALERT = "EtcdDefragRecommended"
 # The shipped alert and the default rule want at least 100 MiB to give back on a member; large
@@ -47,8 +47,12 @@ RUN_TIMEOUT_SECONDS = 120.0
 RESOLVE_TIMEOUT_SECONDS = 60.0
 # The service's log (its defrag runs log there too): the engine's progress lines are the story;
 # of the webhook's and the executor's, only trouble (their launches are told from the counters).
-ENGINE_LOGGER = "exporter.engine"
-OTHER_LOGGERS = {"exporter.webhook": "webhook", "exporter.executors": "executor", "exporter.app": "service"}
+ENGINE_LOGGER = "exporter.defrag.engine"
+OTHER_LOGGERS = {
+    "exporter.service.webhook": "webhook",
+    "exporter.launch.executors": "executor",
+    "exporter.service.app": "service",
+}
 WEBHOOK_OUTCOMES = {
     "launch": "the service started a defrag run",
     "skip_resolved": "a resolved alert, acknowledged: nothing to do",

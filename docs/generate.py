@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from exporter.settings import ENV_PREFIX, ClusterConfig, Settings
+from exporter.config.settings import ENV_PREFIX, ClusterConfig, Settings
 
 DOCS = Path(__file__).resolve().parent
 CONFIGURATION = DOCS / "configuration.md"
@@ -84,7 +84,7 @@ def _rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]
 def configuration_markdown() -> str:
     """docs/configuration.md: every setting, its type, default, environment variable and meaning."""
     lines = [
-        GENERATED.format(source="the settings model in exporter/settings.py"),
+        GENERATED.format(source="the settings model in exporter/config/settings.py"),
         "",
         "# Configuration reference",
         "",

@@ -29,9 +29,9 @@ from kube_control_plane import ControlPlane, ControlPlaneError, StandInKubelet, 
 from kubernetes_asyncio.client import ApiClient
 from reliability_counts import COUNTS, Counts
 
-from exporter.cluster_lock import PREFIX as LOCK_PREFIX
-from exporter.etcd import prefix_end
-from exporter.kube import kube_api_client
+from exporter.defrag.lock import PREFIX as LOCK_PREFIX
+from exporter.etcd.client import prefix_end
+from exporter.kubernetes.api import kube_api_client
 
 # The builds ETCD_VERSIONS names, resolved once at start-up (None: the variable is unset).
 _ETCD_BUILDS = pytest.StashKey[list[EtcdBuild] | None]()
@@ -109,7 +109,7 @@ def etcd(etcd_cluster: EtcdCluster) -> Iterator[EtcdCluster]:
     etcd_cluster.wait_healthy()
     yield etcd_cluster
     # A run stopped while a member's defragment went unanswered keeps its lock until the lease expires
-    # (or until broken, under NOSPACE), by design (exporter.cluster_lock); the next test must not
+    # (or until broken, under NOSPACE), by design (exporter.defrag.lock); the next test must not
     # inherit it, nor the NOSPACE tokens a run wrote.
     with contextlib.suppress(EtcdHarnessError):
         etcd_cluster.request(

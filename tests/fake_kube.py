@@ -1,6 +1,6 @@
-"""A fake Kubernetes API server over real loopback HTTP, for the tests of exporter/kube.py.
+"""A fake Kubernetes API server over real loopback HTTP, for the tests of exporter/kubernetes/api.py.
 
-It serves exactly the calls exporter.kube makes, with Kubernetes' JSON shapes and status codes
+It serves exactly the calls exporter.kubernetes.api makes, with Kubernetes' JSON shapes and status codes
 (Status objects for errors, JSON lines for watches, 410 for an expired resourceVersion; for the
 CronJobs of `render cronjob --apply`, 409 AlreadyExists on a create and 409 Conflict on a replace
 with a stale resourceVersion). `received` keeps every create and replace body exactly as sent. Any other

@@ -17,7 +17,7 @@ import promql_parser
 import pytest
 import yaml
 
-from exporter.settings import Settings
+from exporter.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
@@ -30,7 +30,7 @@ ALERTMANAGER_CONFIG_CRD = ALERTS / "alertmanager" / "alertmanagerconfig.yaml"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_URL = "https://github.com/etcd-autodefrag/etcd-autodefrag/blob/main/docs/runbook.md#"
 
-# The contract with the webhook (exporter/routing.py): alerts with these names launch defrag runs.
+# The contract with the webhook (exporter/core/routing.py): alerts with these names launch defrag runs.
 WEBHOOK_ALERTS = frozenset({"EtcdDefragRecommended", "EtcdNoSpaceAlarm", "EtcdQuotaUsageCritical"})
 WEBHOOK_URL = "http://etcd-autodefrag.etcd-autodefrag.svc:9479/webhook/alertmanager"
 # The two selectors alerts/README.md tells users to replace; every rule must spell them this way.
@@ -179,8 +179,8 @@ def test_runbook_links_resolve() -> None:
 def test_webhook_alerts_exist_with_their_contract_names() -> None:
     assert set(alert_names()) >= WEBHOOK_ALERTS
     # The webhook's default list, when that module is part of this tree (it is written concurrently).
-    if importlib.util.find_spec("exporter.routing") is not None:
-        routing = importlib.import_module("exporter.routing")
+    if importlib.util.find_spec("exporter.core.routing") is not None:
+        routing = importlib.import_module("exporter.core.routing")
         assert set(routing.DEFAULT_ACTING_ALERTS) == WEBHOOK_ALERTS
 
 

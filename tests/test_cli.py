@@ -22,11 +22,12 @@ from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
-from exporter import executors, jobs
-from exporter.cli import EXIT_CODE_MEANINGS, ExitCode, discovered, exit_code_table, main
-from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
-from exporter.engine import EXIT_CODES, MemberReport, RunReport, RunResult
-from exporter.settings import ClusterConfig
+from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, discovered, exit_code_table, main
+from exporter.config.settings import ClusterConfig
+from exporter.defrag.engine import EXIT_CODES, MemberReport, RunReport, RunResult
+from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
+from exporter.kubernetes import jobs
+from exporter.launch import executors
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,14 +18,14 @@ import yaml
 from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster
 
-from exporter.app import create_app
-from exporter.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, Settings
+from exporter.service.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
 DASHBOARD_JSON = GRAFANA / "etcd-autodefrag.json"
 RULES = ROOT / "alerts" / "etcd-autodefrag-rules.yaml"
-METRICS_MODULE = ROOT / "exporter" / "metrics.py"
+METRICS_MODULE = ROOT / "exporter" / "service" / "metrics.py"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 CLUSTER_MATCHER = ("etcd_cluster", "=~", "$etcd_cluster")
 ETCD_JOB_MATCHER = ("job", "=~", "$etcd_job")
@@ -33,7 +33,7 @@ OUR_PREFIX = "etcd_autodefrag_"
 # Grafana's built-in interval variables, replaced by a duration before parsing.
 GRAFANA_DURATIONS = re.compile(r"\$__(rate_interval|interval|range)\b")
 
-# Run outcomes appear on /metrics only after runs. If exporter/metrics.py declares them, the names
+# Run outcomes appear on /metrics only after runs. If exporter/service/metrics.py declares them, the names
 # come from its text (read at test time); otherwise from this contract list. The contract first said
 # run_duration_seconds would be a histogram; RunMetrics made it a gauge (the last run's duration), and
 # the dashboard follows the code.
@@ -272,7 +272,7 @@ def exposition_names(text: str) -> set[str]:
 
 
 def run_metric_names() -> tuple[set[str], str]:
-    """The run-outcome metric names exporter/metrics.py declares, or the contract list."""
+    """The run-outcome metric names exporter/service/metrics.py declares, or the contract list."""
     text = METRICS_MODULE.read_text()
     declared = re.findall(
         r"\b(Counter|Gauge|Histogram|Summary|GaugeMetricFamily|CounterMetricFamily)\(\s*"
@@ -295,7 +295,7 @@ def run_metric_names() -> tuple[set[str], str]:
     }
     if {stem for _, stem in declared} >= set(RUN_METRIC_STEMS):
         return names, f"declared in {METRICS_MODULE.relative_to(ROOT)}"
-    return RUN_METRICS_CONTRACT, "the contract list (exporter/metrics.py does not declare them all)"
+    return RUN_METRICS_CONTRACT, "the contract list (exporter/service/metrics.py does not declare them all)"
 
 
 def fetch(url: str) -> str:

@@ -27,7 +27,9 @@ from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
 from exporter import __version__
-from exporter.jobs import (
+from exporter.config.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
+from exporter.kubernetes.api import RBAC_RULES, discover
+from exporter.kubernetes.jobs import (
     CONFIG_FILE,
     DEFAULT_IMAGE,
     JOB_SELECTOR,
@@ -36,8 +38,6 @@ from exporter.jobs import (
     Trigger,
     build_job,
 )
-from exporter.kube import RBAC_RULES, discover
-from exporter.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -128,7 +128,7 @@ def volume(objects: list[Json], name: str) -> Json:
 
 
 def service_config(objects: list[Json]) -> str:
-    """config.yaml of the ConfigMap the Deployment mounts at exporter.jobs.CONFIG_FILE."""
+    """config.yaml of the ConfigMap the Deployment mounts at exporter.kubernetes.jobs.CONFIG_FILE."""
     (mount,) = [m for m in container(objects)["volumeMounts"] if m["mountPath"] == CONFIG_FILE]
     config_map = volume(objects, mount["name"])["configMap"]["name"]
     data: str = one(objects, "ConfigMap", config_map, NAMESPACE)["data"][mount["subPath"]]
@@ -458,7 +458,7 @@ def test_roles_grant_what_the_code_calls_and_nothing_more(
         assert granted <= allowed, f"Role in {namespace} grants more than RBAC_RULES: {granted - allowed}"
         assert granted >= JOB_PERMISSIONS, f"Role in {namespace} lacks {JOB_PERMISSIONS - granted}"
         if namespace in kamaji_namespaces:
-            assert granted == allowed  # exactly exporter.kube.RBAC_RULES
+            assert granted == allowed  # exactly exporter.kubernetes.api.RBAC_RULES
         else:
             assert not granted & KAMAJI_DISCOVERY
 
@@ -664,7 +664,7 @@ def test_image_runs_our_console_script_as_the_deployments_numeric_user() -> None
     instructions = dict(final)
     assert json.loads(instructions["ENTRYPOINT"]) == ["etcd-autodefrag"]
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'etcd-autodefrag = "exporter.cli:main"' in pyproject
+    assert 'etcd-autodefrag = "exporter.cli.main:main"' in pyproject
     user, _, group = instructions["USER"].partition(":")
     assert user.isdigit(), "runAsNonRoot can only check a numeric USER"
     assert group.isdigit()

@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster
 
-from exporter.app import create_app
-from exporter.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, Settings
+from exporter.service.app import create_app
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 REGENERATE = os.environ.get("REGENERATE_DOCS") == "1"

@@ -187,7 +187,8 @@ def check_leader_last(stack: Stack, report: dict[str, Any], leader: str) -> None
     started = [
         record["message"].split(":")[0]
         for record in stack.service_log().new_records()
-        if record.get("logger") == "exporter.engine" and ": defragmenting (" in record.get("message", "")
+        if record.get("logger") == "exporter.defrag.engine"
+        and ": defragmenting (" in record.get("message", "")
     ]
     assert started == [m["name"] for m in members[:2]] + [f"{leader} (leader)"]
 
@@ -357,7 +358,7 @@ def test_nospace_alarm_recovered_by_compaction_defrag_and_disarm(
         launches = [
             record["message"]
             for record in stack.service_log().new_records()
-            if record.get("logger") == "exporter.executors"
+            if record.get("logger") == "exporter.launch.executors"
             and "started local run" in record.get("message", "")
         ]
         assert len(launches) == 1

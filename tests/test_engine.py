@@ -13,12 +13,12 @@ import aiohttp
 import pytest
 from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdMember, EtcdRequestError, start_cluster
 
-from exporter.cluster_lock import HOLDER_KEY as LOCK_KEY
-from exporter.cluster_lock import PREFIX as LOCK_PREFIX
-from exporter.cluster_lock import TOKEN_COUNT
-from exporter.engine import DefragEngine, Outcome, RunReport, RunResult
-from exporter.etcd import START_TIME_METRIC, EtcdClient, EtcdUnavailable, find_gauge
-from exporter.settings import ClusterConfig
+from exporter.config.settings import ClusterConfig
+from exporter.defrag.engine import DefragEngine, Outcome, RunReport, RunResult
+from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
+from exporter.defrag.lock import PREFIX as LOCK_PREFIX
+from exporter.defrag.lock import TOKEN_COUNT
+from exporter.etcd.client import START_TIME_METRIC, EtcdClient, EtcdUnavailable, find_gauge
 
 pytestmark = pytest.mark.etcd
 
@@ -81,7 +81,7 @@ async def test_reclaims_space_on_every_member_leader_last(
     etcd.churn()
     leader = etcd.leader().client_url
     before = sizes(etcd)
-    caplog.set_level(logging.INFO, logger="exporter.engine")
+    caplog.set_level(logging.INFO, logger="exporter.defrag.engine")
 
     report = await run(client, config(etcd))
 
@@ -209,7 +209,7 @@ async def test_leadership_moving_mid_run_keeps_the_leader_last(
     cluster = fresh_etcd_cluster
     cluster.churn()
     old_leader = cluster.leader()
-    caplog.set_level(logging.INFO, logger="exporter.engine")
+    caplog.set_level(logging.INFO, logger="exporter.defrag.engine")
     moved_to: list[str] = []
 
     async def move_leadership_to_the_next(endpoint: str, index: int) -> None:
@@ -537,7 +537,7 @@ async def test_a_member_that_died_during_its_defrag_is_reported_down(fresh_etcd_
     dead.start()
 
 
-# --- the safety gates: quorum and rollout (exporter.policy, docs/safety.md) -----------------------
+# --- the safety gates: quorum and rollout (exporter.core.policy, docs/safety.md) -----------------------
 
 
 @pytest.fixture
@@ -606,7 +606,7 @@ async def test_a_member_started_within_settle_seconds_defers_the_run(
     etcd.churn()
     revision = etcd.revision()
     youngest = max(started_at(m) for m in etcd.members)
-    caplog.set_level(logging.INFO, logger="exporter.engine")
+    caplog.set_level(logging.INFO, logger="exporter.defrag.engine")
 
     report = await run(client, config(etcd, settle_seconds=time.time() - youngest + 3600))
 

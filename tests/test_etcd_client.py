@@ -12,8 +12,11 @@ import aiohttp
 import pytest
 from etcd_harness import EtcdBuild, EtcdCluster
 
-from exporter.engine import DefragEngine, RunResult
-from exporter.etcd import (
+from exporter.config.settings import ClusterConfig
+from exporter.core.model import Alarm, AlarmKind
+from exporter.core.policy import cluster_rule
+from exporter.defrag.engine import DefragEngine, RunResult
+from exporter.etcd.client import (
     EtcdApiError,
     EtcdClient,
     EtcdUnavailable,
@@ -25,11 +28,8 @@ from exporter.etcd import (
     parse_quota_line,
     parse_status,
 )
-from exporter.metrics import cluster_problems
-from exporter.model import Alarm, AlarmKind
-from exporter.policy import cluster_rule
-from exporter.settings import ClusterConfig
-from exporter.snapshot import QuotaCache, member_status, observe_cluster
+from exporter.etcd.observe import QuotaCache, member_status, observe_cluster
+from exporter.service.metrics import cluster_problems
 
 # Recorded from Debian's etcd 3.4.23 during a NOSPACE alarm.
 STATUS_NOSPACE = {

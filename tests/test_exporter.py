@@ -11,9 +11,9 @@ from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import REFRESHER, create_app, reconfigure
-from exporter.cluster_lock import TOKEN_COUNT
-from exporter.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, Settings
+from exporter.defrag.lock import TOKEN_COUNT
+from exporter.service.app import REFRESHER, create_app, reconfigure
 
 pytestmark = pytest.mark.etcd
 

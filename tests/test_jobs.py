@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import exporter.jobs
-from exporter.engine import MemberReport, Outcome, RunReport, RunResult
-from exporter.jobs import (
+import exporter.kubernetes.jobs
+from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget, load_settings
+from exporter.defrag.engine import MemberReport, Outcome, RunReport, RunResult
+from exporter.kubernetes.jobs import (
     CA_FILE,
     CERT_FILE,
     KEY_FILE,
@@ -31,7 +32,6 @@ from exporter.jobs import (
     parse_termination_message,
     sanitize_label_value,
 )
-from exporter.settings import ClusterConfig, ConfigError, KubernetesTarget, load_settings
 
 # The oldest Kubernetes we claim and the newest schema the package ships.
 K8S_VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
@@ -712,7 +712,7 @@ def test_kubeadm_endpoints_from_static_pods() -> None:
 
 
 def test_the_pure_module_does_no_io() -> None:
-    tree = ast.parse(Path(exporter.jobs.__file__).read_text())
+    tree = ast.parse(Path(exporter.kubernetes.jobs.__file__).read_text())
     imported = {
         alias.name.split(".")[0]
         for node in ast.walk(tree)

@@ -1,5 +1,6 @@
-"""exporter/kamaji.py: kamaji-etcd's two certificate layouts, told apart from its StatefulSet, and the
-Jobs that follow them (through kube.discover, against the fake API with the chart's objects)."""
+"""exporter/kubernetes/kamaji.py: kamaji-etcd's two certificate layouts, told apart from its
+StatefulSet, and the Jobs that follow them (through kube.discover, against the fake API with the
+chart's objects)."""
 
 import base64
 import json
@@ -12,8 +13,10 @@ import pytest
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
-from exporter import jobs, kube
-from exporter.kamaji import (
+from exporter.config.settings import ClusterConfig
+from exporter.kubernetes import api as kube
+from exporter.kubernetes import jobs
+from exporter.kubernetes.kamaji import (
     ClientSecrets,
     SecretLayout,
     client_secrets,
@@ -21,7 +24,6 @@ from exporter.kamaji import (
     member_endpoints,
     statefulset_replicas,
 )
-from exporter.settings import ClusterConfig
 
 NAMESPACE = "kamaji-system"
 TRIGGER = jobs.Trigger(alertname="EtcdDefragRecommended")

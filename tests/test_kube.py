@@ -1,4 +1,4 @@
-"""exporter/kube.py with the real kubernetes_asyncio client against a fake API server on loopback."""
+"""exporter/kubernetes/api.py with the real kubernetes_asyncio client against a fake API on loopback."""
 
 import asyncio
 import json
@@ -12,10 +12,9 @@ import pytest
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
-from exporter.engine import MemberReport, Outcome, RunReport, RunResult
-from exporter.executors import KubernetesExecutor, RunOutcome
-from exporter.jobs import JobOutcome, LaunchOutcome, RunningJob, Trigger, build_job
-from exporter.kube import (
+from exporter.config.settings import ClusterConfig, ConfigError
+from exporter.defrag.engine import MemberReport, Outcome, RunReport, RunResult
+from exporter.kubernetes.api import (
     RBAC_RULES,
     KubeRejected,
     KubeUnavailable,
@@ -26,7 +25,8 @@ from exporter.kube import (
     record_event,
     watch_jobs,
 )
-from exporter.settings import ClusterConfig, ConfigError
+from exporter.kubernetes.jobs import JobOutcome, LaunchOutcome, RunningJob, Trigger, build_job
+from exporter.launch.executors import KubernetesExecutor, RunOutcome
 
 NAMESPACE = "etcd"
 TIMEOUT = 5.0

@@ -32,9 +32,9 @@ from etcd_harness import EtcdCluster
 from kube_control_plane import ControlPlane, StandInKubelet, free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import kube
-from exporter.jobs import LaunchOutcome, Trigger, build_job
-from exporter.settings import ClusterConfig
+from exporter.config.settings import ClusterConfig
+from exporter.kubernetes import api as kube
+from exporter.kubernetes.jobs import LaunchOutcome, Trigger, build_job
 
 pytestmark = pytest.mark.kube
 
@@ -848,7 +848,7 @@ def apply_rolled_out_kamaji_statefulset(plane: ControlPlane, replicas: int) -> N
     """kamaji-etcd's StatefulSet, with the status its controller reports once a rollout is complete.
 
     No StatefulSet controller runs here, so the status is written as that controller would; the
-    rollout gate reads it before every Job (exporter.policy.statefulset_rollout_gate).
+    rollout gate reads it before every Job (exporter.core.policy.statefulset_rollout_gate).
     """
     path = "/apis/apps/v1/namespaces/kamaji-system/statefulsets/kamaji-etcd"
     applied = plane.apply(

@@ -28,7 +28,7 @@ from etcd_harness import (
 )
 from reliability_counts import COUNTS
 
-from exporter.cluster_lock import TOKEN_COUNT
+from exporter.defrag.lock import TOKEN_COUNT
 
 pytestmark = pytest.mark.etcd
 

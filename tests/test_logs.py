@@ -21,13 +21,13 @@ def restore_root_logger():  # type: ignore[no-untyped-def]
 def test_json_lines_carry_the_structured_context() -> None:
     stream = io.StringIO()
     logs.configure(fmt="json", level="INFO", stream=stream)
-    logging.getLogger("exporter.engine").info("%s: defragmented", "m1", extra={"etcd_cluster": "a"})
-    logging.getLogger("exporter.engine").debug("not shown at INFO")
+    logging.getLogger("exporter.defrag.engine").info("%s: defragmented", "m1", extra={"etcd_cluster": "a"})
+    logging.getLogger("exporter.defrag.engine").debug("not shown at INFO")
     (line,) = stream.getvalue().splitlines()
     record = json.loads(line)
     assert record["message"] == "m1: defragmented"
     assert record["level"] == "info"
-    assert record["logger"] == "exporter.engine"
+    assert record["logger"] == "exporter.defrag.engine"
     assert record["etcd_cluster"] == "a"
     assert record["time"].endswith("Z")
 
@@ -65,7 +65,7 @@ HOSTILE = [
 def test_every_record_is_one_line_whatever_its_arguments(fmt: str) -> None:
     stream = io.StringIO()
     logs.configure(fmt=fmt, level="DEBUG", stream=stream)
-    log = logging.getLogger("exporter.webhook")
+    log = logging.getLogger("exporter.service.webhook")
     for value in HOSTILE:
         log.warning("alert %s (%s): skip_unrouted: labels {%s}", value, value, value)
         log.info(value)  # the message itself, not only an argument

@@ -2,8 +2,9 @@
 
 import pytest
 
-from exporter.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.policy import (
+from exporter.config.settings import ClusterConfig, Thresholds
+from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.core.policy import (
     Gate,
     QuorumCost,
     Step,
@@ -26,8 +27,7 @@ from exporter.policy import (
     thresholds_expression,
     with_quota,
 )
-from exporter.rule import parse_rule
-from exporter.settings import ClusterConfig, Thresholds
+from exporter.core.rule import parse_rule
 
 MiB = 1024 * 1024
 

@@ -99,13 +99,14 @@ from test_webhook import (
 )
 from test_webhook import settings as service_settings
 
-from exporter import clock, logs
-from exporter.app import create_app
-from exporter.engine import DefragEngine, RunResult
-from exporter.etcd import EtcdClient
-from exporter.executors import KubernetesExecutor, LocalExecutor
-from exporter.kube import kube_api_client
-from exporter.settings import ClusterConfig
+from exporter import logs
+from exporter.config.settings import ClusterConfig
+from exporter.core import clock
+from exporter.defrag.engine import DefragEngine, RunResult
+from exporter.etcd.client import EtcdClient
+from exporter.kubernetes.api import kube_api_client
+from exporter.launch.executors import KubernetesExecutor, LocalExecutor
+from exporter.service.app import create_app
 
 pytestmark = pytest.mark.etcd
 
@@ -739,7 +740,7 @@ async def test_a_wall_clock_jump_mid_run_moves_no_deadline(
     def wall_clock() -> datetime:
         return real_utcnow() + (jump if jumped else timedelta(0))
 
-    monkeypatch.setattr(clock, "utcnow", wall_clock)  # exporter.clock is the one source of time
+    monkeypatch.setattr(clock, "utcnow", wall_clock)  # exporter.core.clock is the one source of time
 
     async def jump_forward(member: EtcdMember, index: int) -> None:
         if index == 0:
@@ -1050,9 +1051,9 @@ def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
     """The cache never serves an old verdict: a new snapshot (every refresh makes one) is judged anew."""
     from types import SimpleNamespace
 
-    from exporter.clock import utcnow
-    from exporter.snapshot import ClusterSnapshot
-    from exporter.webhook import HealthCache, health_of
+    from exporter.core.clock import utcnow
+    from exporter.etcd.observe import ClusterSnapshot
+    from exporter.service.webhook import HealthCache, health_of
 
     def refresher(*snapshots: ClusterSnapshot) -> Any:
         watches = {

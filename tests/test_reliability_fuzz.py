@@ -32,8 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from reliability_counts import Counts
 from test_webhook import TOKEN, FakeExecutor, alert, notification
 
-from exporter.app import create_app
-from exporter.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, Settings
+from exporter.service.app import create_app
 
 pytestmark = pytest.mark.etcd
 

@@ -17,12 +17,13 @@ from fake_kube import FakeKube, Recorded
 from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
-from exporter import executors, kube
-from exporter.cli import build_parser, main
-from exporter.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG, Trigger
-from exporter.kamaji import SecretLayout
-from exporter.render import RenderError, check_schedule
-from exporter.settings import load_settings
+from exporter.cli.main import build_parser, main
+from exporter.config.settings import load_settings
+from exporter.kubernetes import api as kube
+from exporter.kubernetes.cronjob import RenderError, check_schedule
+from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG, Trigger
+from exporter.kubernetes.kamaji import SecretLayout
+from exporter.launch import executors
 
 # kamaji-etcd's scripts/defrag.sh with no flags: its CronJob's name, namespace, schedule and endpoints.
 DEFRAG_SH_NAME = "kamaji-etcd-defrag-job"

@@ -8,7 +8,8 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from exporter.routing import (
+from exporter.config.settings import ClusterConfig, ConfigError, Settings, WebhookSettings, load_settings
+from exporter.core.routing import (
     DEFAULT_ACTING_ALERTS,
     ActingFilter,
     AlertDecision,
@@ -29,7 +30,6 @@ from exporter.routing import (
     parse_matcher,
     route,
 )
-from exporter.settings import ClusterConfig, ConfigError, Settings, WebhookSettings, load_settings
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 POLICY = Policy(

@@ -1,4 +1,4 @@
-"""Tests for exporter.rule: the etcd-defrag ``--defrag-rule`` parser and evaluator."""
+"""Tests for exporter.core.rule: the etcd-defrag ``--defrag-rule`` parser and evaluator."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import exporter.rule
-from exporter.rule import (
+import exporter.core.rule
+from exporter.core.rule import (
     MAX_NESTING_DEPTH,
     MAX_RULE_CHARS,
     VARIABLES,
@@ -494,7 +494,7 @@ def test_parse_rule_never_evaluates_python() -> None:
 
 
 def test_module_has_no_eval_compile_or_ast() -> None:
-    tree = ast.parse(Path(exporter.rule.__file__).read_text())
+    tree = ast.parse(Path(exporter.core.rule.__file__).read_text())
     forbidden = {"eval", "exec", "compile", "__import__", "ast", "importlib"}
     names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     imported = {

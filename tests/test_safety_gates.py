@@ -27,9 +27,9 @@ from test_webhook import (
     settings,
 )
 
-from exporter.app import create_app
-from exporter.executors import Executor, KubernetesExecutor, LocalExecutor
-from exporter.settings import ClusterConfig
+from exporter.config.settings import ClusterConfig
+from exporter.launch.executors import Executor, KubernetesExecutor, LocalExecutor
+from exporter.service.app import create_app
 
 Serve = Callable[..., Awaitable[TestClient]]
 

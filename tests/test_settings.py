@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import main
-from exporter.settings import (
+from exporter.cli.main import main
+from exporter.config.settings import (
     DEFAULT_SETTLE_SECONDS,
     ENV_PREFIX,
     ConfigError,
@@ -318,7 +318,7 @@ def test_environment_that_is_not_json_is_named(
 
 def test_an_empty_rule_loads_and_means_always(tmp_path: Path) -> None:
     """etcd-defrag's `--defrag-rule=""` carried over as `rule: ""` (docs/rules.md)."""
-    from exporter.policy import cluster_rule
+    from exporter.core.policy import cluster_rule
 
     settings = load_settings(
         write(tmp_path, "clusters:\n  - name: a\n    endpoints: [http://x:2379]\n    rule: ''\n")

@@ -31,10 +31,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
-from exporter import webhook as webhook_module
-from exporter.app import create_app
-from exporter.engine import MemberReport, RunReport, RunResult
-from exporter.executors import (
+from exporter.config.settings import ClusterConfig, ConfigError, Settings, load_settings
+from exporter.core.routing import RunState
+from exporter.defrag.engine import MemberReport, RunReport, RunResult
+from exporter.kubernetes.api import kube_api_client
+from exporter.kubernetes.jobs import LaunchOutcome, LaunchResult, Trigger
+from exporter.launch.executors import (
     ExecutorRejected,
     ExecutorUnavailable,
     KubernetesExecutor,
@@ -43,10 +45,8 @@ from exporter.executors import (
     child_environment,
     local_executor,
 )
-from exporter.jobs import LaunchOutcome, LaunchResult, Trigger
-from exporter.kube import kube_api_client
-from exporter.routing import RunState
-from exporter.settings import ClusterConfig, ConfigError, Settings, load_settings
+from exporter.service import webhook as webhook_module
+from exporter.service.app import create_app
 
 pytestmark = pytest.mark.etcd
 
@@ -552,7 +552,7 @@ async def test_a_rotated_token_file_is_followed(
     assert (await post(client, notification(), {"Authorization": "Bearer the-second-token"}))[0] == 200
     assert (await post(client, notification(), {"Authorization": "Bearer first-token"}))[0] == 401
 
-    caplog.set_level(logging.WARNING, logger="exporter.webhook")
+    caplog.set_level(logging.WARNING, logger="exporter.service.webhook")
     token_file.write_text("")  # caught mid-rotation: keep what works
     assert (await post(client, notification(), {"Authorization": "Bearer the-second-token"}))[0] == 200
     assert any("unusable, keeping the current credentials" in r.getMessage() for r in caplog.records)
@@ -584,7 +584,7 @@ async def test_an_open_webhook_serves_on_loopback(etcd: EtcdCluster, serve: Serv
 
 
 def test_start_up_message_through_the_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from exporter.cli import main
+    from exporter.cli.main import main
 
     assert main(["serve", "--listen", "0.0.0.0:1"]) == 2
     err = capsys.readouterr().err
@@ -801,7 +801,7 @@ async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
     """Issue 17 item 5 and issue 18 item 4: 400/405/415 left no line, and every 401 wrote one."""
     now = [1000.0]
     monkeypatch.setattr(webhook_module.clock, "monotonic", lambda: now[0])
-    caplog.set_level(logging.DEBUG, logger="exporter.webhook")
+    caplog.set_level(logging.DEBUG, logger="exporter.service.webhook")
     client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": TOKEN, "max_body_bytes": 2048})
     valid = json.dumps(notification(alert("c0"))).encode()
     bad = {
@@ -815,7 +815,7 @@ async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
         for method, headers, body in bad.values():
             response = await client.request(method, "/webhook/alertmanager", data=body, headers=headers)
             assert 400 <= response.status < 500
-    lines = [r for r in caplog.records if r.name == "exporter.webhook"]
+    lines = [r for r in caplog.records if r.name == "exporter.service.webhook"]
     assert [r.levelno for r in lines] == [logging.WARNING] * 5
     assert [r.getMessage() for r in lines] == [
         "webhook: refused a request from 127.0.0.1: 401 unauthorized: missing or wrong credentials",
@@ -836,7 +836,7 @@ async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
     caplog.clear()
     method, headers, body = bad["unauthorized"]
     await client.request(method, "/webhook/alertmanager", data=body, headers=headers)
-    [line] = [r.getMessage() for r in caplog.records if r.name == "exporter.webhook"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "exporter.service.webhook"]
     assert line.endswith("missing or wrong credentials (and 19 more like it since the last such line)")
 
 
@@ -844,7 +844,7 @@ async def test_unrouted_alerts_are_logged_once_a_minute_however_many(
     etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One WARNING per unrouted alert made 44,619 lines from one post (issue 18 item 4)."""
-    caplog.set_level(logging.INFO, logger="exporter.webhook")
+    caplog.set_level(logging.INFO, logger="exporter.service.webhook")
     client = await serve(clusters(etcd, 1), FakeExecutor())
     alerts = [alert(f"nope-{i}") for i in range(500)] + [alert(None, job=f"j{i}") for i in range(500)]
     for _ in range(3):
@@ -866,8 +866,8 @@ async def test_request_text_in_every_field_stays_on_one_line(
     launch), the Content-Type and the peer of a malformed request: every record is one line.
     """
     from exporter import logs
-    from exporter.app import ServerLog
-    from exporter.metrics import RunMetrics
+    from exporter.service.app import ServerLog
+    from exporter.service.metrics import RunMetrics
 
     evil = "\n2026-01-01 00:00:00 ERROR forged\r\x1b[2J\x00\x85\u2028\u2029"
     stream = io.StringIO()
@@ -958,7 +958,7 @@ async def test_executor_answers_map_to_the_retry_contract(
 async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(
     etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="exporter.webhook")
+    caplog.set_level(logging.DEBUG, logger="exporter.service.webhook")
     executor = FakeExecutor()
     client = await serve(clusters(etcd, 10), executor)
     answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
@@ -1180,9 +1180,9 @@ async def test_two_services_on_one_host_launch_one_run_per_cluster(
 SECOND_PROCESS = """
 import asyncio, sys
 from pathlib import Path
-from exporter.executors import LocalExecutor
-from exporter.jobs import Trigger
-from exporter.settings import ClusterConfig
+from exporter.launch.executors import LocalExecutor
+from exporter.kubernetes.jobs import Trigger
+from exporter.config.settings import ClusterConfig
 
 async def main():
     executor = LocalExecutor(
@@ -1278,7 +1278,7 @@ async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Se
 
 def test_child_command_for_the_embedded_default(tmp_path: Path) -> None:
     """Without configured clusters, the child runs `defrag` on the default's URL (it needs a target)."""
-    from exporter.settings import DEFAULT_ENDPOINT, default_cluster
+    from exporter.config.settings import DEFAULT_ENDPOINT, default_cluster
 
     executor = local_executor(Settings(executor={"state_dir": tmp_path}), config_file=None)
     assert executor.child_command(default_cluster())[-2:] == ["--endpoints", DEFAULT_ENDPOINT]

@@ -26,12 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from exporter import clock, jobs, kube
-from exporter.engine import RunResult
-from exporter.jobs import JobOutcome, LaunchOutcome, LaunchResult, RunningJob, Trigger
-from exporter.policy import human_bytes, statefulset_rollout_gate
-from exporter.routing import RunState, cooldown_seconds
-from exporter.settings import (
+from exporter.config.settings import (
     ENV_PREFIX,
     ClusterConfig,
     ExecutorSettings,
@@ -39,6 +34,13 @@ from exporter.settings import (
     Settings,
     default_cluster,
 )
+from exporter.core import clock
+from exporter.core.policy import human_bytes, statefulset_rollout_gate
+from exporter.core.routing import RunState, cooldown_seconds
+from exporter.defrag.engine import RunResult
+from exporter.kubernetes import api as kube
+from exporter.kubernetes import jobs
+from exporter.kubernetes.jobs import JobOutcome, LaunchOutcome, LaunchResult, RunningJob, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +500,7 @@ def child_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 class KubernetesExecutor:
-    """Creates the defrag Job (exporter.jobs builds it, exporter.kube sends it) and watches Jobs end.
+    """Creates the defrag Job (kubernetes.jobs builds it, kubernetes.api sends it) and watches Jobs end.
 
     The Job name is the lock and its ttlSecondsAfterFinished the cooldown, both kept by the API
     server, so replicas and restarts agree. What this object remembers (runs in flight, the last

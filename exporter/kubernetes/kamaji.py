@@ -1,5 +1,5 @@
 """kamaji-etcd as the `kamaji` variant sees it: where its client certificate lives, how to tell, and
-its members' client URLs. Pure: the one read it needs (the StatefulSet) is exporter.kube's.
+its members' client URLs. Pure: the one read it needs (the StatefulSet) is exporter.kubernetes.api's.
 
 The kamaji-etcd chart (clastix/kamaji-etcd, charts/kamaji-etcd) issues its certificates one of two
 ways, chosen by values that are mutually exclusive (templates/_helpers.tpl fails on both):

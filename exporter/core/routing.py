@@ -1,8 +1,8 @@
 """Alert routing: which Alertmanager alert launches a defrag run on which cluster, and why not.
 
-Pure: no I/O, time passed in. `exporter.webhook` parses the payload with the models below, collects
+Pure: no I/O, time passed in. `exporter.service.webhook` parses the payload with the models below, collects
 the latest cluster health and run states, calls `decide_all` and hands each `LAUNCH` to an executor
-(`exporter.executors`), which performs the only side effect.
+(`exporter.launch.executors`), which performs the only side effect.
 
 Matchers use Alertmanager's syntax and semantics (prometheus/alertmanager `pkg/labels`): a missing
 label matches as the empty string, regexes are anchored at both ends.
@@ -17,8 +17,8 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from exporter.policy import quorum_gate
-from exporter.settings import ClusterConfig, WebhookSettings
+from exporter.config.settings import ClusterConfig, WebhookSettings
+from exporter.core.policy import quorum_gate
 
 # The alerts this project ships (the alert rules use exactly these names).
 ALERT_DEFRAG_RECOMMENDED = "EtcdDefragRecommended"

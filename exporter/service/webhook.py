@@ -47,13 +47,9 @@ from aiohttp.http_exceptions import (
 )
 from pydantic import SecretStr, ValidationError
 
-from exporter import clock
-from exporter.executors import Executor, ExecutorRejected, ExecutorUnavailable
-from exporter.jobs import LaunchOutcome, LaunchResult, Trigger
-from exporter.logs import LogThrottle, held_note
-from exporter.metrics import RunMetrics, cluster_problems
-from exporter.refresh import Refresher
-from exporter.routing import (
+from exporter.config.settings import ClusterConfig, ConfigError, Settings
+from exporter.core import clock
+from exporter.core.routing import (
     ActingFilter,
     AlertDecision,
     AlertmanagerAlert,
@@ -65,8 +61,12 @@ from exporter.routing import (
     decide,
     iter_decisions,
 )
-from exporter.settings import ClusterConfig, ConfigError, Settings
-from exporter.snapshot import ClusterSnapshot
+from exporter.etcd.observe import ClusterSnapshot
+from exporter.kubernetes.jobs import LaunchOutcome, LaunchResult, Trigger
+from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
+from exporter.logs import LogThrottle, held_note
+from exporter.service.metrics import RunMetrics, cluster_problems
+from exporter.service.refresh import Refresher
 
 log = logging.getLogger(__name__)
 

@@ -8,18 +8,18 @@ first and the leader last, each behind the health gate, against the quota each m
 `render cronjob` takes defrag.sh's flags with defrag.sh's defaults (DEFRAG_SH_DEFAULTS), so a
 migration is one command with the same arguments; its CronJob keeps defrag.sh's name and namespace
 (`<etcd_name>-defrag-job` in `-n`), so applying it replaces the old one in place and the two never
-run side by side. The pod is exporter.jobs.defrag_pod_template's, the one the webhook's Jobs run:
+run side by side. The pod is exporter.kubernetes.jobs.defrag_pod_template's, the one the webhook's Jobs run:
 same image, security context, file layout and report in the termination message.
 
 The endpoints are only where the engine starts: it reads the member list from the first that
 answers (discover_members), so a member missing from the list of URLs is still defragmented.
 
-The certificates are kamaji-etcd's, in the layout `--secret-layout` names (exporter/kamaji.py):
+The certificates are kamaji-etcd's, in the layout `--secret-layout` names (exporter/kubernetes/kamaji.py):
 `--apply` reads it from the Secrets the StatefulSet mounts; printing assumes defrag.sh's own.
 
 The side effects (reading the StatefulSet's replica count and layout, creating or replacing the CronJob) are
-exporter.kube's `read_statefulset` and `apply_cronjob`, called by `render cronjob --apply` in
-exporter/cli.py.
+exporter.kubernetes.api's `read_statefulset` and `apply_cronjob`, called by `render cronjob --apply` in
+exporter/cli/main.py.
 """
 
 import re
@@ -29,7 +29,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from exporter.jobs import (
+from exporter.config.settings import (
+    DEFAULT_THRESHOLDS,
+    ClusterConfig,
+    KubernetesTarget,
+    format_validation_error,
+)
+from exporter.core.policy import thresholds_expression
+from exporter.core.rule import parse_rule
+from exporter.kubernetes.jobs import (
     APP,
     APP_LABEL,
     COMPONENT_LABEL,
@@ -38,7 +46,7 @@ from exporter.jobs import (
     TERMINATION_LOG,
     defrag_pod_template,
 )
-from exporter.kamaji import (
+from exporter.kubernetes.kamaji import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_CLUSTER_DOMAIN,
     SecretLayout,
@@ -47,9 +55,6 @@ from exporter.kamaji import (
     member_endpoints,
     statefulset_replicas,
 )
-from exporter.policy import thresholds_expression
-from exporter.rule import parse_rule
-from exporter.settings import DEFAULT_THRESHOLDS, ClusterConfig, KubernetesTarget, format_validation_error
 
 Json = dict[str, Any]
 Variant = KubernetesTarget.Variant

@@ -1,6 +1,6 @@
 """The engine: defragment the members of one etcd cluster, one at a time, leader last.
 
-The safety order follows ahrtr/etcd-defrag, with the decisions moved into `exporter.policy`:
+The safety order follows ahrtr/etcd-defrag, with the decisions moved into `exporter.core.policy`:
 
     discover members -> health gate -> (compact) -> statuses -> plan -> for each member:
         health gate again, fresh status, evaluate the rule, (move leadership away),
@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from exporter import clock
-from exporter.cluster_lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable, token_key
-from exporter.etcd import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
-from exporter.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.policy import (
+from exporter.config.settings import ClusterConfig
+from exporter.core import clock
+from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.core.policy import (
     GateDecision,
     Health,
     PlannedMember,
@@ -46,8 +45,9 @@ from exporter.policy import (
     rollout_gate,
     voting_members,
 )
-from exporter.settings import ClusterConfig
-from exporter.snapshot import QuotaCache, member_status
+from exporter.defrag.lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable, token_key
+from exporter.etcd.client import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
+from exporter.etcd.observe import QuotaCache, member_status
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ class DefragEngine:
             self.report.result = RunResult.NOTHING_TO_DO
             self.report.reason = "no member matches the rule"
 
-    # --- the safety gates: quorum and rollout (exporter.policy) ---------------------------------
+    # --- the safety gates: quorum and rollout (exporter.core.policy) ---------------------------------
 
     def _gates(
         self, topology: _Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
@@ -385,7 +385,7 @@ class DefragEngine:
     # --- the lock in etcd -------------------------------------------------------------------------
 
     async def _take_cluster_lock(self, topology: _Topology, held: AsyncExitStack) -> None:
-        """Take the cluster's lock in etcd (exporter.cluster_lock) or refuse the run.
+        """Take the cluster's lock in etcd (exporter.defrag.lock) or refuse the run.
 
         Taken once the plan has a member to defragment: a dry run or a run with nothing to do takes
         none. Compaction, before it, is harmless twice over.

@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exporter import clock
-from exporter.etcd import EtcdApi, KeyValue, NoEndpointAnswered, b64, first_answer
+from exporter.core import clock
+from exporter.etcd.client import EtcdApi, KeyValue, NoEndpointAnswered, b64, first_answer
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,14 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from exporter.kamaji import (
+from exporter.core.rule import RuleSyntaxError, parse_rule
+from exporter.kubernetes.kamaji import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_CLUSTER_DOMAIN,
     ClientSecrets,
     SecretLayout,
     client_secrets,
 )
-from exporter.rule import RuleSyntaxError, parse_rule
 
 ENV_PREFIX = "ETCD_AUTODEFRAG_"
 DEFAULT_CLUSTER_NAME = "local"
@@ -129,7 +129,7 @@ ByteCount = Annotated[int, BeforeValidator(parse_byte_size)]
 
 def checked_matchers(matchers: list[str]) -> list[str]:
     """The matchers unchanged if every one parses in Alertmanager syntax, else a ValueError saying why."""
-    from exporter.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
+    from exporter.core.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
 
     for text in matchers:
         try:
@@ -201,7 +201,8 @@ class KubernetesTarget(_Model):
     `/etc/etcd-autodefrag/config.yaml`) may keep the paths the service itself uses.
 
     Where the files come from:
-    - kamaji: the kamaji-etcd chart's Secrets, by `secret_layout` (exporter/kamaji.py): self-signed,
+    - kamaji: the kamaji-etcd chart's Secrets, by `secret_layout` (exporter/kubernetes/kamaji.py):
+      self-signed,
       key `ca.crt` of `<etcd_name>-certs` and `tls.crt`/`tls.key` of `<etcd_name>-root-client-certs`;
       cert-manager, all three of `<etcd_name>-client-certs`; auto, whichever the StatefulSet mounts.
     - talos, plain: one Secret `tls_secret`; `ca_key`, `cert_key`, `key_key` name its keys (Talos-style
@@ -521,7 +522,7 @@ class ClusterConfig(_Model):
 
     @property
     def discovers_endpoints(self) -> bool:
-        """The members' URLs come from the Kubernetes API (exporter.kube.discover_endpoints)."""
+        """The members' URLs come from the Kubernetes API (exporter.kubernetes.api.discover_endpoints)."""
         return self.kubernetes is not None and self.kubernetes.discover_endpoints
 
     @property
@@ -822,8 +823,8 @@ def _env_error(exc: SettingsError) -> str:
     return f"environment variable {name}: {why}; it must hold the setting as JSON"
 
 
-# `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli.py)
-# and the host lock's directory (exporter/cli.py, host_lock).
+# `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli/main.py)
+# and the host lock's directory (exporter/cli/main.py, host_lock).
 ENV_OUTSIDE_SETTINGS = ("CONFIG", "LOCK_DIR")
 # What Kubernetes adds for a Service named etcd-autodefrag when a Pod keeps service links on
 # (Kubernetes docs, "Environment variables" of Services): not ours, so not a typo either. PORT only

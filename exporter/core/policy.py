@@ -1,6 +1,6 @@
 """The policy: pure decisions about one etcd cluster, over facts the I/O edges collected.
 
-Nothing here performs I/O. `exporter.engine` gathers statuses and carries out the plan these
+Nothing here performs I/O. `exporter.defrag.engine` gathers statuses and carries out the plan these
 functions return; `exporter.collector` exports the same derived figures and rule verdicts, so the
 gauges and the engine can never disagree about what "defrag recommended" means.
 """
@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from exporter.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.rule import Rule, RuleEvaluationError, parse_rule
-from exporter.settings import DEFAULT_THRESHOLDS, ClusterConfig, Thresholds
+from exporter.config.settings import DEFAULT_THRESHOLDS, ClusterConfig, Thresholds
+from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.core.rule import Rule, RuleEvaluationError, parse_rule
 
 # --- derived figures -----------------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class GateDecision:
 def quorum_gate(*, voting: int, healthy_voting: int, allow_unavailable: bool) -> GateDecision:
     """Refuse a defrag that would take the cluster or its quorum down, unless downtime is accepted.
 
-    Performed by `exporter.engine` before the first member and again before each one. Automation
+    Performed by `exporter.defrag.engine` before the first member and again before each one. Automation
     (the webhook's Jobs, CronJobs) must not stop a cluster as a side effect: a one-member cluster
     (kind, single-master kubeadm, a small Kamaji datastore) or a two-member one is refused unless
     its configuration says `allow_unavailable_defrag: true` (the CLI: `--allow-unavailable`).
@@ -290,7 +290,7 @@ def rollout_gate(
 ) -> GateDecision:
     """Defer while the cluster is changing: a learner, a changed member list, a member just started.
 
-    Performed by `exporter.engine` before the plan (with `planned_members` the same list) and again
+    Performed by `exporter.defrag.engine` before the plan (with `planned_members` the same list) and again
     before each member. `started_at_seconds` maps member id to its `process_start_time_seconds`
     (Unix time, from its /metrics page); a member missing from it cannot be judged and does not
     defer. Cluster API's automatic defrag for KubeadmControlPlane skips rollouts for the same

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from exporter import clock
-from exporter.etcd import EtcdApi, EtcdError, MetricsFacts, NoEndpointAnswered, first_answer
-from exporter.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
-from exporter.rule import Rule
-from exporter.settings import ClusterConfig
+from exporter.config.settings import ClusterConfig
+from exporter.core import clock
+from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.core.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
+from exporter.core.rule import Rule
+from exporter.etcd.client import EtcdApi, EtcdError, MetricsFacts, NoEndpointAnswered, first_answer
 
 
 @dataclass(frozen=True)

@@ -27,22 +27,8 @@ import aiohttp
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
-from exporter import __version__, jobs, kamaji, logs
-from exporter import render as render_mod
-from exporter.cluster_lock import LockUnavailable
-from exporter.engine import DefragEngine, RunReport, iter_lines
-from exporter.etcd import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
-from exporter.policy import (
-    QuorumCost,
-    cluster_rule,
-    fragmentation_ratio,
-    free_bytes,
-    human_bytes,
-    quorum_cost,
-    quota_usage_ratio,
-    thresholds_expression,
-)
-from exporter.settings import (
+from exporter import __version__, logs
+from exporter.config.settings import (
     DEFAULT_ENDPOINT,
     DEFAULT_THRESHOLDS,
     ENV_PREFIX,
@@ -54,7 +40,22 @@ from exporter.settings import (
     default_cluster,
     load_settings,
 )
-from exporter.snapshot import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.core.policy import (
+    QuorumCost,
+    cluster_rule,
+    fragmentation_ratio,
+    free_bytes,
+    human_bytes,
+    quorum_cost,
+    quota_usage_ratio,
+    thresholds_expression,
+)
+from exporter.defrag.engine import DefragEngine, RunReport, iter_lines
+from exporter.defrag.lock import LockUnavailable
+from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
+from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.kubernetes import cronjob as render_mod
+from exporter.kubernetes import jobs, kamaji
 
 log = logging.getLogger("etcd_autodefrag")
 
@@ -534,7 +535,7 @@ async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
     """
     if not any(c.reads_kubernetes_api for c in clusters):
         return list(clusters)
-    from exporter import kube
+    from exporter.kubernetes import api as kube
 
     # $KUBECONFIG as the process sees it now (the client library reads it once, at import).
     kubeconfig = Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None
@@ -697,7 +698,7 @@ def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> lis
                 "defrag_recommended": bool(m.verdict and m.verdict.defrag),
                 "reason": m.verdict.reason if m.verdict else m.error,
                 "error": m.error,
-                # What defragmenting this member would cost the cluster (exporter.policy.quorum_cost).
+                # What defragmenting this member would cost the cluster (exporter.core.policy.quorum_cost).
                 "defrag_cost": (None if not whole_cluster else "none" if m.member.is_learner else cost.value),
                 "defrag_cost_reason": (
                     "not known: only the given members were asked (no member discovery)"
@@ -782,7 +783,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
     """
     from aiohttp import web
 
-    from exporter.app import create_app, reconfigure
+    from exporter.service.app import create_app, reconfigure
 
     clusters = settings.clusters
     if not clusters:
@@ -906,7 +907,7 @@ def render(args: argparse.Namespace) -> int:
 
 
 def render_job(args: argparse.Namespace) -> dict[str, Any]:
-    """The Job of exporter.executors.KubernetesExecutor.launch for this cluster and alert name."""
+    """The Job of exporter.launch.executors.KubernetesExecutor.launch for this cluster and alert name."""
     settings = load_settings(args.config)
     cluster = settings.cluster(args.cluster)
     if args.endpoints is not None:
@@ -974,7 +975,7 @@ def debug_notes(plan: render_mod.CronJobPlan) -> None:
 
 async def apply_cronjob(args: argparse.Namespace, flags: render_mod.CronJobFlags) -> int:
     """Read the StatefulSet's replicas (kamaji), then create or replace the CronJob; 1 on API errors."""
-    from exporter import kube
+    from exporter.kubernetes import api as kube
 
     timeout = RENDER_API_TIMEOUT_SECONDS
     try:

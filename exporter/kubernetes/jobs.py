@@ -17,7 +17,7 @@ Files in the container, the same for every variant:
 
 The flags override the cluster's `tls` paths from the config file, so the ConfigMap can hold the
 very file the service uses. One function, `defrag_pod_template`, builds this pod for the webhook's
-Job and for the CronJob of `etcd-autodefrag render cronjob` (exporter/render.py), which passes the
+Job and for the CronJob of `etcd-autodefrag render cronjob` (exporter/kubernetes/cronjob.py), which passes the
 endpoints and rule as flags and so mounts no config. The report goes out through the container's
 termination message
 (https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/), which
@@ -44,8 +44,8 @@ from typing import Any, Literal, assert_never
 from urllib.parse import urlsplit
 
 from exporter import __version__
-from exporter.kamaji import SecretLayout
-from exporter.settings import ClusterConfig, KubernetesTarget
+from exporter.config.settings import ClusterConfig, KubernetesTarget
+from exporter.kubernetes.kamaji import SecretLayout
 
 DEFAULT_IMAGE = f"ghcr.io/etcd-autodefrag/etcd-autodefrag:{__version__.replace('+', '-')}"
 DEFAULT_COOLDOWN_SECONDS = 3600
@@ -311,7 +311,7 @@ def _tls(target: KubernetesTarget) -> _Tls:
     both = ["--cacert", CA_FILE, "--cert", CERT_FILE, "--key", KEY_FILE]
     match target.variant:
         case Variant.KAMAJI:
-            secrets = target.kamaji_secrets  # exporter/kamaji.py: the chart's two layouts
+            secrets = target.kamaji_secrets  # exporter/kubernetes/kamaji.py: the chart's two layouts
             files = [
                 (secrets.ca_secret, secrets.ca_key, "ca.crt"),
                 (secrets.client_secret, secrets.cert_key, "tls.crt"),

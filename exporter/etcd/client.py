@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
-from exporter.model import Alarm, AlarmKind, Member, MemberStatus
+from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
 
 QUOTA_METRIC = "etcd_server_quota_backend_bytes"
 START_TIME_METRIC = "process_start_time_seconds"  # client_golang's process collector, on every member
@@ -328,7 +328,7 @@ def parse_kv(kv: Mapping[str, Any]) -> KeyValue:
 
 
 class EtcdApi(Protocol):
-    """What the engine needs from an etcd client (`exporter.etcd.EtcdClient` provides it)."""
+    """What the engine needs from an etcd client (`exporter.etcd.client.EtcdClient` provides it)."""
 
     async def status(self, endpoint: str, *, timeout: float | None = None) -> MemberStatus: ...
     async def members(self, endpoint: str, *, timeout: float | None = None) -> list[Member]: ...

@@ -25,16 +25,16 @@ from aiohttp.http_exceptions import (
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from exporter import clock
-from exporter.engine import RunResult
-from exporter.etcd import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
-from exporter.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
+from exporter.config.settings import ClusterConfig, Settings
+from exporter.core import clock
+from exporter.core.policy import human_bytes
+from exporter.defrag.engine import RunResult
+from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
+from exporter.launch.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
 from exporter.logs import LogThrottle, held_note
-from exporter.metrics import InFlightCollector, RunMetrics, SnapshotCollector
-from exporter.policy import human_bytes
-from exporter.refresh import Refresher
-from exporter.settings import ClusterConfig, Settings
-from exporter.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
+from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
+from exporter.service.refresh import Refresher
+from exporter.service.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger("exporter.http")

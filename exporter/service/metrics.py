@@ -15,12 +15,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.model import AlarmKind
-from exporter.policy import fragmentation_ratio, free_bytes, label, quota_usage_ratio, voting_members
-from exporter.snapshot import ClusterSnapshot
+from exporter.core.model import AlarmKind
+from exporter.core.policy import fragmentation_ratio, free_bytes, label, quota_usage_ratio, voting_members
+from exporter.etcd.observe import ClusterSnapshot
 
 if TYPE_CHECKING:
-    from exporter.refresh import Refresher
+    from exporter.service.refresh import Refresher
 
 PREFIX = "etcd_autodefrag"
 MEMBER_LABELS = ["etcd_cluster", "member"]

@@ -12,14 +12,20 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from exporter import clock
-from exporter.cluster_lock import ClusterLock, LockUnavailable
-from exporter.etcd import EtcdApi, EtcdError
-from exporter.model import AlarmKind, Member
-from exporter.policy import cluster_rule
-from exporter.rule import Rule
-from exporter.settings import ClusterConfig
-from exporter.snapshot import ClusterSnapshot, MemberSnapshot, QuotaCache, discover_members, observe_cluster
+from exporter.config.settings import ClusterConfig
+from exporter.core import clock
+from exporter.core.model import AlarmKind, Member
+from exporter.core.policy import cluster_rule
+from exporter.core.rule import Rule
+from exporter.defrag.lock import ClusterLock, LockUnavailable
+from exporter.etcd.client import EtcdApi, EtcdError
+from exporter.etcd.observe import (
+    ClusterSnapshot,
+    MemberSnapshot,
+    QuotaCache,
+    discover_members,
+    observe_cluster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +128,7 @@ class Refresher:
             await self._write_lock_tokens(watch, snapshot)
 
     async def _write_lock_tokens(self, watch: ClusterWatch, snapshot: ClusterSnapshot) -> None:
-        """Write the cluster's NOSPACE lock tokens once, while it has space (exporter.cluster_lock).
+        """Write the cluster's NOSPACE lock tokens once, while it has space (exporter.defrag.lock).
 
         A run that starts under NOSPACE can take the lock only if they exist by then; every run with
         space writes them too, but a cluster whose first run comes with NOSPACE has only us.

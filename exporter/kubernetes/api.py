@@ -3,7 +3,7 @@ and apply the CronJob of `render cronjob --apply`.
 
 Thin I/O over kubernetes_asyncio. What to send and what an answer means (the manifest, a 409's
 meaning, how a Job ended, endpoints from a StatefulSet or static pods) are pure functions in
-exporter.jobs. Every call asks for the raw JSON (`_preload_content=False`), so the pure layer reads
+exporter.kubernetes.jobs. Every call asks for the raw JSON (`_preload_content=False`), so the pure layer reads
 Kubernetes' own JSON shapes and nothing is converted through the generated models.
 
 Errors, and what the webhook should answer. Alertmanager retries a webhook that answers 5xx and
@@ -42,8 +42,9 @@ import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
-from exporter import clock
-from exporter.jobs import (
+from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget
+from exporter.core import clock
+from exporter.kubernetes.jobs import (
     JOB_SELECTOR,
     JobOutcome,
     LaunchOutcome,
@@ -56,8 +57,7 @@ from exporter.jobs import (
     kubeadm_endpoints,
     running_job,
 )
-from exporter.kamaji import SecretLayout, detect_layout, member_endpoints
-from exporter.settings import ClusterConfig, ConfigError, KubernetesTarget
+from exporter.kubernetes.kamaji import SecretLayout, detect_layout, member_endpoints
 
 __all__ = [
     "KUBEADM_ETCD_SELECTOR",

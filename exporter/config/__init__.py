@@ -1,0 +1,1 @@
+"""The settings model and how it is loaded (YAML file, environment, flags)."""

@@ -1,0 +1,1 @@
+"""Kubernetes: API calls, Job and CronJob manifests, discovery, the variants."""

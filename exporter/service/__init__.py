@@ -1,0 +1,1 @@
+"""The aiohttp service: app, refresh loop, /metrics, the Alertmanager webhook."""
