@@ -28,7 +28,7 @@ from typing import Any
 
 from stack import STACK_ERRORS, MiB, Samples, Stack, StackError, StackOptions
 
-from exporter.core.policy import human_bytes
+from exporter.core.units import human_bytes
 
 ALERT = "EtcdDefragRecommended"
 # The shipped alert and the default rule want at least 100 MiB to give back on a member; large

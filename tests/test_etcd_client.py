@@ -15,7 +15,8 @@ from etcd_harness import EtcdBuild, EtcdCluster
 from exporter.config.settings import ClusterConfig
 from exporter.core.model import Alarm, AlarmKind
 from exporter.core.policy import cluster_rule
-from exporter.defrag.engine import DefragEngine, RunResult
+from exporter.core.report import RunResult
+from exporter.defrag.engine import DefragEngine
 from exporter.etcd.client import (
     EtcdApiError,
     EtcdClient,

@@ -33,8 +33,9 @@ from kube_control_plane import ControlPlane, StandInKubelet, free_port, wait_unt
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.kubernetes import api as kube
-from exporter.kubernetes.jobs import LaunchOutcome, Trigger, build_job
+from exporter.kubernetes.jobs import build_job
 
 pytestmark = pytest.mark.kube
 

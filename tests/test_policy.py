@@ -15,7 +15,6 @@ from exporter.core.policy import (
     fragmentation_ratio,
     free_bytes,
     health_gate,
-    human_bytes,
     leader_last,
     leader_of,
     make_plan,
@@ -28,6 +27,7 @@ from exporter.core.policy import (
     with_quota,
 )
 from exporter.core.rule import parse_rule
+from exporter.core.units import human_bytes
 
 MiB = 1024 * 1024
 

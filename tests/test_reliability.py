@@ -102,7 +102,8 @@ from test_webhook import settings as service_settings
 from exporter import logs
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.defrag.engine import DefragEngine, RunResult
+from exporter.core.report import RunResult
+from exporter.defrag.engine import DefragEngine
 from exporter.etcd.client import EtcdClient
 from exporter.kubernetes.api import kube_api_client
 from exporter.launch.executors import KubernetesExecutor, LocalExecutor

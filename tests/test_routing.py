@@ -9,6 +9,7 @@ import pytest
 from hypothesis import strategies as st
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings, WebhookSettings, load_settings
+from exporter.core.launches import RunState
 from exporter.core.routing import (
     DEFAULT_ACTING_ALERTS,
     ActingFilter,
@@ -23,7 +24,6 @@ from exporter.core.routing import (
     MatcherSyntaxError,
     MatchOp,
     Policy,
-    RunState,
     cluster_matchers,
     decide,
     decide_all,

@@ -12,9 +12,9 @@ from exporter.config.settings import (
     ConfigError,
     Settings,
     load_settings,
-    parse_byte_size,
     unknown_environment,
 )
+from exporter.core.units import parse_byte_size
 
 REPO = Path(__file__).resolve().parent.parent
 

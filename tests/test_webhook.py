@@ -32,10 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings, load_settings
-from exporter.core.routing import RunState
-from exporter.defrag.engine import MemberReport, RunReport, RunResult
+from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
+from exporter.core.report import MemberReport, RunReport, RunResult
 from exporter.kubernetes.api import kube_api_client
-from exporter.kubernetes.jobs import LaunchOutcome, LaunchResult, Trigger
 from exporter.launch.executors import (
     ExecutorRejected,
     ExecutorUnavailable,
@@ -1181,7 +1180,7 @@ SECOND_PROCESS = """
 import asyncio, sys
 from pathlib import Path
 from exporter.launch.executors import LocalExecutor
-from exporter.kubernetes.jobs import Trigger
+from exporter.core.launches import Trigger
 from exporter.config.settings import ClusterConfig
 
 async def main():

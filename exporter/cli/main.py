@@ -40,17 +40,19 @@ from exporter.config.settings import (
     default_cluster,
     load_settings,
 )
+from exporter.core.launches import Trigger
 from exporter.core.policy import (
     QuorumCost,
     cluster_rule,
     fragmentation_ratio,
     free_bytes,
-    human_bytes,
     quorum_cost,
     quota_usage_ratio,
     thresholds_expression,
 )
-from exporter.defrag.engine import DefragEngine, RunReport, iter_lines
+from exporter.core.report import RunReport, iter_lines
+from exporter.core.units import human_bytes
+from exporter.defrag.engine import DefragEngine
 from exporter.defrag.lock import LockUnavailable
 from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
 from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
@@ -940,7 +942,7 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
     return jobs.build_job(
         cluster,
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
-        trigger=jobs.Trigger(alertname=args.alertname, dry_run=args.dry_run),
+        trigger=Trigger(alertname=args.alertname, dry_run=args.dry_run),
         cooldown_seconds=settings.executor.cooldown_seconds,
     )
 

@@ -10,7 +10,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
@@ -35,6 +34,7 @@ from pydantic_settings import (
 )
 
 from exporter.core.rule import RuleSyntaxError, parse_rule
+from exporter.core.units import BYTE_SIZE_HELP, parse_byte_size
 from exporter.kubernetes.kamaji import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_CLUSTER_DOMAIN,
@@ -67,62 +67,6 @@ MAX_SECONDS = 365 * 24 * 3600
 PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-
-# --- byte sizes: one parser for every size the config or a flag gives ------------------------------
-
-# Kubernetes quantities (8Gi, 512Mi, 8G, 8e9; apimachinery resource.Quantity) and IEC units (8GiB).
-# `8GB` is refused: etcd's own docs write "8GB" for 8 GiB, SI says 8,000,000,000, so it is ambiguous.
-_BYTE_UNITS = {
-    "": 1,
-    "B": 1,
-    **{unit: 1000**power for power, unit in enumerate("kMGTPE", 1)},
-    **{f"{unit}i": 1024**power for power, unit in enumerate("KMGTPE", 1)},
-    **{f"{unit}iB": 1024**power for power, unit in enumerate("KMGTPE", 1)},
-}
-_AMBIGUOUS_UNITS = {f"{unit}B" for unit in "kKMGTPE"}
-_BYTE_SIZE = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*(?P<unit>[A-Za-z]*)")
-MAX_BYTES = 2**63 - 1  # etcd's sizes are int64
-BYTE_SIZE_HELP = "bytes, or a number with a unit: 8Gi or 8GiB (binary), 8G or 8e9 (decimal)"
-
-
-def parse_byte_size(value: object) -> int:
-    """Bytes from an int or a text like `8Gi`, `512MiB`, `8G`, `8e9`; a ValueError says what to write.
-
-    A bare number is bytes. Binary units: Ki Mi Gi Ti Pi Ei and KiB ... EiB; decimal: k M G T P E.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}")
-    if isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, float) and value.is_integer():
-        number = Decimal(int(value))
-    elif isinstance(value, str) and (match := _BYTE_SIZE.fullmatch(value.strip())):
-        unit = match["unit"]
-        if unit in _AMBIGUOUS_UNITS:
-            digits, letter = match["number"], unit[0]
-            raise ValueError(
-                f"{value!r} is ambiguous: write {digits}{letter.upper()}i (binary, 1024-based) or "
-                f"{digits}{'k' if letter in 'kK' else letter} (decimal, 1000-based)"
-            )
-        if unit not in _BYTE_UNITS:
-            raise ValueError(
-                f"{value!r}: unknown unit {unit!r}; use Ki Mi Gi Ti Pi Ei, KiB ... EiB (binary) or "
-                "k M G T P E (decimal)"
-            )
-        try:
-            number = Decimal(match["number"]) * _BYTE_UNITS[unit]
-        except ArithmeticError:  # decimal.Overflow for an exponent like 1e9999999
-            raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}") from None
-    else:
-        raise ValueError(f"{value!r} is not a byte size: {BYTE_SIZE_HELP}")
-    if number < 0:
-        raise ValueError(f"{value!r}: a size cannot be negative")
-    if number > MAX_BYTES:
-        raise ValueError(f"{value!r} is too large (at most {MAX_BYTES} bytes, 8 EiB)")
-    if number != number.to_integral_value():
-        raise ValueError(f"{value!r} is not a whole number of bytes")
-    return int(number)
-
 
 ByteCount = Annotated[int, BeforeValidator(parse_byte_size)]
 

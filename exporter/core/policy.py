@@ -14,6 +14,7 @@ from typing import Any
 from exporter.config.settings import DEFAULT_THRESHOLDS, ClusterConfig, Thresholds
 from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.core.rule import Rule, RuleEvaluationError, parse_rule
+from exporter.core.units import human_bytes
 
 # --- derived figures -----------------------------------------------------------------------------
 
@@ -45,15 +46,6 @@ def with_quota(
     if status.quota_bytes:
         return status
     return replace(status, quota_bytes=metrics_quota or configured_quota or 0)
-
-
-def human_bytes(count: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 # --- the rule ------------------------------------------------------------------------------------

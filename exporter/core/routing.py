@@ -18,6 +18,7 @@ from functools import lru_cache
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exporter.config.settings import ClusterConfig, WebhookSettings
+from exporter.core.launches import RunState
 from exporter.core.policy import quorum_gate
 
 # The alerts this project ships (the alert rules use exactly these names).
@@ -271,16 +272,6 @@ class ClusterHealth:
     healthy: bool
     problem: str = ""
     voting_members: int | None = None  # None: not counted; a healthy cluster has them all up
-
-
-@dataclass(frozen=True)
-class RunState:
-    """A cluster's defrag runs as the executor knows them."""
-
-    running: bool = False
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    result: str = ""
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from exporter.config.settings import ClusterConfig, Settings
 from exporter.core import clock
-from exporter.core.policy import human_bytes
-from exporter.defrag.engine import RunResult
+from exporter.core.report import RunOutcome, RunResult
+from exporter.core.units import human_bytes
 from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
-from exporter.launch.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
+from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
 from exporter.service.refresh import Refresher
@@ -49,7 +49,7 @@ WEBHOOK = web.AppKey("webhook", Webhook)
 
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
-RUN_RESULTS = [*(r.value for r in RunResult), JOB_FAILED]
+RUN_RESULTS = [r.value for r in RunResult]
 
 
 # What was wrong with a request aiohttp could not parse, in words that quote nothing of it.
@@ -178,7 +178,7 @@ def create_app(
             finished_at=outcome.finished_at,
         )
         log.log(
-            logging.INFO if outcome.result in ("success", "nothing_to_do", "dry_run") else logging.WARNING,
+            logging.INFO if outcome.result.succeeded else logging.WARNING,
             "cluster %s: run ended: %s%s (reclaimed %s in %.0fs)",
             outcome.cluster,
             outcome.result,

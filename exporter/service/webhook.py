@@ -49,6 +49,7 @@ from pydantic import SecretStr, ValidationError
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
+from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.core.routing import (
     ActingFilter,
     AlertDecision,
@@ -62,7 +63,6 @@ from exporter.core.routing import (
     iter_decisions,
 )
 from exporter.etcd.observe import ClusterSnapshot
-from exporter.kubernetes.jobs import LaunchOutcome, LaunchResult, Trigger
 from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
 from exporter.logs import LogThrottle, held_note
 from exporter.service.metrics import RunMetrics, cluster_problems
