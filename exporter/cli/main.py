@@ -51,11 +51,12 @@ from exporter.core.policy import (
     thresholds_expression,
 )
 from exporter.core.report import RunReport, iter_lines
+from exporter.core.snapshot import ClusterSnapshot
 from exporter.core.units import human_bytes
 from exporter.defrag.engine import DefragEngine
 from exporter.defrag.lock import LockUnavailable
 from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
-from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
 

@@ -336,8 +336,11 @@ def decide(
     runs: Mapping[str, RunState],
     now: datetime,
     policy: Policy,
+    routed: Sequence[ClusterConfig] | None = None,
 ) -> AlertDecision:
     """Whether this alert launches a defrag run and on which cluster; performs nothing.
+
+    `routed`: the clusters the alert routes to, when the caller has routed it already.
 
     Checked in order: firing, acting, routed to exactly one cluster, not paused, no run in flight,
     out of cooldown, a fresh snapshot that shows the cluster healthy, and a defrag that would not
@@ -353,7 +356,9 @@ def decide(
         return result(
             Decision.SKIP_NOT_ACTING, f"alert {alert.name or '(no alertname)'} does not launch runs"
         )
-    if isinstance(clusters, ClusterIndex):
+    if routed is not None:
+        matched = list(routed)
+    elif isinstance(clusters, ClusterIndex):
         matched = clusters.route(alert.labels)
     else:
         matched = route(labels=alert.labels, clusters=clusters)
@@ -415,16 +420,24 @@ def iter_decisions(
     runs: Mapping[str, RunState],
     now: datetime,
     policy: Policy,
+    routes: Sequence[Sequence[ClusterConfig]] | None = None,
 ) -> Iterator[AlertDecision]:
     """`decide` for every alert of a notification in turn, with at most one launch per cluster.
 
     A generator, so that the webhook can decide a large notification a slice at a time and let
-    other requests (`/healthz` included) in between.
+    other requests (`/healthz` included) in between. `routes`: each alert's clusters, when the
+    caller has routed them already (the webhook does, to know which snapshots to judge).
     """
     launching: dict[str, str] = {}
-    for alert in alerts:
+    for position, alert in enumerate(alerts):
         decision = decide(
-            alert=alert, clusters=clusters, snapshots=snapshots, runs=runs, now=now, policy=policy
+            alert=alert,
+            clusters=clusters,
+            snapshots=snapshots,
+            runs=runs,
+            now=now,
+            policy=policy,
+            routed=None if routes is None else routes[position],
         )
         cluster = decision.cluster
         if decision.launch and cluster is not None:
