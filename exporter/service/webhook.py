@@ -49,12 +49,11 @@ from pydantic import SecretStr, ValidationError
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
+from exporter.core.alertmanager import AlertmanagerAlert, AlertmanagerPayload
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.core.routing import (
     ActingFilter,
     AlertDecision,
-    AlertmanagerAlert,
-    AlertmanagerPayload,
     ClusterHealth,
     ClusterIndex,
     Decision,
