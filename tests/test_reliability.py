@@ -569,7 +569,7 @@ async def test_an_unreadable_key_file_is_a_configuration_error_naming_the_file(
     key.write_text(cluster.tls.key_file.read_text()[:40])
     code, report, stderr = await run_cli_config(tls_config(tmp_path / "c.yaml", cluster, key_file=key))
     reliability_counts.fault("TLS: unreadable key file")
-    assert code == 2, stderr  # README: bad configuration
+    assert code == 2, stderr  # docs/cli.md exit codes: bad configuration
     assert report is None
     assert f"cluster t: tls.key_file {key}: its PEM private key cannot be parsed" in stderr
     assert "Traceback" not in stderr
