@@ -967,7 +967,7 @@ def test_overlay_applies_server_side_with_strict_field_validation(
 
 
 def test_the_kubeadm_service_pod_needs_the_privileged_level(deployed: ControlPlane) -> None:
-    """What docs/executors.md and docs/deploy.md say: hostPath and hostNetwork are refused below `privileged`."""
+    """docs/executors.md and docs/deploy.md: hostPath and hostNetwork are refused below `privileged`."""
     plane = deployed
     for level in ("baseline", "restricted"):
         plane.ensure_namespace(f"psa-{level}", {"pod-security.kubernetes.io/enforce": level})
