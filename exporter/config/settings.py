@@ -396,7 +396,10 @@ class ClusterConfig(_Model):
         description="Client URLs of one or more members; empty only with kubernetes.discover_endpoints.",
     )
     discover_members: bool = Field(
-        default=True, description="Find the other members from the member list of the endpoints."
+        default=True,
+        description="true: observe and defragment every member of the endpoints' member list. false: only "
+        "the members behind `endpoints`, each through its configured URL (matched by the member id it "
+        "reports, so a proxy works); the safety gates still count every voting member of the list.",
     )
     tls: TlsConfig | None = None
     rule: str | None = Field(default=None, description="Expression in etcd-defrag's syntax.")
