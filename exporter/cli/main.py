@@ -48,11 +48,12 @@ from exporter.core.policy import (
     thresholds_expression,
 )
 from exporter.core.report import RunReport, iter_lines
+from exporter.core.snapshot import ClusterSnapshot
 from exporter.core.units import human_bytes
 from exporter.defrag.engine import DefragEngine
 from exporter.defrag.host_lock import host_lock
 from exporter.etcd.connect import Connection, TlsFileError, connection
-from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
 

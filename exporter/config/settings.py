@@ -33,6 +33,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from exporter.core.matchers import MatcherSyntaxError, parse_matcher
 from exporter.core.rule import RuleSyntaxError, parse_rule
 from exporter.core.units import BYTE_SIZE_HELP, parse_byte_size
 from exporter.kubernetes.kamaji import (
@@ -73,7 +74,6 @@ ByteCount = Annotated[int, BeforeValidator(parse_byte_size)]
 
 def checked_matchers(matchers: list[str]) -> list[str]:
     """The matchers unchanged if every one parses in Alertmanager syntax, else a ValueError saying why."""
-    from exporter.core.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
 
     for text in matchers:
         try:

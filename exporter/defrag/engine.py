@@ -27,10 +27,10 @@ from exporter.core.policy import (
     PlannedMember,
     Step,
     alarms_to_disarm,
+    cluster_health,
     cluster_rule,
     evaluate,
     free_bytes,
-    health_gate,
     label,
     leader_last,
     leader_of,
@@ -360,10 +360,12 @@ class DefragEngine:
             except EtcdError:
                 continue
         self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms or ())
-        health = health_gate(
+        errors = {member_id: error for member_id, error, _ in results}
+        health = cluster_health(
             members=topology.members,
-            read_errors={member_id: error for member_id, error, _ in results},
+            answers={m: errors[m.id] for m in topology.members if m.id in errors},
             alarms=alarms,
+            failure="failed a linearizable read",
         )
         return health, {member_id: s for member_id, _, s in results if s is not None}
 

@@ -7,43 +7,15 @@ costs one timeout, not one per member, and never hides the others.
 
 import asyncio
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.core.policy import Verdict, evaluate, leader_of, with_quota
+from exporter.core.model import AlarmKind, Member, MemberStatus
+from exporter.core.policy import evaluate, leader_of, with_quota
 from exporter.core.rule import Rule
+from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
 from exporter.etcd.client import EtcdApi, EtcdError, MetricsFacts
 from exporter.etcd.topology import Topology, discover
-
-
-@dataclass(frozen=True)
-class MemberSnapshot:
-    """One member as last seen: its status (None when it did not answer) and the rule's verdict."""
-
-    member: Member
-    endpoint: str
-    status: MemberStatus | None
-    error: str | None = None
-    verdict: Verdict | None = None
-
-    @property
-    def up(self) -> bool:
-        """Whether the member answered this time."""
-        return self.status is not None
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    """Everything observed about one cluster in one refresh."""
-
-    cluster: str
-    taken_at: datetime
-    members: tuple[MemberSnapshot, ...] = ()
-    alarms: tuple[Alarm, ...] = ()
-    leader_id: int = 0
-    error: str | None = None  # set when not even the member list could be read
 
 
 @dataclass

@@ -9,7 +9,7 @@ every `member_list_refresh_seconds`, or at once when a member stops answering.
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.config.settings import ClusterConfig
@@ -17,9 +17,10 @@ from exporter.core import clock
 from exporter.core.model import AlarmKind
 from exporter.core.policy import cluster_rule
 from exporter.core.rule import Rule
+from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
 from exporter.defrag.lock import ClusterLock, LockUnavailable
 from exporter.etcd.client import EtcdApi, EtcdError
-from exporter.etcd.observe import ClusterSnapshot, MemberSnapshot, QuotaCache, observe_cluster
+from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,17 @@ class Refresher:
                     cluster, self._client_for(cluster), cluster_rule(cluster)
                 )
         self.watches = watches
+        self._clusters = {name: watch.config for name, watch in watches.items()}
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterConfig]:
+        """The configured clusters by name: a new mapping on every reconfigure (SnapshotSource)."""
+        return self._clusters
+
+    def latest(self, name: str) -> ClusterSnapshot | None:
+        """The cluster's latest snapshot, None before the first or for an unknown name."""
+        watch = self.watches.get(name)
+        return watch.snapshot if watch is not None else None
 
     @property
     def ready(self) -> bool:
