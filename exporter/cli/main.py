@@ -83,9 +83,11 @@ EXIT_CODE_MEANINGS = {
     "a CORRUPT alarm, another run holds the lock, the defrag would stop a 1- or 2-member cluster; "
     "`status`: an endpoint or member did not answer",
     ExitCode.DEFERRED: "deferred: the cluster is changing (a member started within settle_seconds, a "
-    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later",
+    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later "
+    "(`EX_TEMPFAIL`)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
-    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`)",
+    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`); a defrag run had "
+    "already ended",
 }
 EXIT_USAGE = ExitCode.USAGE
 
