@@ -7,18 +7,15 @@ One contract for every command (docs/cli.md): the exit codes of ExitCode, printe
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import signal
 import socket
-import ssl
 import sys
-import tempfile
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -54,8 +51,8 @@ from exporter.core.report import RunReport, iter_lines
 from exporter.core.snapshot import ClusterSnapshot
 from exporter.core.units import human_bytes
 from exporter.defrag.engine import DefragEngine
-from exporter.defrag.lock import LockUnavailable
-from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
+from exporter.defrag.host_lock import host_lock
+from exporter.etcd.connect import Connection, TlsFileError, connection
 from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
@@ -529,93 +526,37 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     return cluster
 
 
-def ssl_context_for(cluster: ClusterConfig, *, from_flags: bool = False) -> ssl.SSLContext | None:
-    """The cluster's TLS context, its files read now; ConfigError names the cluster, setting and file.
+def connect_or_usage_error(cluster: ClusterConfig, *, from_flags: bool = False) -> Connection:
+    """The cluster's connection (TLS files read now); ConfigError (exit 2) naming the setting and file.
 
     `from_flags`: the files came from --cacert/--cert/--key, so the message names those flags.
     """
-    if cluster.tls is None:
-        return None
-    tls = cluster.tls
     try:
-        return make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file, tls.server_name))
+        return connection(cluster)
     except TlsFileError as exc:
         if from_flags:
             raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
-        raise ConfigError(f"cluster {cluster.name}: tls.{exc.setting} {exc.path}: {exc.problem}") from None
+        raise ConfigError(str(exc)) from None
 
 
-def make_client(
-    session: aiohttp.ClientSession, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> EtcdClient:
-    """An etcd client for one cluster."""
-    return EtcdClient(
-        session,
-        ssl_context=ssl_context,
-        server_name=cluster.tls.server_name if cluster.tls else None,
-        timeout_seconds=cluster.request_timeout_seconds,
-    )
-
-
-def lock_directory() -> Path:
-    """Where `defrag` keeps its per-cluster lock files: $ETCD_AUTODEFRAG_LOCK_DIR, else $TMPDIR."""
-    return Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR") or tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def host_lock(cluster_id: int) -> Iterator[None]:
-    """One defrag run per etcd cluster on this host, whatever flags or config named it.
-
-    Keyed by etcd's own cluster id, so `--cluster a` and `--endpoints` of the same cluster exclude
-    each other. Across hosts, the lock key in etcd and the Kubernetes Job name are the locks.
-    The file is removed at the end, while still locked; a run that opened it just before then
-    finds, once it holds the lock, that the path names another file (or none) and starts over.
-    """
-    path = lock_directory() / f"etcd-autodefrag-{cluster_id:x}.lock"
-    for _ in range(3):
-        try:
-            handle = path.open("a")
-        except OSError as exc:
-            raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise LockUnavailable(f"another defrag run on this cluster holds {path}") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # removed by the run that just ended: lock the new file instead
-    else:
-        raise LockUnavailable(f"the lock file {path} keeps being replaced; try again")
-    with handle:
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-async def run_defrag(
-    args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> RunReport:
+async def run_defrag(args: argparse.Namespace, connected: Connection) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
         engine = DefragEngine(
-            client, cluster, dry_run=args.dry_run, lock=host_lock, break_lock=args.break_lock
+            connected.client(session),
+            connected.cluster,
+            dry_run=args.dry_run,
+            lock=host_lock,
+            break_lock=args.break_lock,
         )
         return await engine.run()
 
 
-async def run_status(cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> ClusterSnapshot:
+async def run_status(connected: Connection) -> ClusterSnapshot:
     """One snapshot of one cluster."""
+    cluster = connected.cluster
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
-        return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
+        return await observe_cluster(connected.client(session), cluster, cluster_rule(cluster), QuotaCache())
 
 
 def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> list[dict[str, Any]]:
@@ -749,7 +690,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             DEFAULT_ENDPOINT,
         )
     for cluster in clusters:
-        ssl_context_for(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
+        connect_or_usage_error(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
     try:
         clusters = asyncio.run(discovered(clusters))
     except DiscoveryError as exc:
@@ -765,7 +706,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
                 fresh = load_settings(config_file, **(overrides or {}))
                 clusters = await discovered(fresh.clusters or [default_cluster()])
                 for cluster in clusters:
-                    ssl_context_for(cluster)
+                    connect_or_usage_error(cluster)
             except (ConfigError, DiscoveryError) as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
@@ -1004,11 +945,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return serve(settings, args.config, overrides)
         cluster = cluster_from_args(args, settings)
         tls_flags = bool(args.cacert or args.cert or args.key or args.server_name)
-        ssl_context = ssl_context_for(cluster, from_flags=tls_flags)
+        connected = connect_or_usage_error(cluster, from_flags=tls_flags)
         if args.command == "defrag":
-            return defrag(args, cluster, ssl_context)
+            return defrag(args, connected)
         if args.command == "status":
-            return status(args, cluster, ssl_context)
+            return status(args, connected)
     except (UsageError, ConfigError) as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -1018,9 +959,9 @@ def _main(argv: Sequence[str] | None) -> int:
     raise AssertionError(f"unknown command {args.command}")
 
 
-def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def defrag(args: argparse.Namespace, connected: Connection) -> int:
     """One run; the report on stdout (text or JSON), and as JSON in --report-file."""
-    report = asyncio.run(run_defrag(args, cluster, ssl_context))
+    report = asyncio.run(run_defrag(args, connected))
     if args.report_file is not None:
         try:
             args.report_file.write_text(report.summary_json(max_bytes=4096))
@@ -1033,9 +974,10 @@ def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SS
     return report.exit_code
 
 
-def status(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def status(args: argparse.Namespace, connected: Connection) -> int:
     """The members' table (or JSON); exit 3, as a defrag would be refused, when any did not answer."""
-    snapshot = asyncio.run(run_status(cluster, ssl_context))
+    cluster = connected.cluster
+    snapshot = asyncio.run(run_status(connected))
     if snapshot.error:
         print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
         return ExitCode.REFUSED

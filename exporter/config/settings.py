@@ -419,7 +419,10 @@ class ClusterConfig(_Model):
         description="Client URLs of one or more members; empty only with kubernetes.discover_endpoints.",
     )
     discover_members: bool = Field(
-        default=True, description="Find the other members from the member list of the endpoints."
+        default=True,
+        description="true: observe and defragment every member of the endpoints' member list. false: only "
+        "the members behind `endpoints`, each through its configured URL (matched by the member id it "
+        "reports, so a proxy works); the safety gates still count every voting member of the list.",
     )
     tls: TlsConfig | None = Field(default=None, description="Client TLS for the members (https endpoints).")
     rule: str | None = Field(default=None, description="Expression in etcd-defrag's syntax.")
@@ -842,7 +845,7 @@ def _env_error(exc: SettingsError) -> str:
 
 
 # `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli/main.py)
-# and the host lock's directory (exporter/cli/main.py, host_lock).
+# and the host lock's directory (exporter/defrag/host_lock.py).
 ENV_OUTSIDE_SETTINGS = ("CONFIG", "LOCK_DIR")
 # What Kubernetes adds for a Service named etcd-autodefrag when a Pod keeps service links on
 # (Kubernetes docs, "Environment variables" of Services): not ours, so not a typo either. PORT only

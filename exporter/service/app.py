@@ -7,7 +7,7 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from exporter.config.settings import ClusterConfig, Settings
 from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
 from exporter.core.units import human_bytes
-from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
+from exporter.etcd.connect import client_factory
 from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
@@ -128,24 +128,6 @@ def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
 
 
-def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
-    """Clients per cluster on the shared session; request timeouts capped by the scrape budget."""
-
-    def make(cluster: ClusterConfig) -> EtcdApi:
-        ssl_context = None
-        if cluster.tls is not None:
-            tls = cluster.tls
-            ssl_context = make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file))
-        return EtcdClient(
-            session,
-            ssl_context=ssl_context,
-            server_name=cluster.tls.server_name if cluster.tls else None,
-            timeout_seconds=min(cluster.request_timeout_seconds, settings.scrape_budget_seconds),
-        )
-
-    return make
-
-
 def create_app(
     settings: Settings,
     *,
@@ -201,7 +183,7 @@ def create_app(
             if snapshots is None:
                 refresher = Refresher(
                     clusters,
-                    client_factory(session, settings),
+                    client_factory(session, max_timeout_seconds=settings.scrape_budget_seconds),
                     scrape_budget_seconds=settings.scrape_budget_seconds,
                     min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
                     member_list_refresh_seconds=settings.member_list_refresh_seconds,

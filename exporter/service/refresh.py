@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.core.model import AlarmKind, Member
+from exporter.core.model import AlarmKind
 from exporter.core.policy import cluster_rule
 from exporter.core.rule import Rule
 from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
 from exporter.defrag.lock import ClusterLock, LockUnavailable
 from exporter.etcd.client import EtcdApi, EtcdError
-from exporter.etcd.observe import QuotaCache, discover_members, observe_cluster
+from exporter.etcd.observe import QuotaCache, observe_cluster
+from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class ClusterWatch:
     client: EtcdApi
     rule: Rule
     quotas: QuotaCache = field(default_factory=QuotaCache)
-    members: list[Member] | None = None
+    topology: Topology | None = None
     members_read_at: float = 0.0
     snapshot: ClusterSnapshot | None = None
     refresh_duration_seconds: float = 0.0
@@ -128,7 +129,7 @@ class Refresher:
         watch.refresh_duration_seconds = clock.monotonic() - started
         if snapshot.error or any(not m.up for m in snapshot.members):
             watch.refresh_errors_total += 1
-            watch.members = None  # a member may have been replaced: read the member list again
+            watch.topology = None  # a member may have been replaced: read the member list again
         watch.snapshot = snapshot
         if self.write_lock_tokens and not watch.lock_tokens_checked:
             await self._write_lock_tokens(watch, snapshot)
@@ -158,26 +159,24 @@ class Refresher:
 
     async def _observe(self, watch: ClusterWatch) -> ClusterSnapshot:
         now = clock.monotonic()
-        if watch.members is None or now - watch.members_read_at > self.member_list_refresh_seconds:
+        if watch.topology is None or now - watch.members_read_at > self.member_list_refresh_seconds:
             try:
-                watch.members = await discover_members(watch.client, watch.config)
+                watch.topology = await discover(watch.client, watch.config)
             except EtcdError as exc:
                 log.warning("cluster %s: member list unavailable: %s", watch.config.name, exc.message)
                 return ClusterSnapshot(watch.config.name, clock.utcnow(), error=exc.message)
             watch.members_read_at = now
         return await observe_cluster(
-            watch.client, watch.config, watch.rule, watch.quotas, members=watch.members
+            watch.client, watch.config, watch.rule, watch.quotas, topology=watch.topology
         )
 
     def _timed_out(self, watch: ClusterWatch, budget: float) -> ClusterSnapshot:
         """Every known member down: a member that did not answer in budget shows up 0, not old values."""
         reason = f"no answer within the scrape budget of {budget:g}s"
-        members = watch.members or []
+        members = watch.topology.selected() if watch.topology is not None else []
         return ClusterSnapshot(
             watch.config.name,
             clock.utcnow(),
-            tuple(
-                MemberSnapshot(m, m.client_urls[0] if m.client_urls else "", None, reason) for m in members
-            ),
+            tuple(MemberSnapshot(m, url or "", None, reason) for m, url in members),
             error=None if members else reason,
         )
