@@ -6,13 +6,10 @@ One contract for every command (docs/cli.md): the exit codes of ExitCode, printe
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
-import socket
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -34,7 +31,6 @@ from exporter.config.settings import (
     ConfigError,
     PositiveSeconds,
     Settings,
-    default_cluster,
     load_settings,
 )
 from exporter.core.launches import Trigger
@@ -56,7 +52,8 @@ from exporter.etcd.connect import Connection, TlsFileError, connection
 from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
-from exporter.kubernetes.discovery import DiscoveryError, discovered
+from exporter.kubernetes.discovery import DiscoveryError
+from exporter.service import startup
 
 log = logging.getLogger("etcd_autodefrag")
 
@@ -664,115 +661,17 @@ def _num(value: int | None) -> str:
     return str(value) if value is not None else "-"
 
 
-def needs_restart(running: Settings, fresh: Settings) -> list[str]:
-    """The settings other than `clusters` that differ: a reload does not apply them."""
-    return [
-        name
-        for name in type(running).model_fields
-        if name != "clusters" and getattr(running, name) != getattr(fresh, name)
-    ]
-
-
 def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any] | None = None) -> int:
-    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file.
-
-    `overrides` are the command-line values that beat the file (`--listen`), applied on reload too.
-    """
-    from aiohttp import web
-
-    from exporter.service.app import create_app, reconfigure
-
-    clusters = settings.clusters
-    if not clusters:
-        clusters = [default_cluster()]
-        log.info(
-            "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
-            DEFAULT_ENDPOINT,
-        )
-    for cluster in clusters:
-        connect_or_usage_error(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
+    """`serve`: run the service (exporter.service.startup) and turn its start-up failures into exit codes."""
     try:
-        clusters = asyncio.run(discovered(clusters))
+        startup.run(settings, config_file, overrides)
     except DiscoveryError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.FAILED
-    # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file)
-    reloading: set[asyncio.Task[None]] = set()
-
-    async def reload_on_sighup(app: web.Application) -> None:
-        async def reload() -> None:
-            try:
-                fresh = load_settings(config_file, **(overrides or {}))
-                clusters = await discovered(fresh.clusters or [default_cluster()])
-                for cluster in clusters:
-                    connect_or_usage_error(cluster)
-            except (ConfigError, DiscoveryError) as exc:
-                log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
-                return
-            reconfigure(app, clusters)
-            log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
-            if changed := needs_restart(settings, fresh):
-                log.warning(
-                    "SIGHUP: %s changed in %s but only the cluster list is reloaded: restart the "
-                    "service to apply them",
-                    ", ".join(changed),
-                    config_file,
-                )
-
-        def start_reload() -> None:
-            task = asyncio.get_running_loop().create_task(reload())
-            reloading.add(task)
-            task.add_done_callback(reloading.discard)
-
-        if config_file is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, start_reload)
-
-    app.on_startup.append(reload_on_sighup)
-    # Bind before saying "serving": a port in use is then the only thing "cannot listen" can mean,
-    # and any other failure at start-up keeps its own message.
-    try:
-        sockets = bind(settings.listen_host, settings.listen_port)
-    except OSError as exc:
-        print(
-            f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+    except startup.CannotListen as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    log.info(
-        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
-        len(clusters),
-        ", ".join(c.name for c in clusters),
-        settings.listen_host,
-        settings.listen_port,
-    )
-    with contextlib.ExitStack() as bound:
-        for sock in sockets:
-            bound.enter_context(sock)
-        # One site per socket; any start-up error of the app itself keeps its own words.
-        web.run_app(app, sock=sockets, print=None, access_log=None)
     return ExitCode.OK
-
-
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for host:port (both families for a name like `localhost`), as aiohttp would."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):  # once each, in order
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 # --- render -----------------------------------------------------------------------------------------
