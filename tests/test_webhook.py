@@ -46,6 +46,7 @@ from exporter.launch.executors import (
     child_environment,
     local_executor,
 )
+from exporter.service import auth
 from exporter.service import webhook as webhook_module
 from exporter.service.app import create_app
 
@@ -539,10 +540,10 @@ async def test_a_non_ascii_token_is_compared_as_utf8_bytes(fleet: Fleet, serve: 
 
 
 def test_authorized_never_raises_on_any_string() -> None:
-    credentials = webhook_module.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
+    credentials = auth.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
     for header in ["Bearer \udcff", "Bearer \ud800", "Basic \udcff", "\x00", "Bearer " + TOKEN + "\udcff"]:
-        assert webhook_module.authorized(header, credentials) is False
-    assert webhook_module.authorized(f"Bearer {TOKEN}", credentials) is True
+        assert auth.authorized(header, credentials) is False
+    assert auth.authorized(f"Bearer {TOKEN}", credentials) is True
 
 
 async def test_token_from_a_file_and_from_the_environment(

@@ -32,9 +32,10 @@ from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
 from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
+from exporter.service.auth import load_credentials
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
 from exporter.service.refresh import Refresher
-from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook, load_credentials
+from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger("exporter.http")
