@@ -287,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to listen on (default: " + str(Settings.model_fields["listen_address"].default) + ")",
     )
+    # kube-state-metrics' flags: each replica observes the clusters whose name hashes to its shard.
+    serve.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="observe only shard I (0-based) of the clusters; default: the ordinal in env POD_NAME "
+        "when --total-shards > 1 (docs/sharding.md)",
+    )
+    serve.add_argument(
+        "--total-shards", type=int, metavar="N", help="split the clusters over N replicas (default: 1)"
+    )
     add_render_parser(sub)
     return parser
 
@@ -783,8 +794,9 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
     """
     from aiohttp import web
 
-    from exporter.service.app import create_app, reconfigure
+    from exporter.service.app import create_app, reconfigure, shard_from_settings
 
+    shard = shard_from_settings(settings)  # ConfigError (exit 2) before any cluster is contacted
     clusters = settings.clusters
     if not clusters:
         clusters = [default_cluster()]
@@ -800,7 +812,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.FAILED
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file)
+    app = create_app(settings, clusters=clusters, config_file=config_file, shard=shard)
     reloading: set[asyncio.Task[None]] = set()
 
     async def reload_on_sighup(app: web.Application) -> None:
@@ -842,10 +854,14 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             file=sys.stderr,
         )
         return ExitCode.USAGE
+    observed = [c.name for c in clusters if shard.owns(c.name)]
     log.info(
-        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
-        len(clusters),
-        ", ".join(c.name for c in clusters),
+        "serving /metrics for %d clusters (%s)%s and the webhook /webhook/alertmanager for %s on "
+        "http://%s:%d",
+        len(observed),
+        ", ".join(observed),
+        f", {shard}" if shard.sharded else "",
+        f"all {len(clusters)}" if shard.sharded else "them",
         settings.listen_host,
         settings.listen_port,
     )
@@ -1034,7 +1050,17 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "render":
         logs.configure(level="WARNING")  # render prints what it did; only problems are logged
         return render(args)
-    overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    overrides: dict[str, Any] = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    sharding = {
+        key: value
+        for key, value in (
+            ("shard", getattr(args, "shard", None)),
+            ("total_shards", getattr(args, "total_shards", None)),
+        )
+        if value is not None
+    }
+    if sharding:
+        overrides["sharding"] = sharding  # merged with the environment's and the file's sharding
     try:
         settings = load_settings(args.config, **overrides)
     except ConfigError as exc:

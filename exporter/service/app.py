@@ -7,7 +7,8 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from aiohttp.http_exceptions import (
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from exporter.config.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
 from exporter.core.policy import human_bytes
+from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.defrag.engine import RunResult
 from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
 from exporter.launch.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
@@ -46,6 +48,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey[Executor]("executor")
 RUN_METRICS = web.AppKey("run_metrics", RunMetrics)
 WEBHOOK = web.AppKey("webhook", Webhook)
+SHARD = web.AppKey("shard", Shard)
 
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
@@ -124,7 +127,19 @@ def _malformed(exc: Any) -> str | None:
 def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     """Adopt a new cluster list (SIGHUP): a removed cluster leaves no series, an added one starts at 0."""
     app[REFRESHER].reconfigure(clusters)
-    app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
+    app[RUN_METRICS].declare_clusters(list(app[REFRESHER].owned), RUN_RESULTS)
+
+
+def shard_from_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> Shard:
+    """This replica's shard: the settings', else the ordinal in env POD_NAME; ConfigError says why not."""
+    try:
+        return resolve_shard(
+            shard=settings.sharding.shard,
+            total_shards=settings.sharding.total_shards,
+            pod_name=environ.get("POD_NAME"),
+        )
+    except ShardError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
@@ -151,13 +166,18 @@ def create_app(
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
     config_file: Path | None = None,
+    shard: Shard | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
     `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. Raises ConfigError when the webhook's credentials are unusable.
+    local runs read `config_file`. `shard`: which clusters this replica observes (default: from
+    the settings and env POD_NAME); the webhook still serves them all. Raises ConfigError when the
+    webhook's credentials are unusable or the shard cannot be determined.
     """
     credentials = load_credentials(settings)
+    if shard is None:
+        shard = shard_from_settings(settings)
     if executor is None:
         executor = executor_from_settings(settings, config_file=config_file)
     registry = CollectorRegistry(auto_describe=False)
@@ -167,9 +187,15 @@ def create_app(
     app[EXECUTOR] = executor
     app[REGISTRY] = registry
     app[RUN_METRICS] = run_metrics
+    app[SHARD] = shard
     metrics_handler = make_aiohttp_handler(registry)
 
     def run_finished(outcome: RunOutcome) -> None:
+        if not shard.owns(outcome.cluster):
+            # Every replica's Job watch sees every run end; the cluster's shard counts and logs it,
+            # so that no run is counted twice in a sum over replicas.
+            log.debug("cluster %s: run ended: %s (counted by its own shard)", outcome.cluster, outcome.result)
+            return
         run_metrics.record_run(
             cluster=outcome.cluster,
             result=outcome.result,
@@ -199,15 +225,14 @@ def create_app(
                 min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
                 member_list_refresh_seconds=settings.member_list_refresh_seconds,
                 write_lock_tokens=not settings.executor.dry_run,
+                shard=shard,
             )
             app[REFRESHER] = refresher
-            run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
+            run_metrics.declare_clusters(list(refresher.owned), RUN_RESULTS)
             registry.register(SnapshotCollector(refresher))
             registry.register(
                 InFlightCollector(
-                    lambda: {
-                        name: run.running for name, run in executor.runs(list(refresher.watches)).items()
-                    }
+                    lambda: {name: run.running for name, run in executor.runs(list(refresher.owned)).items()}
                 )
             )
             app[WEBHOOK] = Webhook(
@@ -244,7 +269,8 @@ def create_app(
     async def readyz(request: web.Request) -> web.Response:
         if request.app[REFRESHER].ready:
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
+        whose = f" of {shard}" if shard.sharded else ""
+        return web.Response(status=503, text=f"waiting for the first refresh of every cluster{whose}\n")
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/metrics", metrics)

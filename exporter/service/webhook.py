@@ -60,6 +60,7 @@ from exporter.core.routing import (
     Policy,
     decide,
     iter_decisions,
+    snapshot_wanted,
 )
 from exporter.etcd.observe import ClusterSnapshot
 from exporter.kubernetes.jobs import LaunchOutcome, LaunchResult, Trigger
@@ -462,10 +463,8 @@ class Webhook:
 
     async def handle(self, payload: AlertmanagerPayload) -> web.Response:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""
-        # The background refresh keeps snapshots about that fresh already; this only waits (at most
-        # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
-        await self.refresher.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
         known = self._cluster_index()
+        await self._fresh_snapshots(payload, known)
         async with self._cpu:
             decisions = await self._decide(payload, known)
         launches = {
@@ -484,6 +483,27 @@ class Webhook:
         if RequestOutcome.LAUNCH_REJECTED in counts:
             return _reply(422, {**body, "status": "rejected"})
         return _reply(200, body)
+
+    async def _fresh_snapshots(self, payload: AlertmanagerPayload, known: ClusterIndex) -> None:
+        """Snapshots no older than max_snapshot_age_seconds of the clusters the alerts may launch on.
+
+        This shard's clusters: the background refresh keeps them about that fresh already; this
+        only waits (at most the scrape budget) when it fell behind, and concurrent notifications
+        share one refresh. Another shard's cluster (docs/sharding.md) is read now, once per cluster
+        however many notifications ask at once, and the read is reused while it is fresh enough.
+        """
+        max_age = self.settings.webhook.max_snapshot_age_seconds
+        wanted = snapshot_wanted(alerts=payload.alerts, clusters=known, policy=self.policy)
+        if not wanted:
+            return  # no alert gets as far as looking at a snapshot
+        owned = self.refresher.owned
+        others = sorted(name for name in wanted if name not in owned)
+        refreshes = []
+        if len(others) < len(wanted):
+            refreshes.append(self.refresher.refresh(max_age_seconds=max_age))
+        if others:
+            refreshes.append(self.refresher.refresh_on_demand(others, max_age_seconds=max_age))
+        await asyncio.gather(*refreshes)
 
     async def _decide(self, payload: AlertmanagerPayload, known: ClusterIndex) -> list[AlertDecision]:
         """`routing.iter_decisions` over the alerts, a slice at a time with a yield in between."""
