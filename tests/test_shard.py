@@ -7,10 +7,13 @@ Service launch one Job per cluster through the Kubernetes executor and the fake 
 """
 
 import asyncio
+import copy
+import os
 import re
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,9 @@ from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster
 from fake_kube import FakeKube
 from prometheus_client.parser import text_string_to_metric_families
+from test_deploy import DEPLOY, NAME, built, deployment, find, kustomize, needs_kubectl, one
+from test_deploy import NAMESPACE as SERVICE_NAMESPACE
+from test_jobs import validate
 from test_webhook import (
     NAMESPACE,
     TOKEN,
@@ -32,7 +38,7 @@ from test_webhook import (
 )
 
 from exporter.cli.main import main
-from exporter.config.settings import ClusterConfig, ConfigError, Settings, load_settings
+from exporter.config.settings import ENV_PREFIX, ClusterConfig, ConfigError, Settings, load_settings
 from exporter.core.shard import Shard, ShardError, resolve_shard, shard_of
 from exporter.kubernetes.api import kube_api_client
 from exporter.service.app import REFRESHER, create_app, shard_from_settings
@@ -414,3 +420,53 @@ async def test_two_replicas_launch_one_job_per_cluster_and_count_its_end_once(
     # The other replica saw the Job end too (its watch keeps its run state), but exports nothing of c3.
     other = await exposition(replicas[1 - owner])
     assert not [k for k in other if dict(k[1]).get("etcd_cluster") == "c3"]
+
+
+# --- the kustomize component -----------------------------------------------------------------------
+
+
+# Not with overlays/kubeadm: a kubeadm control plane has one etcd cluster, and its host-network pod
+# holds port 9479 on its node (docs/sharding.md).
+@needs_kubectl
+def test_the_sharding_component_makes_a_statefulset_of_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overlay = "kamaji"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    resource = os.path.relpath(DEPLOY / "overlays" / overlay, mine)
+    component = os.path.relpath(DEPLOY / "components" / "sharding", mine)
+    (mine / "kustomization.yaml").write_text(f"resources:\n  - {resource}\ncomponents:\n  - {component}\n")
+    objects = kustomize(mine)
+    unsharded = built(overlay)
+    assert not find(objects, "Deployment")
+    statefulset = one(objects, "StatefulSet", NAME, SERVICE_NAMESPACE)
+    validate(statefulset)
+    replicas = statefulset["spec"]["replicas"]
+    assert replicas == 2
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    # Everything else is the overlay's Deployment: the same pod, selector, Service and the rest.
+    template = copy.deepcopy(statefulset["spec"]["template"])
+    env = template["spec"]["containers"][0].pop("env")
+    expected = deployment(unsharded)["spec"]["template"]
+    expected_env = expected["spec"]["containers"][0].pop("env")
+    assert template == expected
+    assert env[: len(expected_env)] == expected_env
+    added = {e["name"]: e.get("value", e.get("valueFrom")) for e in env[len(expected_env) :]}
+    assert added == {
+        "POD_NAME": {"fieldRef": {"fieldPath": "metadata.name"}},
+        f"{ENV_PREFIX}SHARDING__TOTAL_SHARDS": str(replicas),
+    }
+    assert statefulset["spec"]["selector"] == deployment(unsharded)["spec"]["selector"]
+    assert [o for o in objects if o["kind"] != "StatefulSet"] == [
+        o for o in unsharded if o["kind"] != "Deployment"
+    ]
+    # Each pod finds its shard: pod <name>-I is shard I of `replicas`; one more would refuse to start.
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv(f"{ENV_PREFIX}SHARDING__TOTAL_SHARDS", added[f"{ENV_PREFIX}SHARDING__TOTAL_SHARDS"])
+    settings = load_settings()
+    for index in range(replicas):
+        assert shard_from_settings(settings, {"POD_NAME": f"{NAME}-{index}"}) == Shard(index, replicas)
+    with pytest.raises(ConfigError, match="more replicas than shards"):
+        shard_from_settings(settings, {"POD_NAME": f"{NAME}-{replicas}"})
