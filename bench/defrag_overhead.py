@@ -77,7 +77,8 @@ import etcd_harness  # noqa: E402
 from etcd_harness import EtcdCluster, free_after_compaction_floor_bytes, start_cluster  # noqa: E402
 
 from exporter.config.settings import ClusterConfig  # noqa: E402
-from exporter.defrag.engine import DefragEngine, RunReport, RunResult  # noqa: E402
+from exporter.core.report import RunReport, RunResult  # noqa: E402
+from exporter.defrag.engine import DefragEngine  # noqa: E402
 from exporter.etcd.client import EtcdClient  # noqa: E402
 
 MIB = 1024 * 1024

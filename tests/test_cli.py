@@ -22,11 +22,13 @@ from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
-from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, discovered, exit_code_table, main
+from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, exit_code_table, main
 from exporter.config.settings import ClusterConfig
-from exporter.defrag.engine import EXIT_CODES, MemberReport, RunReport, RunResult
+from exporter.core.launches import Trigger
+from exporter.core.report import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
 from exporter.kubernetes import jobs
+from exporter.kubernetes.discovery import discovered
 from exporter.launch import executors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -483,7 +485,7 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
     assert found.kubernetes.secret_layout == "self-signed"  # what the StatefulSet mounts
     assert same is plain
     # The Job has no API access: it gets the discovered URLs on its command line.
-    args = jobs.build_job(found, image="i", trigger=jobs.Trigger(alertname="a"))["spec"]["template"]["spec"][
+    args = jobs.build_job(found, image="i", trigger=Trigger(alertname="a"))["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
     assert args[args.index("--endpoints") + 1] == ",".join(urls)
@@ -493,7 +495,7 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
     assert local.child_command(found)[-4:] == ["--cluster", "tenant", "--endpoints", ",".join(urls)]
     assert "--endpoints" not in local.child_command(plain)
     with pytest.raises(jobs.JobConfigError, match="not been discovered"):
-        jobs.build_job(ClusterConfig.model_validate(KAMAJI), image="i", trigger=jobs.Trigger(alertname="a"))
+        jobs.build_job(ClusterConfig.model_validate(KAMAJI), image="i", trigger=Trigger(alertname="a"))
 
 
 async def test_serve_exits_1_when_discovery_fails(

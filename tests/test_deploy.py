@@ -28,16 +28,9 @@ from test_jobs import validate
 
 from exporter import __version__
 from exporter.config.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
+from exporter.core.launches import Trigger
 from exporter.kubernetes.api import RBAC_RULES, discover
-from exporter.kubernetes.jobs import (
-    CONFIG_FILE,
-    DEFAULT_IMAGE,
-    JOB_SELECTOR,
-    NONROOT_ID,
-    TLS_DIR,
-    Trigger,
-    build_job,
-)
+from exporter.kubernetes.jobs import CONFIG_FILE, DEFAULT_IMAGE, JOB_SELECTOR, NONROOT_ID, TLS_DIR, build_job
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -14,7 +14,8 @@ import pytest
 from etcd_harness import NOSPACE_ERROR, EtcdCluster, EtcdMember, EtcdRequestError, start_cluster
 
 from exporter.config.settings import ClusterConfig
-from exporter.defrag.engine import DefragEngine, Outcome, RunReport, RunResult
+from exporter.core.report import MemberOutcome, RunReport, RunResult
+from exporter.defrag.engine import DefragEngine
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
 from exporter.defrag.lock import PREFIX as LOCK_PREFIX
 from exporter.defrag.lock import TOKEN_COUNT
@@ -67,7 +68,7 @@ def sizes(cluster: EtcdCluster) -> dict[str, int]:
     return {m.client_url: int(m.status()["dbSize"]) for m in cluster.running_members()}
 
 
-def by_endpoint(report: RunReport) -> dict[str, Outcome]:
+def by_endpoint(report: RunReport) -> dict[str, MemberOutcome]:
     return {m.endpoint: m.outcome for m in report.members}
 
 
@@ -95,7 +96,7 @@ async def test_reclaims_space_on_every_member_leader_last(
     assert [m.endpoint for m in report.members] == client.defragmented
     assert [m.leader for m in report.members] == [False, False, True]
     for m in report.members:
-        assert m.outcome is Outcome.DEFRAGMENTED
+        assert m.outcome is MemberOutcome.DEFRAGMENTED
         assert m.reclaimed_bytes == m.size_before_bytes - m.size_after_bytes > 0
         # Releasing the lock is a write after the last defrag: a file may have grown a page since.
         assert m.size_after_bytes <= after[m.endpoint] < m.size_before_bytes
@@ -111,7 +112,7 @@ async def test_nothing_to_do_when_rule_does_not_match(etcd: EtcdCluster, client:
     assert report.result is RunResult.NOTHING_TO_DO
     assert report.exit_code == 0
     assert client.defragmented == []
-    assert {m.outcome for m in report.members} == {Outcome.SKIPPED}
+    assert {m.outcome for m in report.members} == {MemberOutcome.SKIPPED}
     assert all("does not match" in m.reason for m in report.members)
 
 
@@ -123,7 +124,7 @@ async def test_dry_run_changes_nothing(etcd: EtcdCluster, client: HookedClient) 
     assert report.result is RunResult.DRY_RUN
     assert report.exit_code == 0
     assert client.defragmented == []
-    assert {m.outcome for m in report.members} == {Outcome.WOULD_DEFRAG}
+    assert {m.outcome for m in report.members} == {MemberOutcome.WOULD_DEFRAG}
     assert report.compacted_revision is None  # nothing compacted: null in the JSON
     assert sizes(etcd) == before
     assert etcd.revision() == revision  # a dry run takes no lock in etcd either
@@ -170,7 +171,7 @@ async def test_member_dying_mid_run_stops_the_run(
     assert report.exit_code == 1
     assert len(client.defragmented) == 1  # nothing after the failure was touched
     first = client.defragmented[0]
-    assert by_endpoint(report)[first] is Outcome.DEFRAGMENTED
+    assert by_endpoint(report)[first] is MemberOutcome.DEFRAGMENTED
     assert "unhealthy" in report.reason
     # The leader was neither defragmented nor shrunk.
     assert leader.client_url not in client.defragmented
@@ -196,7 +197,7 @@ async def test_member_dying_during_its_defrag_fails_that_member(
     assert report.result is RunResult.FAILED
     assert report.exit_code == 1
     outcomes = [m.outcome for m in report.members]
-    assert outcomes == [Outcome.DEFRAGMENTED, Outcome.FAILED, Outcome.NOT_REACHED]
+    assert outcomes == [MemberOutcome.DEFRAGMENTED, MemberOutcome.FAILED, MemberOutcome.NOT_REACHED]
     assert report.members[2].endpoint == leader.client_url
     assert "not reached" in report.members[2].reason
     # The killed member's defrag got an answer (connection refused), so nothing can still run there.
@@ -260,7 +261,11 @@ async def test_deadline_stops_the_run_cleanly(etcd: EtcdCluster, client: HookedC
     assert report.result is RunResult.FAILED
     assert report.exit_code == 1
     assert "deadline of 3s exceeded" in report.reason
-    assert [m.outcome for m in report.members] == [Outcome.DEFRAGMENTED, Outcome.FAILED, Outcome.NOT_REACHED]
+    assert [m.outcome for m in report.members] == [
+        MemberOutcome.DEFRAGMENTED,
+        MemberOutcome.FAILED,
+        MemberOutcome.NOT_REACHED,
+    ]
     assert "deadline exceeded while defragmenting" in report.members[1].reason
     assert len(client.defragmented) == 1
     # The second member's defrag may still be running: its lock stays until the lease expires.
@@ -514,7 +519,7 @@ async def test_a_dropped_connection_mid_defrag_keeps_the_lock(etcd: EtcdCluster)
         report = await run(client, config(etcd))
     assert report.result is RunResult.FAILED
     assert len(client.defragmented) == 1  # nothing after the failure
-    (failed,) = [m for m in report.members if m.outcome is Outcome.FAILED]
+    (failed,) = [m for m in report.members if m.outcome is MemberOutcome.FAILED]
     assert "the connection failed during the defragment" in failed.reason
     assert "it may still be running on the member" in failed.reason
     assert lock_holder(etcd) is not None  # it may still be defragmenting: the lock stays
@@ -529,7 +534,7 @@ async def test_a_member_that_died_during_its_defrag_is_reported_down(fresh_etcd_
     (dead,) = [m for m in cluster.members if not m.running]
     assert report.result is RunResult.FAILED
     assert report.reason == f"defragmentation failed on {dead.name}; down now: {dead.name}"
-    (failed,) = [m for m in report.members if m.outcome is Outcome.FAILED]
+    (failed,) = [m for m in report.members if m.outcome is MemberOutcome.FAILED]
     assert f"{dead.name} is down now" in failed.reason
     assert report.down_members == [dead.name]
     # Nothing listens on the member any more, so its defrag cannot be running: the lock is given back.
@@ -651,7 +656,7 @@ async def test_a_member_restarted_mid_run_defers_the_rest(
     assert f"member {restarted[0].name} started" in report.reason
     assert len(client.defragmented) == 1  # nothing after the restart
     outcomes = [m.outcome for m in report.members]
-    assert outcomes == [Outcome.DEFRAGMENTED, Outcome.NOT_REACHED, Outcome.NOT_REACHED]
+    assert outcomes == [MemberOutcome.DEFRAGMENTED, MemberOutcome.NOT_REACHED, MemberOutcome.NOT_REACHED]
     assert {m.reason for m in report.members[1:]} == {"not reached: defer_recent_start"}
     assert lock_holder(cluster) is None  # given back: nothing is in flight
 

@@ -15,14 +15,13 @@ from pydantic import ValidationError
 
 import exporter.kubernetes.jobs
 from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget, load_settings
-from exporter.defrag.engine import MemberReport, Outcome, RunReport, RunResult
+from exporter.core.launches import LaunchOutcome, Trigger
+from exporter.core.report import MemberOutcome, MemberReport, RunReport, RunResult
 from exporter.kubernetes.jobs import (
     CA_FILE,
     CERT_FILE,
     KEY_FILE,
     JobConfigError,
-    LaunchOutcome,
-    Trigger,
     build_event,
     build_job,
     existing_job_launch,
@@ -483,7 +482,7 @@ def big_report(members: int, name_length: int = 40) -> RunReport:
                 id=f"{i:x}",
                 endpoint=f"https://member-{i}.etcd.svc.cluster.local:2379",
                 leader=i == members - 1,
-                outcome=Outcome.DEFRAGMENTED if i % 2 else Outcome.FAILED,
+                outcome=MemberOutcome.DEFRAGMENTED if i % 2 else MemberOutcome.FAILED,
                 reason="context deadline exceeded " * 5,
                 size_before_bytes=2_000_000_000,
                 size_after_bytes=1_000_000_000,

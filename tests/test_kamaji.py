@@ -14,6 +14,7 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.launches import Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
 from exporter.kubernetes.kamaji import (
@@ -26,7 +27,7 @@ from exporter.kubernetes.kamaji import (
 )
 
 NAMESPACE = "kamaji-system"
-TRIGGER = jobs.Trigger(alertname="EtcdDefragRecommended")
+TRIGGER = Trigger(alertname="EtcdDefragRecommended")
 
 
 def sts(name: str, volumes: list[dict[str, Any]], replicas: int | None = 3) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
 from exporter.config.settings import ClusterConfig, ConfigError
-from exporter.defrag.engine import MemberReport, Outcome, RunReport, RunResult
+from exporter.core.launches import LaunchOutcome, Trigger
+from exporter.core.report import MemberOutcome, MemberReport, RunOutcome, RunReport, RunResult
 from exporter.kubernetes.api import (
     RBAC_RULES,
     KubeRejected,
@@ -25,8 +26,8 @@ from exporter.kubernetes.api import (
     record_event,
     watch_jobs,
 )
-from exporter.kubernetes.jobs import JobOutcome, LaunchOutcome, RunningJob, Trigger, build_job
-from exporter.launch.executors import KubernetesExecutor, RunOutcome
+from exporter.kubernetes.jobs import JobOutcome, RunningJob, build_job
+from exporter.launch.executors import KubernetesExecutor
 
 NAMESPACE = "etcd"
 TIMEOUT = 5.0
@@ -51,7 +52,12 @@ def report_json(cluster: str = "tenant-a") -> str:
         result=RunResult.SUCCESS,
         members=[
             MemberReport(
-                name="m1", id="1", endpoint="e", leader=True, outcome=Outcome.DEFRAGMENTED, reclaimed_bytes=5
+                name="m1",
+                id="1",
+                endpoint="e",
+                leader=True,
+                outcome=MemberOutcome.DEFRAGMENTED,
+                reclaimed_bytes=5,
             )
         ],
     )

@@ -33,8 +33,9 @@ from kube_control_plane import ControlPlane, StandInKubelet, free_port, wait_unt
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.kubernetes import api as kube
-from exporter.kubernetes.jobs import LaunchOutcome, Trigger, build_job
+from exporter.kubernetes.jobs import build_job
 
 pytestmark = pytest.mark.kube
 
@@ -918,7 +919,7 @@ def kamaji_statefulset_spec(replicas: int) -> dict[str, Any]:
 
 # --- the overlays and Pod Security ---------------------------------------------------------------------
 
-# The level each overlay gives namespace etcd-autodefrag (README "Deploy on Kubernetes").
+# The level each overlay gives namespace etcd-autodefrag (docs/deploy.md).
 OVERLAY_LEVELS = {"kamaji": "restricted", "kubeadm": "privileged"}
 
 
@@ -966,7 +967,7 @@ def test_overlay_applies_server_side_with_strict_field_validation(
 
 
 def test_the_kubeadm_service_pod_needs_the_privileged_level(deployed: ControlPlane) -> None:
-    """What the README says: hostPath and hostNetwork are refused below `privileged`."""
+    """docs/executors.md and docs/deploy.md: hostPath and hostNetwork are refused below `privileged`."""
     plane = deployed
     for level in ("baseline", "restricted"):
         plane.ensure_namespace(f"psa-{level}", {"pod-security.kubernetes.io/enforce": level})
@@ -1000,7 +1001,7 @@ def test_job_pods_meet_the_pod_security_level_the_readme_promises(
         level: admitted(plane, pod_from_template(job["spec"]["template"], f"psa-{level}"))
         for level in ("baseline", "restricted")
     }
-    if variant == "kubeadm":  # root, host network, hostPath: privileged only (README)
+    if variant == "kubeadm":  # root, host network, hostPath: privileged only (docs/executors.md)
         assert all("violates PodSecurity" in v for v in verdicts.values()), verdicts
     else:
         assert verdicts == {"baseline": "ok", "restricted": "ok"}

@@ -19,9 +19,10 @@ from test_jobs import validate
 
 from exporter.cli.main import build_parser, main
 from exporter.config.settings import load_settings
+from exporter.core.launches import Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.cronjob import RenderError, check_schedule
-from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG, Trigger
+from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG
 from exporter.kubernetes.kamaji import SecretLayout
 from exporter.launch import executors
 

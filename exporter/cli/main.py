@@ -6,19 +6,13 @@ One contract for every command (docs/cli.md): the exit codes of ExitCode, printe
 
 import argparse
 import asyncio
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
-import signal
-import socket
-import ssl
 import sys
-import tempfile
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -37,25 +31,29 @@ from exporter.config.settings import (
     ConfigError,
     PositiveSeconds,
     Settings,
-    default_cluster,
     load_settings,
 )
+from exporter.core.launches import Trigger
 from exporter.core.policy import (
     QuorumCost,
     cluster_rule,
     fragmentation_ratio,
     free_bytes,
-    human_bytes,
     quorum_cost,
     quota_usage_ratio,
     thresholds_expression,
 )
-from exporter.defrag.engine import DefragEngine, RunReport, iter_lines
-from exporter.defrag.lock import LockUnavailable
-from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
-from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.core.report import RunReport, iter_lines
+from exporter.core.snapshot import ClusterSnapshot
+from exporter.core.units import human_bytes
+from exporter.defrag.engine import DefragEngine
+from exporter.defrag.host_lock import host_lock
+from exporter.etcd.connect import Connection, TlsFileError, connection
+from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
+from exporter.kubernetes.discovery import DiscoveryError
+from exporter.service import startup
 
 log = logging.getLogger("etcd_autodefrag")
 
@@ -83,9 +81,11 @@ EXIT_CODE_MEANINGS = {
     "a CORRUPT alarm, another run holds the lock, the defrag would stop a 1- or 2-member cluster; "
     "`status`: an endpoint or member did not answer",
     ExitCode.DEFERRED: "deferred: the cluster is changing (a member started within settle_seconds, a "
-    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later",
+    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later "
+    "(`EX_TEMPFAIL`)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
-    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`)",
+    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`); a defrag run had "
+    "already ended",
 }
 EXIT_USAGE = ExitCode.USAGE
 
@@ -534,143 +534,37 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     return cluster
 
 
-class DiscoveryError(Exception):
-    """The Kubernetes API could not tell a cluster's endpoints."""
-
-
-async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
-    """The clusters with what the API says now: endpoints (`kubernetes.discover_endpoints`) and
-    kamaji-etcd's Secret layout (`kubernetes.secret_layout: auto`), by kube.discover.
-
-    The API client is in-cluster in a Pod, else the kubeconfig ($KUBECONFIG, ~/.kube/config).
-    """
-    if not any(c.reads_kubernetes_api for c in clusters):
-        return list(clusters)
-    from exporter.kubernetes import api as kube
-
-    # $KUBECONFIG as the process sees it now (the client library reads it once, at import).
-    kubeconfig = Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None
-    try:
-        api = await kube.kube_api_client(kubeconfig=kubeconfig)
-    except ConfigError as exc:
-        raise DiscoveryError(f"cannot discover endpoints: {exc}") from None
-    out = []
-    async with api:
-        for cluster in clusters:
-            if cluster.reads_kubernetes_api:
-                try:
-                    found = await kube.discover(cluster, api)
-                except kube.KubeError as exc:
-                    what = "its endpoints" if cluster.discovers_endpoints else "its certificate layout"
-                    raise DiscoveryError(f"cluster {cluster.name}: cannot discover {what}: {exc}") from None
-                except ValueError as exc:  # e.g. plain http URLs for a variant that mounts TLS
-                    raise DiscoveryError(f"cluster {cluster.name}: discovered: {exc}") from None
-                if found.discovers_endpoints:
-                    log.info(
-                        "cluster %s: %d endpoints from the Kubernetes API: %s",
-                        cluster.name,
-                        len(found.endpoints),
-                        ", ".join(found.endpoints),
-                    )
-                if found.kubernetes != cluster.kubernetes and found.kubernetes is not None:
-                    log.info(
-                        "cluster %s: kamaji-etcd certificates from the StatefulSet: %s layout, %s",
-                        cluster.name,
-                        found.kubernetes.secret_layout.value,
-                        found.kubernetes.kamaji_secrets.describe(),
-                    )
-                cluster = found
-            out.append(cluster)
-    return out
-
-
-def ssl_context_for(cluster: ClusterConfig, *, from_flags: bool = False) -> ssl.SSLContext | None:
-    """The cluster's TLS context, its files read now; ConfigError names the cluster, setting and file.
+def connect_or_usage_error(cluster: ClusterConfig, *, from_flags: bool = False) -> Connection:
+    """The cluster's connection (TLS files read now); ConfigError (exit 2) naming the setting and file.
 
     `from_flags`: the files came from --cacert/--cert/--key, so the message names those flags.
     """
-    if cluster.tls is None:
-        return None
-    tls = cluster.tls
     try:
-        return make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file, tls.server_name))
+        return connection(cluster)
     except TlsFileError as exc:
         if from_flags:
             raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
-        raise ConfigError(f"cluster {cluster.name}: tls.{exc.setting} {exc.path}: {exc.problem}") from None
+        raise ConfigError(str(exc)) from None
 
 
-def make_client(
-    session: aiohttp.ClientSession, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> EtcdClient:
-    """An etcd client for one cluster."""
-    return EtcdClient(
-        session,
-        ssl_context=ssl_context,
-        server_name=cluster.tls.server_name if cluster.tls else None,
-        timeout_seconds=cluster.request_timeout_seconds,
-    )
-
-
-def lock_directory() -> Path:
-    """Where `defrag` keeps its per-cluster lock files: $ETCD_AUTODEFRAG_LOCK_DIR, else $TMPDIR."""
-    return Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR") or tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def host_lock(cluster_id: int) -> Iterator[None]:
-    """One defrag run per etcd cluster on this host, whatever flags or config named it.
-
-    Keyed by etcd's own cluster id, so `--cluster a` and `--endpoints` of the same cluster exclude
-    each other. Across hosts, the lock key in etcd and the Kubernetes Job name are the locks.
-    The file is removed at the end, while still locked; a run that opened it just before then
-    finds, once it holds the lock, that the path names another file (or none) and starts over.
-    """
-    path = lock_directory() / f"etcd-autodefrag-{cluster_id:x}.lock"
-    for _ in range(3):
-        try:
-            handle = path.open("a")
-        except OSError as exc:
-            raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise LockUnavailable(f"another defrag run on this cluster holds {path}") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # removed by the run that just ended: lock the new file instead
-    else:
-        raise LockUnavailable(f"the lock file {path} keeps being replaced; try again")
-    with handle:
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-async def run_defrag(
-    args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> RunReport:
+async def run_defrag(args: argparse.Namespace, connected: Connection) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
         engine = DefragEngine(
-            client, cluster, dry_run=args.dry_run, lock=host_lock, break_lock=args.break_lock
+            connected.client(session),
+            connected.cluster,
+            dry_run=args.dry_run,
+            lock=host_lock,
+            break_lock=args.break_lock,
         )
         return await engine.run()
 
 
-async def run_status(cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> ClusterSnapshot:
+async def run_status(connected: Connection) -> ClusterSnapshot:
     """One snapshot of one cluster."""
+    cluster = connected.cluster
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
-        return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
+        return await observe_cluster(connected.client(session), cluster, cluster_rule(cluster), QuotaCache())
 
 
 def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> list[dict[str, Any]]:
@@ -778,120 +672,17 @@ def _num(value: int | None) -> str:
     return str(value) if value is not None else "-"
 
 
-def needs_restart(running: Settings, fresh: Settings) -> list[str]:
-    """The settings other than `clusters` that differ: a reload does not apply them."""
-    return [
-        name
-        for name in type(running).model_fields
-        if name != "clusters" and getattr(running, name) != getattr(fresh, name)
-    ]
-
-
 def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any] | None = None) -> int:
-    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file.
-
-    `overrides` are the command-line values that beat the file (`--listen`), applied on reload too.
-    """
-    from aiohttp import web
-
-    from exporter.service.app import create_app, reconfigure, shard_from_settings
-
-    shard = shard_from_settings(settings)  # ConfigError (exit 2) before any cluster is contacted
-    clusters = settings.clusters
-    if not clusters:
-        clusters = [default_cluster()]
-        log.info(
-            "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
-            DEFAULT_ENDPOINT,
-        )
-    for cluster in clusters:
-        ssl_context_for(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
+    """`serve`: run the service (exporter.service.startup) and turn its start-up failures into exit codes."""
     try:
-        clusters = asyncio.run(discovered(clusters))
+        startup.run(settings, config_file, overrides)
     except DiscoveryError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.FAILED
-    # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file, shard=shard)
-    reloading: set[asyncio.Task[None]] = set()
-
-    async def reload_on_sighup(app: web.Application) -> None:
-        async def reload() -> None:
-            try:
-                fresh = load_settings(config_file, **(overrides or {}))
-                clusters = await discovered(fresh.clusters or [default_cluster()])
-                for cluster in clusters:
-                    ssl_context_for(cluster)
-            except (ConfigError, DiscoveryError) as exc:
-                log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
-                return
-            reconfigure(app, clusters)
-            log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
-            if changed := needs_restart(settings, fresh):
-                log.warning(
-                    "SIGHUP: %s changed in %s but only the cluster list is reloaded: restart the "
-                    "service to apply them",
-                    ", ".join(changed),
-                    config_file,
-                )
-
-        def start_reload() -> None:
-            task = asyncio.get_running_loop().create_task(reload())
-            reloading.add(task)
-            task.add_done_callback(reloading.discard)
-
-        if config_file is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, start_reload)
-
-    app.on_startup.append(reload_on_sighup)
-    # Bind before saying "serving": a port in use is then the only thing "cannot listen" can mean,
-    # and any other failure at start-up keeps its own message.
-    try:
-        sockets = bind(settings.listen_host, settings.listen_port)
-    except OSError as exc:
-        print(
-            f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+    except startup.CannotListen as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    observed = [c.name for c in clusters if shard.owns(c.name)]
-    log.info(
-        "serving /metrics for %d clusters (%s)%s and the webhook /webhook/alertmanager for %s on "
-        "http://%s:%d",
-        len(observed),
-        ", ".join(observed),
-        f", {shard}" if shard.sharded else "",
-        f"all {len(clusters)}" if shard.sharded else "them",
-        settings.listen_host,
-        settings.listen_port,
-    )
-    with contextlib.ExitStack() as bound:
-        for sock in sockets:
-            bound.enter_context(sock)
-        # One site per socket; any start-up error of the app itself keeps its own words.
-        web.run_app(app, sock=sockets, print=None, access_log=None)
     return ExitCode.OK
-
-
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for host:port (both families for a name like `localhost`), as aiohttp would."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):  # once each, in order
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 # --- render -----------------------------------------------------------------------------------------
@@ -956,7 +747,7 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
     return jobs.build_job(
         cluster,
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
-        trigger=jobs.Trigger(alertname=args.alertname, dry_run=args.dry_run),
+        trigger=Trigger(alertname=args.alertname, dry_run=args.dry_run),
         cooldown_seconds=settings.executor.cooldown_seconds,
     )
 
@@ -1074,11 +865,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return serve(settings, args.config, overrides)
         cluster = cluster_from_args(args, settings)
         tls_flags = bool(args.cacert or args.cert or args.key or args.server_name)
-        ssl_context = ssl_context_for(cluster, from_flags=tls_flags)
+        connected = connect_or_usage_error(cluster, from_flags=tls_flags)
         if args.command == "defrag":
-            return defrag(args, cluster, ssl_context)
+            return defrag(args, connected)
         if args.command == "status":
-            return status(args, cluster, ssl_context)
+            return status(args, connected)
     except (UsageError, ConfigError) as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -1088,9 +879,9 @@ def _main(argv: Sequence[str] | None) -> int:
     raise AssertionError(f"unknown command {args.command}")
 
 
-def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def defrag(args: argparse.Namespace, connected: Connection) -> int:
     """One run; the report on stdout (text or JSON), and as JSON in --report-file."""
-    report = asyncio.run(run_defrag(args, cluster, ssl_context))
+    report = asyncio.run(run_defrag(args, connected))
     if args.report_file is not None:
         try:
             args.report_file.write_text(report.summary_json(max_bytes=4096))
@@ -1103,9 +894,10 @@ def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SS
     return report.exit_code
 
 
-def status(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def status(args: argparse.Namespace, connected: Connection) -> int:
     """The members' table (or JSON); exit 3, as a defrag would be refused, when any did not answer."""
-    snapshot = asyncio.run(run_status(cluster, ssl_context))
+    cluster = connected.cluster
+    snapshot = asyncio.run(run_status(connected))
     if snapshot.error:
         print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
         return ExitCode.REFUSED

@@ -14,13 +14,9 @@ gates and the evaluation and changes nothing: `_defragment`, `_compact`, `_move_
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from typing import Any
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
@@ -31,12 +27,10 @@ from exporter.core.policy import (
     PlannedMember,
     Step,
     alarms_to_disarm,
+    cluster_health,
     cluster_rule,
-    endpoint_for,
     evaluate,
     free_bytes,
-    health_gate,
-    human_bytes,
     label,
     leader_last,
     leader_of,
@@ -45,143 +39,14 @@ from exporter.core.policy import (
     rollout_gate,
     voting_members,
 )
+from exporter.core.report import MemberOutcome, MemberReport, RunReport, RunResult
+from exporter.core.units import human_bytes
 from exporter.defrag.lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable, token_key
 from exporter.etcd.client import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
 from exporter.etcd.observe import QuotaCache, member_status
+from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
-
-
-class RunResult(StrEnum):
-    """How a run ended; also the `result` label of the run metrics."""
-
-    SUCCESS = "success"
-    NOTHING_TO_DO = "nothing_to_do"
-    DRY_RUN = "dry_run"
-    FAILED = "failed"
-    REFUSED = "refused"
-    DEFERRED = "deferred"  # the cluster is changing (rollout gate): not a failure, try again later
-
-
-# Documented in the README ("Exit codes"); 2 (bad usage or config) is the CLI's own. Deferred is
-# sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a CronJob or a
-# script sees a non-zero code it can tell apart from a failure.
-EXIT_DEFERRED = 75
-EXIT_CODES = {
-    RunResult.SUCCESS: 0,
-    RunResult.NOTHING_TO_DO: 0,
-    RunResult.DRY_RUN: 0,
-    RunResult.FAILED: 1,
-    RunResult.REFUSED: 3,
-    RunResult.DEFERRED: EXIT_DEFERRED,
-}
-
-
-class Outcome(StrEnum):
-    """What happened to one member."""
-
-    DEFRAGMENTED = "defragmented"
-    WOULD_DEFRAG = "would_defrag"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-    NOT_REACHED = "not_reached"
-
-
-@dataclass
-class MemberReport:
-    """One member's line in the final report (exporter/schemas/run-report.schema.json).
-
-    A size nobody measured is None (JSON null), never 0: the `after` sizes and the duration exist
-    only for a member that was defragmented, the `before` sizes only for one whose status was read.
-    """
-
-    name: str
-    id: str
-    endpoint: str
-    leader: bool
-    outcome: Outcome = Outcome.NOT_REACHED
-    reason: str = ""
-    size_before_bytes: int | None = None
-    in_use_before_bytes: int | None = None
-    size_after_bytes: int | None = None
-    in_use_after_bytes: int | None = None
-    reclaimed_bytes: int = 0
-    duration_seconds: float | None = None
-
-    @property
-    def reclaimable_bytes(self) -> int | None:
-        """What a defrag would give back now: the free pages at the last status."""
-        if self.size_before_bytes is None or self.in_use_before_bytes is None:
-            return None
-        return max(self.size_before_bytes - self.in_use_before_bytes, 0)
-
-
-@dataclass
-class RunReport:
-    """The outcome of one run, printed with `--output json` and turned into metrics by the service."""
-
-    cluster: str
-    result: RunResult = RunResult.NOTHING_TO_DO
-    reason: str = ""
-    dry_run: bool = False
-    started_at: str = ""
-    duration_seconds: float = 0.0
-    compacted_revision: int | None = None  # None: not compacted
-    disarmed_alarms: list[str] = field(default_factory=list)
-    members: list[MemberReport] = field(default_factory=list)
-    down_members: list[str] = field(default_factory=list)  # stopped answering after their defrag
-
-    @property
-    def exit_code(self) -> int:
-        """The process exit code for this result."""
-        return EXIT_CODES[self.result]
-
-    @property
-    def reclaimed_bytes(self) -> int:
-        """Bytes given back to the disks over all members."""
-        return sum(m.reclaimed_bytes for m in self.members)
-
-    def to_json(self) -> str:
-        """The report as one JSON document (also the Job's termination message)."""
-        data: dict[str, Any] = asdict(self)
-        data["reclaimed_bytes"] = self.reclaimed_bytes
-        data["exit_code"] = self.exit_code
-        return json.dumps(data, separators=(",", ":"))
-
-    def summary_json(self, max_bytes: int = 4096) -> str:
-        """to_json() if it fits in max_bytes, else a compact summary that does (marked `"summary":true`).
-
-        4096 bytes is what Kubernetes keeps of a container's termination message, the Job's report.
-        """
-        full = self.to_json()
-        if len(full) <= max_bytes:  # ASCII: json.dumps escapes everything else
-            return full
-        members = [
-            {"name": m.name, "outcome": m.outcome.value, "reclaimed_bytes": m.reclaimed_bytes}
-            for m in self.members
-        ]
-        summary: dict[str, Any] = {
-            "cluster": self.cluster,
-            "result": self.result.value,
-            "exit_code": self.exit_code,
-            "reclaimed_bytes": self.reclaimed_bytes,
-            "dry_run": self.dry_run,
-            "started_at": self.started_at,
-            "duration_seconds": self.duration_seconds,
-            "summary": True,
-            "reason": self.reason[:500],
-            "members": members,
-        }
-        while len(text := json.dumps(summary, separators=(",", ":"))) > max_bytes:
-            if summary["members"]:
-                summary["members"] = summary["members"][:-1]
-                summary["members_omitted"] = len(members) - len(summary["members"])
-            elif summary["reason"]:
-                summary["reason"] = ""
-            else:  # nothing left to drop: the bare minimum (a cluster name is at most 40 characters)
-                minimal = {"cluster": self.cluster[:40], "result": self.result.value, "summary": True}
-                return json.dumps(minimal, separators=(",", ":"))
-        return text
 
 
 # How much later than the run's deadline a defragment request capped by it times out.
@@ -190,13 +55,6 @@ DEADLINE_GRACE_SECONDS = 1.0
 
 class RunStopped(Exception):
     """Ends a run early; the report already says why."""
-
-
-@dataclass
-class _Topology:
-    members: list[Member]
-    endpoints: dict[int, str]
-    targets: frozenset[int] | None
 
 
 class DefragEngine:
@@ -258,7 +116,7 @@ class DefragEngine:
         except TimeoutError:
             self.report.result = RunResult.FAILED
             if self._in_progress is not None:
-                self._in_progress.outcome = Outcome.FAILED
+                self._in_progress.outcome = MemberOutcome.FAILED
                 self._in_progress.reason = (
                     "deadline exceeded while defragmenting (it may still be running on the member)"
                 )
@@ -267,7 +125,7 @@ class DefragEngine:
                 "touching any further member"
             )
             for member in self.report.members:
-                if member.outcome is Outcome.NOT_REACHED and not member.reason:
+                if member.outcome is MemberOutcome.NOT_REACHED and not member.reason:
                     member.reason = "deadline exceeded"
         self.report.duration_seconds = round(clock.monotonic() - self._started, 3)
         self._say(
@@ -315,7 +173,7 @@ class DefragEngine:
             self.report.members = [_member_report(p, statuses.get(p.member.id)) for p in plan.members]
             for planned in plan.members:
                 if planned.step is not Step.DEFRAG:
-                    self._member(planned.member.id).outcome = Outcome.SKIPPED
+                    self._member(planned.member.id).outcome = MemberOutcome.SKIPPED
             if any(planned.step is Step.DEFRAG for planned in plan.members):
                 # Only a run that would defragment is gated: one with nothing to do says so.
                 self._gate(self._gates(topology, topology.members, statuses), plan.members)
@@ -324,7 +182,7 @@ class DefragEngine:
                 await self._write_nospace_tokens(topology)
             await self._execute(topology, list(plan.members))
             await self._disarm_if_recovered(topology)
-        failed = [m for m in self.report.members if m.outcome is Outcome.FAILED]
+        failed = [m for m in self.report.members if m.outcome is MemberOutcome.FAILED]
         if failed:
             names = ", ".join(m.name for m in failed)
             down = f"; down now: {', '.join(self.report.down_members)}" if self.report.down_members else ""
@@ -332,7 +190,8 @@ class DefragEngine:
         if self.dry_run:
             self.report.result = RunResult.DRY_RUN
         elif (
-            any(m.outcome is Outcome.DEFRAGMENTED for m in self.report.members) or self.report.disarmed_alarms
+            any(m.outcome is MemberOutcome.DEFRAGMENTED for m in self.report.members)
+            or self.report.disarmed_alarms
         ):
             self.report.result = RunResult.SUCCESS
         else:
@@ -342,7 +201,7 @@ class DefragEngine:
     # --- the safety gates: quorum and rollout (exporter.core.policy) ---------------------------------
 
     def _gates(
-        self, topology: _Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
+        self, topology: Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
     ) -> GateDecision:
         """The quorum gate, then the rollout gate, over the members as they are now."""
         voters = voting_members(members)
@@ -374,7 +233,7 @@ class DefragEngine:
             raise self._stop(RunResult.DEFERRED, f"the cluster is changing: {decision.reason}")
         raise self._stop(RunResult.REFUSED, decision.reason)
 
-    async def _current_members(self, topology: _Topology) -> list[Member]:
+    async def _current_members(self, topology: Topology) -> list[Member]:
         """The member list now, from the first member that answers (to compare with the plan's)."""
         try:
             _, members = await first_answer(list(topology.endpoints.values()), self.client.members)
@@ -384,7 +243,7 @@ class DefragEngine:
 
     # --- the lock in etcd -------------------------------------------------------------------------
 
-    async def _take_cluster_lock(self, topology: _Topology, held: AsyncExitStack) -> None:
+    async def _take_cluster_lock(self, topology: Topology, held: AsyncExitStack) -> None:
         """Take the cluster's lock in etcd (exporter.defrag.lock) or refuse the run.
 
         Taken once the plan has a member to defragment: a dry run or a run with nothing to do takes
@@ -442,7 +301,7 @@ class DefragEngine:
                 level=logging.WARNING,
             )
 
-    async def _write_nospace_tokens(self, topology: _Topology) -> None:
+    async def _write_nospace_tokens(self, topology: Topology) -> None:
         """Make sure a later run under NOSPACE finds its lock tokens (no-op when they exist)."""
         if self.dry_run or self._nospace:
             return
@@ -453,42 +312,33 @@ class DefragEngine:
 
     # --- discovery and health ----------------------------------------------------------------
 
-    async def _discover(self) -> _Topology:
-        """Members from the first configured endpoint that answers; targets per configuration."""
+    async def _discover(self) -> Topology:
+        """The topology (exporter.etcd.topology); refused unless every configured member is known."""
         try:
-            _, members = await first_answer(self.cluster.endpoints, self.client.members)
-        except NoEndpointAnswered as exc:
-            raise self._stop(RunResult.REFUSED, f"no configured endpoint answered: {exc}") from None
-        endpoints: dict[int, str] = {}
-        for member in members:
-            if (url := endpoint_for(member, self.cluster.endpoints)) is not None:
-                endpoints[member.id] = url
-        targets = None
-        if not self.cluster.discover_members:
-            targets = await self._configured_member_ids()
-            # Reach each targeted member through the endpoint the user configured for it.
-            endpoints.update({member_id: url for url, member_id in targets.items()})
+            topology = await discover(self.client, self.cluster)
+        except EtcdError as exc:
+            raise self._stop(RunResult.REFUSED, exc.message) from None
+        if topology.unanswered:
+            url, error = next(iter(topology.unanswered.items()))
+            raise self._stop(RunResult.REFUSED, f"cluster unhealthy: {url}: {error}")
+        if topology.unmatched:
+            raise self._stop(
+                RunResult.REFUSED,
+                f"configured endpoint {', '.join(topology.unmatched)} is none of the members in the "
+                "cluster's member list (another cluster's member, or one being removed?)",
+            )
         self._say(
             "cluster %s: %d members: %s",
             self.cluster.name,
-            len(members),
+            len(topology.members),
             ", ".join(
-                f"{label(m)}{' (learner)' if m.is_learner else ''} {endpoints.get(m.id, 'no URL')}"
-                for m in members
+                f"{label(m)}{' (learner)' if m.is_learner else ''} {topology.endpoints.get(m.id, 'no URL')}"
+                for m in topology.members
             ),
         )
-        return _Topology(members, endpoints, frozenset(targets.values()) if targets else None)
+        return topology
 
-    async def _configured_member_ids(self) -> dict[str, int]:
-        ids = {}
-        for endpoint in self.cluster.endpoints:
-            try:
-                ids[endpoint] = (await self.client.status(endpoint)).member_id
-            except EtcdError as exc:
-                raise self._stop(RunResult.REFUSED, f"cluster unhealthy: {exc}") from None
-        return ids
-
-    async def _check_health(self, topology: _Topology) -> tuple[Health, dict[int, MemberStatus]]:
+    async def _check_health(self, topology: Topology) -> tuple[Health, dict[int, MemberStatus]]:
         """The health gate, plus the fresh statuses of the voting members (with their quota)."""
         voters = voting_members(topology.members)
         reachable = [m for m in voters if m.id in topology.endpoints]
@@ -510,14 +360,16 @@ class DefragEngine:
             except EtcdError:
                 continue
         self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms or ())
-        health = health_gate(
+        errors = {member_id: error for member_id, error, _ in results}
+        health = cluster_health(
             members=topology.members,
-            read_errors={member_id: error for member_id, error, _ in results},
+            answers={m: errors[m.id] for m in topology.members if m.id in errors},
             alarms=alarms,
+            failure="failed a linearizable read",
         )
         return health, {member_id: s for member_id, _, s in results if s is not None}
 
-    async def _statuses(self, topology: _Topology) -> dict[int, MemberStatus]:
+    async def _statuses(self, topology: Topology) -> dict[int, MemberStatus]:
         health, statuses = await self._check_health(topology)
         if not health.healthy:
             raise self._stop(RunResult.FAILED, "cluster became unhealthy: " + "; ".join(health.problems))
@@ -544,7 +396,7 @@ class DefragEngine:
     def _member(self, member_id: int) -> MemberReport:
         return next(m for m in self.report.members if m.id == f"{member_id:x}")
 
-    async def _execute(self, topology: _Topology, remaining: list[PlannedMember]) -> None:
+    async def _execute(self, topology: Topology, remaining: list[PlannedMember]) -> None:
         done: list[int] = []
         while remaining:
             statuses = await self._statuses(topology)
@@ -567,7 +419,7 @@ class DefragEngine:
                 raise
             except (EtcdError, TimeoutError) as exc:
                 report = self._member(planned.member.id)
-                report.outcome = Outcome.FAILED
+                report.outcome = MemberOutcome.FAILED
                 report.reason = str(exc) or type(exc).__name__
                 self._say("%s: FAILED: %s", label(planned.member), report.reason, level=logging.ERROR)
                 if not self.cluster.continue_on_error:
@@ -579,7 +431,7 @@ class DefragEngine:
 
     async def _visit(
         self,
-        topology: _Topology,
+        topology: Topology,
         planned: PlannedMember,
         statuses: dict[int, MemberStatus],
         leader_id: int,
@@ -593,11 +445,11 @@ class DefragEngine:
         report.in_use_before_bytes = before.db_size_in_use_bytes
         report.leader = member.id == leader_id
         if not verdict.defrag:
-            report.outcome, report.reason = Outcome.SKIPPED, verdict.reason
+            report.outcome, report.reason = MemberOutcome.SKIPPED, verdict.reason
             self._say("%s: skipped: %s", label(member), verdict.reason)
             return
         if self.dry_run:
-            report.outcome, report.reason = Outcome.WOULD_DEFRAG, verdict.reason
+            report.outcome, report.reason = MemberOutcome.WOULD_DEFRAG, verdict.reason
             self._say("DRY-RUN: would defragment %s (%s)", label(member), verdict.reason)
             return
         if report.leader and self.cluster.move_leader:
@@ -630,7 +482,7 @@ class DefragEngine:
         report.size_after_bytes = after.db_size_bytes
         report.in_use_after_bytes = after.db_size_in_use_bytes
         report.reclaimed_bytes = max(before.db_size_bytes - after.db_size_bytes, 0)
-        report.outcome, report.reason = Outcome.DEFRAGMENTED, verdict.reason
+        report.outcome, report.reason = MemberOutcome.DEFRAGMENTED, verdict.reason
         self._say(
             "%s%s: defragmented in %.1fs: %s -> %s, reclaimed %s",
             label(member),
@@ -674,7 +526,7 @@ class DefragEngine:
             endpoint, f"{what}; {label(member)} does not answer now: down or still defragmenting"
         )
 
-    async def _wait_recovered(self, topology: _Topology, member: Member, endpoint: str) -> None:
+    async def _wait_recovered(self, topology: Topology, member: Member, endpoint: str) -> None:
         """Until the member serves a linearizable read and has applied what the leader had committed."""
         deadline = clock.monotonic() + self.cluster.health_timeout_seconds
         target_index = 0
@@ -701,7 +553,7 @@ class DefragEngine:
 
     async def _move_leader(
         self,
-        topology: _Topology,
+        topology: Topology,
         member: Member,
         endpoint: str,
         statuses: dict[int, MemberStatus],
@@ -723,7 +575,7 @@ class DefragEngine:
             await asyncio.sleep(0.1)
         raise EtcdError(endpoint, f"leadership did not move to {target:x}")
 
-    async def _compact(self, topology: _Topology, statuses: dict[int, MemberStatus]) -> None:
+    async def _compact(self, topology: Topology, statuses: dict[int, MemberStatus]) -> None:
         endpoint = topology.endpoints[leader_of(statuses.values())]
         revision = await self.client.linearizable_read(endpoint)
         if self.dry_run:
@@ -733,10 +585,10 @@ class DefragEngine:
         self.report.compacted_revision = revision
         self._say("compacted history up to revision %d%s", revision, "" if compacted else " (already)")
 
-    async def _disarm_if_recovered(self, topology: _Topology) -> None:
+    async def _disarm_if_recovered(self, topology: Topology) -> None:
         # Every health check lists the alarms, the last one just before the last member: without
         # NOSPACE then, there is nothing to disarm and no reason for another round of requests.
-        if not self._nospace or any(m.outcome is Outcome.FAILED for m in self.report.members):
+        if not self._nospace or any(m.outcome is MemberOutcome.FAILED for m in self.report.members):
             return
         statuses = await self._statuses(topology)
         endpoint = topology.endpoints[leader_of(statuses.values())]
@@ -770,34 +622,3 @@ def _member_report(planned: PlannedMember, status: MemberStatus | None) -> Membe
         size_before_bytes=status.db_size_bytes if status else None,
         in_use_before_bytes=status.db_size_in_use_bytes if status else None,
     )
-
-
-def iter_lines(report: RunReport) -> Iterator[str]:
-    """The final report as a small text table and one line for the result (and why)."""
-    dry_run = report.result is RunResult.DRY_RUN
-    if report.members:
-        reclaimed = "WOULD RECLAIM" if dry_run else "RECLAIMED"
-        yield f"{'MEMBER':<16} {'LEADER':<6} {'OUTCOME':<13} {'BEFORE':>10} {'AFTER':>10} {reclaimed:>13}"
-        for m in report.members:
-            if m.outcome is Outcome.WOULD_DEFRAG:
-                gain = m.reclaimable_bytes  # the free pages now: what the defrag would give back
-            elif m.outcome is Outcome.DEFRAGMENTED:
-                gain = m.reclaimed_bytes
-            else:
-                gain = None
-            yield (
-                f"{m.name:<16} {'yes' if m.leader else '':<6} {m.outcome.value:<13} "
-                f"{_size(m.size_before_bytes):>10} {_size(m.size_after_bytes):>10} {_size(gain):>13}"
-            )
-    total = sum(m.reclaimable_bytes or 0 for m in report.members if m.outcome is Outcome.WOULD_DEFRAG)
-    gained = (
-        f"would reclaim {human_bytes(total)}"
-        if dry_run
-        else f"reclaimed {human_bytes(report.reclaimed_bytes)}"
-    )
-    why = f": {report.reason}" if report.reason else ""
-    yield f"{report.result.value}{why} ({gained})" if report.members else f"{report.result.value}{why}"
-
-
-def _size(value: int | None) -> str:
-    return human_bytes(value) if value is not None else "-"

@@ -44,11 +44,10 @@ from kubernetes_asyncio import config as k8s_config
 
 from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget
 from exporter.core import clock
+from exporter.core.launches import LaunchOutcome, LaunchResult
 from exporter.kubernetes.jobs import (
     JOB_SELECTOR,
     JobOutcome,
-    LaunchOutcome,
-    LaunchResult,
     RunningJob,
     build_event,
     existing_job_launch,

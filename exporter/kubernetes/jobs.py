@@ -39,12 +39,12 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any, Literal, assert_never
 from urllib.parse import urlsplit
 
 from exporter import __version__
 from exporter.config.settings import ClusterConfig, KubernetesTarget
+from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.kubernetes.kamaji import SecretLayout
 
 DEFAULT_IMAGE = f"ghcr.io/etcd-autodefrag/etcd-autodefrag:{__version__.replace('+', '-')}"
@@ -90,22 +90,6 @@ Json = dict[str, Any]
 
 class JobConfigError(ValueError):
     """The cluster's `kubernetes` section cannot make a Job; the message names the field."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Trigger:
-    """Why a Job is launched; recorded on the Job, never used for its namespace, image or command.
-
-    Everything but `dry_run` comes from the alert and is untrusted text: it only ever lands in
-    sanitized label values and annotations.
-    """
-
-    alertname: str
-    group_key: str = ""
-    fingerprint: str = ""
-    receiver: str = ""
-    fired_at: datetime | None = None
-    dry_run: bool = False  # the Job runs `defrag --dry-run`: gates and evaluation, no change
 
 
 def job_name(cluster_name: str) -> str:
@@ -368,28 +352,6 @@ def parse_termination_message(text: str | None) -> Json | None:
 
 
 # --- what an existing Job means for a launch --------------------------------------------------
-
-
-class LaunchOutcome(StrEnum):
-    """What a launch attempt did; also a metric label."""
-
-    CREATED = "created"
-    DRY_RUN = "dry_run"  # the API server accepted it with dryRun=All; nothing was stored
-    ALREADY_RUNNING = "already_running"
-    COOLING_DOWN = "cooling_down"
-    NAME_TAKEN = "name_taken"  # a Job of that name that we did not create blocks the cluster
-    DEFERRED = "deferred"  # the cluster is changing (its StatefulSet rolls out): no Job, no cooldown
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    """The answer to "launch a defrag Job for this cluster"."""
-
-    created: bool
-    job_name: str
-    reason: str
-    outcome: LaunchOutcome | None = None  # None from launchers that do not classify (a local run)
-    uid: str = ""  # of the Job the API server created: Events name it, or `kubectl describe` omits them
 
 
 def finished_condition(job: Json) -> tuple[bool, Json] | None:

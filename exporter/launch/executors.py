@@ -35,17 +35,17 @@ from exporter.config.settings import (
     default_cluster,
 )
 from exporter.core import clock
-from exporter.core.policy import human_bytes, statefulset_rollout_gate
-from exporter.core.routing import RunState, cooldown_seconds
-from exporter.defrag.engine import RunResult
+from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
+from exporter.core.policy import statefulset_rollout_gate
+from exporter.core.report import RunOutcome, RunResult, outcome_from_report, parse_report
+from exporter.core.routing import cooldown_seconds
+from exporter.core.units import human_bytes
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
-from exporter.kubernetes.jobs import JobOutcome, LaunchOutcome, LaunchResult, RunningJob, Trigger
+from exporter.kubernetes.jobs import JobOutcome, RunningJob
 
 log = logging.getLogger(__name__)
 
-# The `result` of a run that ended without a report (killed, crashed, image missing, ...).
-JOB_FAILED = "job_failed"
 # How often a local executor looks at runs it does not own (started by a previous or another
 # service) to record their end: a poll, because another process's child cannot be waited for.
 RECONCILE_INTERVAL_SECONDS = 5.0
@@ -59,23 +59,6 @@ class ExecutorRejected(Exception):
     """The launch was refused for a reason a retry will not fix (webhook answers 422)."""
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """How one run ended, for the run metrics and the log."""
-
-    cluster: str
-    result: str  # a RunResult value, or JOB_FAILED
-    started_at: datetime | None
-    finished_at: datetime
-    reclaimed_bytes: int = 0
-    reason: str = ""
-
-    @property
-    def duration_seconds(self) -> float:
-        """Start to end; 0 when the start is unknown."""
-        return (self.finished_at - self.started_at).total_seconds() if self.started_at else 0.0
-
-
 OnFinished = Callable[[RunOutcome], None]
 
 
@@ -83,7 +66,7 @@ def starts_cooldown(result: str) -> bool:
     """Whether a run that ended with this result keeps the cluster's alerts from launching for a while.
 
     A deferred run found the cluster changing (a rollout) and touched nothing: the next notification
-    may launch again at once (README, "Exit codes"; docs/safety.md).
+    may launch again at once (docs/cli.md, "Exit codes"; docs/safety.md).
     """
     return result != RunResult.DEFERRED
 
@@ -122,7 +105,7 @@ class DryRuns:
     def record(self, cluster: str, now: datetime) -> RunOutcome:
         """A would-be run of `cluster` at `now`; its outcome for the run metrics."""
         self._ended[cluster] = now
-        return RunOutcome(cluster, RunResult.DRY_RUN.value, now, now, reason=DRY_RUN_REASON)
+        return RunOutcome(cluster, RunResult.DRY_RUN, now, now, reason=DRY_RUN_REASON)
 
     def merged(self, cluster: str, real: RunState) -> RunState:
         """The cluster's run state: the real one, unless a dry run ended after it."""
@@ -141,36 +124,6 @@ def refused_launch(state: RunState, *, job: str, cooldown: float, now: datetime)
         if now < until:
             reason = f"cooling down until {until.isoformat(timespec='seconds')} after a {state.result} run"
             return LaunchResult(False, job, reason, LaunchOutcome.COOLING_DOWN)
-    return None
-
-
-def outcome_from_report(
-    *, cluster: str, report: Mapping[str, Any] | None, started_at: datetime | None, finished_at: datetime
-) -> RunOutcome:
-    """A RunOutcome from the engine's JSON report (`defrag --output json`), or job_failed without one."""
-    results = {r.value for r in RunResult}
-    if report is None or report.get("result") not in results:
-        return RunOutcome(cluster, JOB_FAILED, started_at, finished_at, reason="the run left no report")
-    reclaimed = report.get("reclaimed_bytes")
-    return RunOutcome(
-        cluster,
-        str(report["result"]),
-        started_at,
-        finished_at,
-        reclaimed_bytes=reclaimed if isinstance(reclaimed, int) else 0,
-        reason=str(report.get("reason") or ""),
-    )
-
-
-def parse_report(stdout: str) -> dict[str, Any] | None:
-    """The JSON report: the last line of the child's stdout that is a JSON object."""
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            return data
     return None
 
 
@@ -419,7 +372,11 @@ class LocalExecutor:
             )
             if report is None:
                 outcome = RunOutcome(
-                    cluster, JOB_FAILED, started, finished, reason=f"exited with code {code} and no report"
+                    cluster,
+                    RunResult.JOB_FAILED,
+                    started,
+                    finished,
+                    reason=f"exited with code {code} and no report",
                 )
             self._finish(cluster, outcome, pid=process.pid)
         finally:
@@ -680,7 +637,7 @@ class KubernetesExecutor:
         outcome = outcome_from_report(
             cluster=job.cluster, report=job.report, started_at=job.started_at, finished_at=finished
         )
-        if outcome.result == JOB_FAILED and job.reason:
+        if outcome.result is RunResult.JOB_FAILED and job.reason:
             outcome = replace(outcome, reason=f"Job {job.job_name} failed ({job.reason}) without a report")
         known = self._runs.get(job.cluster, RunState())
         if self._running_uids.get(job.cluster) == job.uid:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +28,22 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
-from exporter.core.policy import human_bytes
+from exporter.core.report import RunOutcome, RunResult
 from exporter.core.shard import Shard, ShardError, resolve_shard
-from exporter.defrag.engine import RunResult
-from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
-from exporter.launch.executors import JOB_FAILED, Executor, RunOutcome, executor_from_settings
+from exporter.core.units import human_bytes
+from exporter.etcd.connect import client_factory
+from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
 from exporter.service.refresh import Refresher
-from exporter.service.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
+from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook, load_credentials
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger("exporter.http")
 
 SETTINGS = web.AppKey("settings", Settings)
 REFRESHER = web.AppKey("refresher", Refresher)
+SNAPSHOTS = web.AppKey[SnapshotSource]("snapshots")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey[Executor]("executor")
@@ -52,7 +53,7 @@ SHARD = web.AppKey("shard", Shard)
 
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
-RUN_RESULTS = [*(r.value for r in RunResult), JOB_FAILED]
+RUN_RESULTS = [r.value for r in RunResult]
 
 
 # What was wrong with a request aiohttp could not parse, in words that quote nothing of it.
@@ -142,38 +143,23 @@ def shard_from_settings(settings: Settings, environ: Mapping[str, str] = os.envi
         raise ConfigError(str(exc)) from None
 
 
-def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
-    """Clients per cluster on the shared session; request timeouts capped by the scrape budget."""
-
-    def make(cluster: ClusterConfig) -> EtcdApi:
-        ssl_context = None
-        if cluster.tls is not None:
-            tls = cluster.tls
-            ssl_context = make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file))
-        return EtcdClient(
-            session,
-            ssl_context=ssl_context,
-            server_name=cluster.tls.server_name if cluster.tls else None,
-            timeout_seconds=min(cluster.request_timeout_seconds, settings.scrape_budget_seconds),
-        )
-
-    return make
-
-
 def create_app(
     settings: Settings,
     *,
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
     config_file: Path | None = None,
+    snapshots: SnapshotSource | None = None,
     shard: Shard | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
     `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. `shard`: which clusters this replica observes (default: from
-    the settings and env POD_NAME); the webhook still serves them all. Raises ConfigError when the
-    webhook's credentials are unusable or the shard cannot be determined.
+    local runs read `config_file`. `snapshots` replaces the Refresher (real etcd) as what the
+    webhook and /readyz see of the clusters; then /metrics has the service's own series only: the
+    tests of routing and deciding use it. `shard`: which clusters this replica observes (default:
+    from the settings and env POD_NAME); the webhook still serves them all. Raises ConfigError when
+    the webhook's credentials are unusable or the shard cannot be determined.
     """
     credentials = load_credentials(settings)
     if shard is None:
@@ -204,7 +190,7 @@ def create_app(
             finished_at=outcome.finished_at,
         )
         log.log(
-            logging.INFO if outcome.result in ("success", "nothing_to_do", "dry_run") else logging.WARNING,
+            logging.INFO if outcome.result.succeeded else logging.WARNING,
             "cluster %s: run ended: %s%s (reclaimed %s in %.0fs)",
             outcome.cluster,
             outcome.result,
@@ -218,21 +204,30 @@ def create_app(
         connector = aiohttp.TCPConnector(limit=settings.max_concurrent_requests, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             app[SESSION] = session
-            refresher = Refresher(
-                clusters,
-                client_factory(session, settings),
-                scrape_budget_seconds=settings.scrape_budget_seconds,
-                min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
-                member_list_refresh_seconds=settings.member_list_refresh_seconds,
-                write_lock_tokens=not settings.executor.dry_run,
-                shard=shard,
-            )
-            app[REFRESHER] = refresher
-            run_metrics.declare_clusters(list(refresher.owned), RUN_RESULTS)
-            registry.register(SnapshotCollector(refresher))
+            source: SnapshotSource
+            if snapshots is None:
+                refresher = Refresher(
+                    clusters,
+                    client_factory(session, max_timeout_seconds=settings.scrape_budget_seconds),
+                    scrape_budget_seconds=settings.scrape_budget_seconds,
+                    min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
+                    member_list_refresh_seconds=settings.member_list_refresh_seconds,
+                    write_lock_tokens=not settings.executor.dry_run,
+                    shard=shard,
+                )
+                app[REFRESHER] = refresher
+                registry.register(SnapshotCollector(refresher))
+                source = refresher
+            else:
+                source = snapshots
+            app[SNAPSHOTS] = source
+            run_metrics.declare_clusters([c.name for c in clusters if shard.owns(c.name)], RUN_RESULTS)
             registry.register(
                 InFlightCollector(
-                    lambda: {name: run.running for name, run in executor.runs(list(refresher.owned)).items()}
+                    lambda: {
+                        name: run.running
+                        for name, run in executor.runs([c for c in source.clusters if shard.owns(c)]).items()
+                    }
                 )
             )
             app[WEBHOOK] = Webhook(
@@ -240,10 +235,10 @@ def create_app(
                 credentials=credentials,
                 executor=executor,
                 metrics=run_metrics,
-                refresher=refresher,
+                snapshots=source,
             )
             await executor.start(run_finished)
-            background = asyncio.create_task(_refresh_forever(refresher, settings))
+            background = asyncio.create_task(_refresh_forever(source, settings))
             try:
                 yield
             finally:
@@ -253,7 +248,7 @@ def create_app(
                 await executor.stop()
 
     async def metrics(request: web.Request) -> web.StreamResponse:
-        await request.app[REFRESHER].refresh()
+        await request.app[SNAPSHOTS].refresh(max_age_seconds=settings.min_refresh_interval_seconds)
         # Always the classic text format: prometheus_client 0.26 renders OpenMetrics (which
         # Prometheus asks for first) at half the speed, a quarter of a 1,000-member scrape
         # (bench/exporter.py), and Prometheus reads both.
@@ -267,7 +262,9 @@ def create_app(
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
-        if request.app[REFRESHER].ready:
+        source = request.app[SNAPSHOTS]
+        # Only this shard's clusters: another shard's are read when an alert needs one.
+        if all(source.latest(name) is not None for name in source.clusters if shard.owns(name)):
             return web.Response(text="ready\n")
         whose = f" of {shard}" if shard.sharded else ""
         return web.Response(status=503, text=f"waiting for the first refresh of every cluster{whose}\n")
@@ -281,7 +278,7 @@ def create_app(
     return app
 
 
-async def _refresh_forever(refresher: Refresher, settings: Settings) -> None:
+async def _refresh_forever(refresher: SnapshotSource, settings: Settings) -> None:
     """Keep snapshots no older than `background_refresh_seconds` when nobody scrapes."""
     while True:
         try:

@@ -14,24 +14,20 @@ read per cluster in flight however many alerts ask, each bounded by the same bud
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.core.model import AlarmKind, Member
+from exporter.core.model import AlarmKind
 from exporter.core.policy import cluster_rule
 from exporter.core.rule import Rule
 from exporter.core.shard import UNSHARDED, Shard
+from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
 from exporter.defrag.lock import ClusterLock, LockUnavailable
 from exporter.etcd.client import EtcdApi, EtcdError
-from exporter.etcd.observe import (
-    ClusterSnapshot,
-    MemberSnapshot,
-    QuotaCache,
-    discover_members,
-    observe_cluster,
-)
+from exporter.etcd.observe import QuotaCache, observe_cluster
+from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +40,7 @@ class ClusterWatch:
     client: EtcdApi
     rule: Rule
     quotas: QuotaCache = field(default_factory=QuotaCache)
-    members: list[Member] | None = None
+    topology: Topology | None = None
     members_read_at: float = 0.0
     snapshot: ClusterSnapshot | None = None
     refresh_duration_seconds: float = 0.0
@@ -94,6 +90,17 @@ class Refresher:
                 )
         self.watches = watches
         self.owned = {name: w for name, w in watches.items() if self.shard.owns(name)}
+        self._clusters = {name: watch.config for name, watch in watches.items()}
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterConfig]:
+        """The configured clusters by name: a new mapping on every reconfigure (SnapshotSource)."""
+        return self._clusters
+
+    def latest(self, name: str) -> ClusterSnapshot | None:
+        """The cluster's latest snapshot, None before the first or for an unknown name."""
+        watch = self.watches.get(name)
+        return watch.snapshot if watch is not None else None
 
     @property
     def ready(self) -> bool:
@@ -104,12 +111,23 @@ class Refresher:
         """The latest snapshot of each cluster of this shard that has one (what /metrics exports)."""
         return [(w, w.snapshot) for w in self.owned.values() if w.snapshot is not None]
 
-    async def refresh(self, *, max_age_seconds: float | None = None) -> None:
+    async def refresh(
+        self, *, max_age_seconds: float | None = None, names: Collection[str] | None = None
+    ) -> None:
         """Bring snapshots up to date, sharing a refresh already in flight.
 
+        `names`: only these clusters need to be fresh (SnapshotSource): this shard's are refreshed
+        all together as usual, another shard's are read on demand (`refresh_on_demand`).
         Returns within the scrape budget: whatever did not answer by then is recorded as down.
         """
         max_age = self.min_refresh_interval_seconds if max_age_seconds is None else max_age_seconds
+        if names is not None:
+            others = [name for name in names if name not in self.owned]
+            reads = [self.refresh_on_demand(others, max_age_seconds=max_age)] if others else []
+            if len(others) < len(names):
+                reads.append(self.refresh(max_age_seconds=max_age))
+            await asyncio.gather(*reads)
+            return
         if self._in_flight is None or self._in_flight.done():
             if clock.monotonic() - self._last_refresh_at < max_age:
                 return
@@ -161,7 +179,7 @@ class Refresher:
         watch.refresh_duration_seconds = clock.monotonic() - started
         if snapshot.error or any(not m.up for m in snapshot.members):
             watch.refresh_errors_total += 1
-            watch.members = None  # a member may have been replaced: read the member list again
+            watch.topology = None  # a member may have been replaced: read the member list again
         watch.snapshot = snapshot
         watch.refreshed_at = started
         # Only the owner writes them: an on-demand read by another shard stays read-only.
@@ -193,26 +211,24 @@ class Refresher:
 
     async def _observe(self, watch: ClusterWatch) -> ClusterSnapshot:
         now = clock.monotonic()
-        if watch.members is None or now - watch.members_read_at > self.member_list_refresh_seconds:
+        if watch.topology is None or now - watch.members_read_at > self.member_list_refresh_seconds:
             try:
-                watch.members = await discover_members(watch.client, watch.config)
+                watch.topology = await discover(watch.client, watch.config)
             except EtcdError as exc:
                 log.warning("cluster %s: member list unavailable: %s", watch.config.name, exc.message)
                 return ClusterSnapshot(watch.config.name, clock.utcnow(), error=exc.message)
             watch.members_read_at = now
         return await observe_cluster(
-            watch.client, watch.config, watch.rule, watch.quotas, members=watch.members
+            watch.client, watch.config, watch.rule, watch.quotas, topology=watch.topology
         )
 
     def _timed_out(self, watch: ClusterWatch, budget: float) -> ClusterSnapshot:
         """Every known member down: a member that did not answer in budget shows up 0, not old values."""
         reason = f"no answer within the scrape budget of {budget:g}s"
-        members = watch.members or []
+        members = watch.topology.selected() if watch.topology is not None else []
         return ClusterSnapshot(
             watch.config.name,
             clock.utcnow(),
-            tuple(
-                MemberSnapshot(m, m.client_urls[0] if m.client_urls else "", None, reason) for m in members
-            ),
+            tuple(MemberSnapshot(m, url or "", None, reason) for m, url in members),
             error=None if members else reason,
         )
