@@ -287,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="address to listen on (default: " + str(Settings.model_fields["listen_address"].default) + ")",
     )
+    # kube-state-metrics' flags: each replica observes the clusters whose name hashes to its shard.
+    serve.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="observe only shard I (0-based) of the clusters; default: the ordinal in env POD_NAME "
+        "when --total-shards > 1 (docs/sharding.md)",
+    )
+    serve.add_argument(
+        "--total-shards", type=int, metavar="N", help="split the clusters over N replicas (default: 1)"
+    )
     add_render_parser(sub)
     return parser
 
@@ -830,7 +841,17 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "render":
         logs.configure(level="WARNING")  # render prints what it did; only problems are logged
         return render(args)
-    overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    overrides: dict[str, Any] = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    sharding = {
+        key: value
+        for key, value in (
+            ("shard", getattr(args, "shard", None)),
+            ("total_shards", getattr(args, "total_shards", None)),
+        )
+        if value is not None
+    }
+    if sharding:
+        overrides["sharding"] = sharding  # merged with the environment's and the file's sharding
     try:
         settings = load_settings(args.config, **overrides)
     except ConfigError as exc:

@@ -686,6 +686,32 @@ class ExecutorSettings(_Model):
     )
 
 
+class ShardingSettings(_Model):
+    """Split the clusters over replicas by a stable hash of their names (docs/sharding.md).
+
+    Each replica refreshes and exports only its shard's clusters; every replica still answers the
+    webhook for every cluster. kube-state-metrics' convention: `--shard I --total-shards N`.
+    """
+
+    total_shards: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=1, description="How many replicas share the clusters; 1 means no sharding."
+    )
+    shard: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="This replica's shard, 0 to total_shards - 1. Unset with total_shards > 1: the "
+        "trailing ordinal of env POD_NAME (a StatefulSet pod `etcd-autodefrag-3` is shard 3).",
+    )
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Self:
+        if self.shard is not None and self.shard >= self.total_shards:
+            raise ValueError(
+                f"shard {self.shard} is out of range for total_shards {self.total_shards} "
+                f"(0 to {self.total_shards - 1})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the service and the CLI read at start-up."""
 
@@ -730,6 +756,10 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings, description="The Alertmanager webhook.")
     executor: ExecutorSettings = Field(
         default_factory=ExecutorSettings, description="What runs a launched defrag."
+    )
+    sharding: ShardingSettings = Field(
+        default_factory=ShardingSettings,
+        description="Split the clusters over replicas: each observes one shard (docs/sharding.md).",
     )
 
     @field_validator("listen_address")

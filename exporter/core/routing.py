@@ -251,6 +251,21 @@ def decide(
     return result(Decision.LAUNCH, f"alert {alert.name} fired for cluster {name}", name)
 
 
+def snapshot_wanted(
+    *, alerts: Sequence[AlertmanagerAlert], clusters: ClusterIndex, policy: Policy
+) -> set[str]:
+    """The clusters whose health `decide` may look at for these alerts: those a firing, acting alert
+    routes to alone and that are not paused. The webhook reads a fresh snapshot of these only."""
+    wanted = set()
+    for alert in alerts:
+        if alert.status is AlertStatus.RESOLVED or not policy.acting.acts(alert.labels):
+            continue
+        matched = clusters.route(alert.labels)
+        if len(matched) == 1 and not matched[0].paused:
+            wanted.add(matched[0].name)
+    return wanted
+
+
 def iter_decisions(
     *,
     alerts: Sequence[AlertmanagerAlert],

@@ -7,7 +7,8 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from aiohttp.http_exceptions import (
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from exporter.config.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
+from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
 from exporter.launch.executors import Executor, executor_from_settings
@@ -48,6 +50,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey[Executor]("executor")
 RUN_METRICS = web.AppKey("run_metrics", RunMetrics)
 WEBHOOK = web.AppKey("webhook", Webhook)
+SHARD = web.AppKey("shard", Shard)
 
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
@@ -126,7 +129,19 @@ def _malformed(exc: Any) -> str | None:
 def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     """Adopt a new cluster list (SIGHUP): a removed cluster leaves no series, an added one starts at 0."""
     app[REFRESHER].reconfigure(clusters)
-    app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
+    app[RUN_METRICS].declare_clusters(list(app[REFRESHER].owned), RUN_RESULTS)
+
+
+def shard_from_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> Shard:
+    """This replica's shard: the settings', else the ordinal in env POD_NAME; ConfigError says why not."""
+    try:
+        return resolve_shard(
+            shard=settings.sharding.shard,
+            total_shards=settings.sharding.total_shards,
+            pod_name=environ.get("POD_NAME"),
+        )
+    except ShardError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def create_app(
@@ -136,16 +151,20 @@ def create_app(
     executor: Executor | None = None,
     config_file: Path | None = None,
     snapshots: SnapshotSource | None = None,
+    shard: Shard | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
     `executor` carries out the webhook's launches; by default the one the settings describe, whose
     local runs read `config_file`. `snapshots` replaces the Refresher (real etcd) as what the
     webhook and /readyz see of the clusters; then /metrics has the service's own series only: the
-    tests of routing and deciding use it. Raises ConfigError when the webhook's credentials are
-    unusable.
+    tests of routing and deciding use it. `shard`: which clusters this replica observes (default:
+    from the settings and env POD_NAME); the webhook still serves them all. Raises ConfigError when
+    the webhook's credentials are unusable or the shard cannot be determined.
     """
     credentials = load_credentials(settings)
+    if shard is None:
+        shard = shard_from_settings(settings)
     if executor is None:
         executor = executor_from_settings(settings, config_file=config_file)
     registry = CollectorRegistry(auto_describe=False)
@@ -155,9 +174,15 @@ def create_app(
     app[EXECUTOR] = executor
     app[REGISTRY] = registry
     app[RUN_METRICS] = run_metrics
+    app[SHARD] = shard
     metrics_handler = make_aiohttp_handler(registry)
 
     def run_finished(outcome: RunOutcome) -> None:
+        if not shard.owns(outcome.cluster):
+            # Every replica's Job watch sees every run end; the cluster's shard counts and logs it,
+            # so that no run is counted twice in a sum over replicas.
+            log.debug("cluster %s: run ended: %s (counted by its own shard)", outcome.cluster, outcome.result)
+            return
         run_metrics.record_run(
             cluster=outcome.cluster,
             result=outcome.result,
@@ -189,6 +214,7 @@ def create_app(
                     min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
                     member_list_refresh_seconds=settings.member_list_refresh_seconds,
                     write_lock_tokens=not settings.executor.dry_run,
+                    shard=shard,
                 )
                 app[REFRESHER] = refresher
                 registry.register(SnapshotCollector(refresher))
@@ -196,10 +222,13 @@ def create_app(
             else:
                 source = snapshots
             app[SNAPSHOTS] = source
-            run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
+            run_metrics.declare_clusters([c.name for c in clusters if shard.owns(c.name)], RUN_RESULTS)
             registry.register(
                 InFlightCollector(
-                    lambda: {name: run.running for name, run in executor.runs(list(source.clusters)).items()}
+                    lambda: {
+                        name: run.running
+                        for name, run in executor.runs([c for c in source.clusters if shard.owns(c)]).items()
+                    }
                 )
             )
             app[WEBHOOK] = Webhook(
@@ -235,9 +264,11 @@ def create_app(
 
     async def readyz(request: web.Request) -> web.Response:
         source = request.app[SNAPSHOTS]
-        if all(source.latest(name) is not None for name in source.clusters):
+        # Only this shard's clusters: another shard's are read when an alert needs one.
+        if all(source.latest(name) is not None for name in source.clusters if shard.owns(name)):
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
+        whose = f" of {shard}" if shard.sharded else ""
+        return web.Response(status=503, text=f"waiting for the first refresh of every cluster{whose}\n")
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/metrics", metrics)

@@ -27,7 +27,7 @@ from exporter.config.settings import (
 from exporter.etcd.connect import connection
 from exporter.etcd.tls import TlsFileError
 from exporter.kubernetes.discovery import DiscoveryError, discovered
-from exporter.service.app import create_app, reconfigure
+from exporter.service.app import create_app, reconfigure, shard_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
     DiscoveryError (the Kubernetes API could not resolve a cluster) or CannotListen, each before
     anything is served.
     """
+    shard = shard_from_settings(settings)  # ConfigError before any cluster is contacted
     clusters = settings.clusters
     if not clusters:
         clusters = [default_cluster()]
@@ -72,7 +73,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
         check_tls(cluster)
     clusters = asyncio.run(discovered(clusters))
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file)
+    app = create_app(settings, clusters=clusters, config_file=config_file, shard=shard)
     reloading: set[asyncio.Task[None]] = set()
 
     async def reload_on_sighup(app: web.Application) -> None:
@@ -110,10 +111,14 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
         sockets = bind(settings.listen_host, settings.listen_port)
     except OSError as exc:
         raise CannotListen(f"cannot listen on {settings.listen_address}: {exc.strerror or exc}") from None
+    observed = [c.name for c in clusters if shard.owns(c.name)]
     log.info(
-        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
-        len(clusters),
-        ", ".join(c.name for c in clusters),
+        "serving /metrics for %d clusters (%s)%s and the webhook /webhook/alertmanager for %s on "
+        "http://%s:%d",
+        len(observed),
+        ", ".join(observed),
+        f", {shard}" if shard.sharded else "",
+        f"all {len(clusters)}" if shard.sharded else "them",
         settings.listen_host,
         settings.listen_port,
     )

@@ -26,7 +26,7 @@ import contextlib
 import gc
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from enum import StrEnum
 from itertools import islice
@@ -55,6 +55,7 @@ from exporter.core.routing import (
     Policy,
     decide,
     iter_decisions,
+    snapshot_wanted,
 )
 from exporter.core.snapshot import ClusterSnapshot
 from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
@@ -131,8 +132,11 @@ class SnapshotSource(Protocol):
     def latest(self, name: str) -> ClusterSnapshot | None:
         """The latest snapshot of a cluster, None before the first or for an unknown name."""
 
-    async def refresh(self, *, max_age_seconds: float) -> None:
-        """Make snapshots at most this old (sharing a refresh in flight), within a bounded time."""
+    async def refresh(self, *, max_age_seconds: float, names: Collection[str] | None = None) -> None:
+        """Make snapshots at most this old (sharing a refresh in flight), within a bounded time.
+
+        `names`: only these clusters' are needed, whatever shard observes them (docs/sharding.md).
+        """
 
 
 HealthCache = dict[str, tuple[ClusterSnapshot, ClusterHealth]]
@@ -363,10 +367,8 @@ class Webhook:
 
     async def handle(self, payload: AlertmanagerPayload) -> web.Response:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""
-        # The background refresh keeps snapshots about that fresh already; this only waits (at most
-        # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
-        await self.snapshots.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
         known = self._cluster_index()
+        await self._fresh_snapshots(payload, known)
         async with self._cpu:
             decisions = await self._decide(payload, known)
         launches = {
@@ -385,6 +387,19 @@ class Webhook:
         if RequestOutcome.LAUNCH_REJECTED in counts:
             return _reply(422, {**body, "status": "rejected"})
         return _reply(200, body)
+
+    async def _fresh_snapshots(self, payload: AlertmanagerPayload, known: ClusterIndex) -> None:
+        """Snapshots no older than max_snapshot_age_seconds of the clusters the alerts may launch on.
+
+        This shard's clusters: the background refresh keeps them about that fresh already; this
+        only waits (at most the scrape budget) when it fell behind, and concurrent notifications
+        share one refresh. Another shard's cluster (docs/sharding.md) is read now, once per cluster
+        however many notifications ask at once, and the read is reused while it is fresh enough.
+        """
+        wanted = snapshot_wanted(alerts=payload.alerts, clusters=known, policy=self.policy)
+        if wanted:  # else no alert gets as far as looking at a snapshot
+            max_age = self.settings.webhook.max_snapshot_age_seconds
+            await self.snapshots.refresh(max_age_seconds=max_age, names=sorted(wanted))
 
     async def _decide(self, payload: AlertmanagerPayload, known: ClusterIndex) -> list[AlertDecision]:
         """`routing.iter_decisions` over the alerts, a slice at a time with a yield in between."""
