@@ -461,7 +461,10 @@ def api_server(kube_control_plane: ControlPlane) -> ControlPlane:
     plane = kube_control_plane
     crds_installed(plane)
     for namespace in (NAMESPACE, "kamaji-system", "kube-system", "tenants-etcd", "etcd-talos", "etcd-plain"):
-        plane.ensure_namespace(namespace)
+        # Only when missing: an apply without labels would take back the Pod Security labels that
+        # tests/test_kube_real.py gives some of these namespaces through the same field manager.
+        if plane.get(f"/api/v1/namespaces/{namespace}", missing_ok=True) is None:
+            plane.ensure_namespace(namespace)
     return plane
 
 
