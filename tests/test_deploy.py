@@ -172,6 +172,14 @@ def permissions(rules: list[Json]) -> set[tuple[str, str, str]]:
     return granted
 
 
+def scrape_job(service: Json, monitor: Json) -> str:
+    """The `job` label of the targets a ServiceMonitor finds behind a Service (prometheus-operator:
+    the value of the Service's label named by jobLabel, else the Service's name)."""
+    label = monitor["spec"].get("jobLabel")
+    job: str = service["metadata"]["labels"][label] if label else service["metadata"]["name"]
+    return job
+
+
 def load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
     assert spec is not None
@@ -184,20 +192,43 @@ def load_generator() -> ModuleType:
 # --- the generated copies ----------------------------------------------------------------------
 
 
-def test_generated_copies_match_alerts_and_grafana() -> None:
+def test_the_charts_copies_and_the_values_table_match_their_sources() -> None:
     generator = load_generator()
+    stale = [str(path.relative_to(ROOT)) for path in generator.stale_copies()]
+    assert not stale, f"{', '.join(stale)} out of date: run .venv/bin/python deploy/generate.py"
+
+
+def test_base_and_overlays_are_what_the_chart_renders() -> None:
+    """deploy/base and deploy/overlays/* are generated from the chart: no hand edit survives."""
+    generator = load_generator()
+    if reason := generator.helm_unavailable_reason():
+        pytest.skip(reason)
     stale = [str(path.relative_to(ROOT)) for path in generator.stale()]
     assert not stale, f"{', '.join(stale)} out of date: run .venv/bin/python deploy/generate.py"
 
 
 def test_generate_check_mode_reports_a_drifted_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     generator = load_generator()
-    drifted = tmp_path / "prometheusrule.yaml"
-    drifted.write_text(generator.render_prometheus_rule().replace("> 0.8", "> 0.7"))
-    monkeypatch.setattr(generator, "PROMETHEUS_RULE", drifted)
-    monkeypatch.setattr(generator, "DASHBOARD_COPY", tmp_path / "missing.json")
-    assert generator.stale() == [drifted, tmp_path / "missing.json"]
+    drifted = tmp_path / "etcd-autodefrag-rules.yaml"
+    drifted.write_text(RULES.read_text().replace("> 0.8", "> 0.7"))
+    monkeypatch.setattr(generator, "CHART_RULES", drifted)
+    monkeypatch.setattr(generator, "CHART_DASHBOARD", tmp_path / "missing.json")
+    assert generator.stale_copies() == [drifted, tmp_path / "missing.json"]
+    monkeypatch.setattr(generator, "kustomize_outputs", dict)
+    monkeypatch.setattr(generator, "generated_directories", list)
     assert generator.main(["deploy/generate.py", "--check"]) == 1
+
+
+def test_a_file_left_in_a_generated_directory_is_stale(tmp_path: Path) -> None:
+    """A hand-written patch added beside the generated ones is reported, and removed by a write."""
+    generator = load_generator()
+    (tmp_path / "values.yaml").write_text("variant: plain\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: []\n")
+    (tmp_path / "my-patch.yaml").write_text("kind: Deployment\n")
+    outputs = {tmp_path / "kustomization.yaml": "resources: []\n"}
+    assert generator.stale_in(outputs, [tmp_path]) == [tmp_path / "my-patch.yaml"]
+    generator.write(outputs, [tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kustomization.yaml", "values.yaml"]
 
 
 # --- every kustomization -------------------------------------------------------------------------
@@ -239,9 +270,7 @@ def test_service_monitor_scrapes_the_service_as_the_job_the_alerts_select(name: 
     objects = built(name)
     service = one(objects, "Service", namespace=NAMESPACE)
     monitor = one(objects, "ServiceMonitor", namespace=NAMESPACE)
-    # Under a ServiceMonitor without jobLabel, the job label is the Service's name.
-    assert service["metadata"]["name"] == SERVICE_JOB
-    assert "jobLabel" not in monitor["spec"]
+    assert scrape_job(service, monitor) == SERVICE_JOB
     assert monitor["apiVersion"] == f"{CRD_GROUP}/v1"
     assert monitor["metadata"]["labels"]["release"] == RELEASE
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -588,9 +617,14 @@ def test_the_docs_say_where_to_set_the_image_and_what_happens_otherwise() -> Non
     install = (ROOT / "docs" / "install.md").read_text()
     assert "ImagePullBackOff" in install
     assert f'Failed to pull image "{IMAGE_PLACEHOLDER}:{__version__}"' in install
-    quick_start = (ROOT / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("```", 1)[0]
-    assert "set\n`images:` in `deploy/base/kustomization.yaml` first" in quick_start
-    assert "ImagePullBackOff" in quick_start
+    section = (ROOT / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    # Before the first command: build and push the image; Helm then names it, kustomize's `images:`.
+    assert "build and push it first" in " ".join(section.split("```", 1)[0].split())
+    helm, kustomize = section.split("Without Helm", 1)
+    assert "--set image.repository=" in helm
+    words = " ".join(kustomize.split())
+    assert "set `images:` in `deploy/base/kustomization.yaml` first" in words
+    assert "ImagePullBackOff" in words
     # The base's comment, next to the setting, says it too.
     assert "ImagePullBackOff" in (BASE / "kustomization.yaml").read_text()
 
