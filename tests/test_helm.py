@@ -36,8 +36,8 @@ from test_deploy import (
 )
 
 from exporter import __version__
-from exporter.kubernetes.api import RBAC_RULES
 from exporter.config.settings import ENV_PREFIX, load_settings
+from exporter.kubernetes.api import RBAC_RULES
 
 GENERATOR = load_generator()
 CHART: Path = GENERATOR.CHART
