@@ -154,12 +154,13 @@ def create_app(
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
-    `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. Raises ConfigError when the webhook's credentials are unusable.
+    `executor` carries out the webhook's launches; by default the one the settings describe (its runs
+    are handed their cluster as data and read no config file: `config_file` is not needed for them).
+    Raises ConfigError when the webhook's credentials are unusable.
     """
     credentials = load_credentials(settings)
     if executor is None:
-        executor = executor_from_settings(settings, config_file=config_file)
+        executor = executor_from_settings(settings)
     registry = CollectorRegistry(auto_describe=False)
     run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
