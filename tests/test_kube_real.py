@@ -33,6 +33,7 @@ from kube_control_plane import ControlPlane, StandInKubelet, free_port, wait_unt
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.jobs import build_job
@@ -919,7 +920,7 @@ def kamaji_statefulset_spec(replicas: int) -> dict[str, Any]:
 
 # --- the overlays and Pod Security ---------------------------------------------------------------------
 
-# The level each overlay gives namespace etcd-autodefrag (README "Deploy on Kubernetes").
+# The level each overlay gives namespace etcd-autodefrag (docs/deploy.md).
 OVERLAY_LEVELS = {"kamaji": "restricted", "kubeadm": "privileged"}
 
 
@@ -967,7 +968,7 @@ def test_overlay_applies_server_side_with_strict_field_validation(
 
 
 def test_the_kubeadm_service_pod_needs_the_privileged_level(deployed: ControlPlane) -> None:
-    """What the README says: hostPath and hostNetwork are refused below `privileged`."""
+    """docs/executors.md and docs/deploy.md: hostPath and hostNetwork are refused below `privileged`."""
     plane = deployed
     for level in ("baseline", "restricted"):
         plane.ensure_namespace(f"psa-{level}", {"pod-security.kubernetes.io/enforce": level})
@@ -1001,7 +1002,7 @@ def test_job_pods_meet_the_pod_security_level_the_readme_promises(
         level: admitted(plane, pod_from_template(job["spec"]["template"], f"psa-{level}"))
         for level in ("baseline", "restricted")
     }
-    if variant == "kubeadm":  # root, host network, hostPath: privileged only (README)
+    if variant == "kubeadm":  # root, host network, hostPath: privileged only (docs/executors.md)
         assert all("violates PodSecurity" in v for v in verdicts.values()), verdicts
     else:
         assert verdicts == {"baseline": "ok", "restricted": "ok"}
@@ -1109,11 +1110,12 @@ def test_discovery_from_a_statefulset_and_static_pods_and_a_scale_on_sighup(
         )
         assert found.endswith(", ".join(f"https://kamaji-etcd-{i}.{host}" for i in range(5))), found
 
-        # The Job of a discovered cluster gets the URLs the service read (it has no API access).
+        # The Job of a discovered cluster is handed the URLs the service read (it has no API access).
         launch(service, "kubeadm-found")
         job = plane.request("GET", job_path("kube-system", "kubeadm-found"))
         args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert args[args.index("--endpoints") + 1] == ",".join(tls_etcd_cluster.endpoints)
+        handed = cluster_from_json(args[args.index("--cluster-json") + 1])
+        assert handed.endpoints == tls_etcd_cluster.endpoints
         pod = kubelet.wait_pod("kube-system", "etcd-autodefrag-kubeadm-found")
         kubelet.run(pod)
         kubelet.finish(pod, exit_code=0, message=report("success"))
