@@ -168,7 +168,7 @@ def render(directory: Path, settings: dict[str, str] | None = None) -> list[Rend
 
 
 def is_config(item: Rendered) -> bool:
-    """The ConfigMaps holding config.yaml: the service's, and the Jobs' copies in their namespaces."""
+    """The ConfigMap holding the service's config.yaml."""
     return item.object["kind"] == "ConfigMap" and "config.yaml" in item.object.get("data", {})
 
 
@@ -185,8 +185,7 @@ def service_config_name(item: Rendered) -> bool:
 def config_generator(item: Rendered, *, behavior: str | None = None) -> Json:
     """A configMapGenerator entry for a config.yaml ConfigMap, from the directory's config.yaml.
 
-    The service's own gets kustomize's content hash in its name, so a changed file rolls the Pod; a
-    Job namespace's keeps its name, which the service puts in every Job it creates.
+    The service's own gets kustomize's content hash in its name, so a changed file rolls the Pod.
     """
     metadata = item.object["metadata"]
     entry: Json = {"name": metadata["name"], "namespace": metadata["namespace"]}
@@ -219,8 +218,8 @@ BASE_KUSTOMIZATION = """\
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 
-# No `namespace:` here on purpose: it would also move the Roles and ConfigMaps that overlays put
-# into the Jobs' namespaces (kamaji-system, kube-system). Every object names its namespace.
+# No `namespace:` here on purpose: it would also move the Roles that overlays put into the Jobs'
+# namespaces (kamaji-system, kube-system). Every object names its namespace.
 {resources}
 configMapGenerator:
   # The service's config file; the name gets a content hash, so a change rolls the Deployment.

@@ -33,6 +33,7 @@ from exporter.config.settings import (
     Settings,
     load_settings,
 )
+from exporter.core.handoff import CLUSTER_JSON_FLAG, RunSettings, cluster_from_json
 from exporter.core.launches import Trigger
 from exporter.core.policy import (
     QuorumCost,
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
             "etcd-autodefrag defrag --endpoints https://10.0.0.1:2379 --cacert ca.crt --cert c.crt "
             "--key c.key --dry-run"
         ),
+    )
+    defrag.add_argument(
+        CLUSTER_JSON_FLAG,
+        metavar="JSON",
+        help="the cluster as JSON, as the service hands it to a run it launches (docs/run-handoff.md); "
+        "instead of --cluster, and no config file is read",
     )
     defrag.add_argument("--dry-run", action="store_true", help="check and evaluate, change nothing")
     defrag.add_argument("--compact", action="store_true", help="compact to the current revision first")
@@ -510,7 +517,15 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     if getattr(args, "allow_unavailable", False):
         overrides["allow_unavailable_defrag"] = True
 
-    if args.cluster:
+    handed = getattr(args, "cluster_json", None)
+    if handed is not None:
+        if args.cluster:
+            raise UsageError(f"--cluster and {CLUSTER_JSON_FLAG}: give one")
+        try:
+            base = cluster_from_json(handed).model_dump()
+        except ValueError as exc:
+            raise UsageError(f"{CLUSTER_JSON_FLAG}: {exc}") from None
+    elif args.cluster:
         base = settings.cluster(args.cluster).model_dump()
     elif args.endpoints is not None:
         base = {"name": "cli", "endpoints": overrides["endpoints"]}
@@ -749,6 +764,7 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
         trigger=Trigger(alertname=args.alertname, dry_run=args.dry_run),
         cooldown_seconds=settings.executor.cooldown_seconds,
+        run_settings=RunSettings.from_settings(settings),
     )
 
 
@@ -842,6 +858,8 @@ def _main(argv: Sequence[str] | None) -> int:
         logs.configure(level="WARNING")  # render prints what it did; only problems are logged
         return render(args)
     overrides: dict[str, Any] = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    # A run handed its cluster reads no config file: what runs is what the service decided.
+    config = None if getattr(args, "cluster_json", None) is not None else args.config
     sharding = {
         key: value
         for key, value in (
@@ -853,7 +871,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if sharding:
         overrides["sharding"] = sharding  # merged with the environment's and the file's sharding
     try:
-        settings = load_settings(args.config, **overrides)
+        settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE

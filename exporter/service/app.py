@@ -155,18 +155,19 @@ def create_app(
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
-    `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. `snapshots` replaces the Refresher (real etcd) as what the
-    webhook and /readyz see of the clusters; then /metrics has the service's own series only: the
-    tests of routing and deciding use it. `shard`: which clusters this replica observes (default:
-    from the settings and env POD_NAME); the webhook still serves them all. Raises ConfigError when
-    the webhook's credentials are unusable or the shard cannot be determined.
+    `executor` carries out the webhook's launches; by default the one the settings describe (its runs
+    are handed their cluster as data and read no config file: docs/run-handoff.md). `snapshots`
+    replaces the Refresher (real etcd) as what the webhook and /readyz see of the clusters; then
+    /metrics has the service's own series only: the tests of routing and deciding use it. `shard`:
+    which clusters this replica observes (default: from the settings and env POD_NAME); the webhook
+    still serves them all. Raises ConfigError when the webhook's credentials are unusable or the
+    shard cannot be determined.
     """
     credentials = load_credentials(settings)
     if shard is None:
         shard = shard_from_settings(settings)
     if executor is None:
-        executor = executor_from_settings(settings, config_file=config_file)
+        executor = executor_from_settings(settings)
     registry = CollectorRegistry(auto_describe=False)
     run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
