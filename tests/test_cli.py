@@ -30,7 +30,7 @@ from exporter.core.report import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
 from exporter.kubernetes import jobs
 from exporter.kubernetes.discovery import discovered
-from exporter.launch import executors
+from exporter.launch import local as executors
 
 ROOT = Path(__file__).resolve().parent.parent
 

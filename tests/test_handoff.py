@@ -19,7 +19,8 @@ from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.core.report import RunOutcome, RunResult
 from exporter.kubernetes.api import discover
 from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, KEY_FILE
-from exporter.launch.executors import KubernetesExecutor, local_executor
+from exporter.launch.kubernetes import KubernetesExecutor
+from exporter.launch.local import local_executor
 
 TRIGGER = Trigger(alertname="EtcdDefragRecommended")
 NOTHING_TO_SELECT = "dbSizeFree > 1024*1024*1024"  # the shared cluster's quota is 32 MiB

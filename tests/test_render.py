@@ -24,7 +24,7 @@ from exporter.kubernetes import api as kube
 from exporter.kubernetes.cronjob import RenderError, check_schedule
 from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG
 from exporter.kubernetes.kamaji import SecretLayout
-from exporter.launch import executors
+from exporter.launch import kubernetes as executors
 
 # kamaji-etcd's scripts/defrag.sh with no flags: its CronJob's name, namespace, schedule and endpoints.
 DEFRAG_SH_NAME = "kamaji-etcd-defrag-job"

@@ -729,7 +729,7 @@ def render(args: argparse.Namespace) -> int:
 
 
 def render_job(args: argparse.Namespace) -> dict[str, Any]:
-    """The Job of exporter.launch.executors.KubernetesExecutor.launch for this cluster and alert name."""
+    """The Job of exporter.launch.kubernetes.KubernetesExecutor.launch for this cluster and alert name."""
     settings = load_settings(args.config)
     cluster = settings.cluster(args.cluster)
     if args.endpoints is not None:

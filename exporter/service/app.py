@@ -32,7 +32,8 @@ from exporter.core.report import RunOutcome, RunResult
 from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
-from exporter.launch.executors import Executor, executor_from_settings
+from exporter.launch.choose import executor_from_settings
+from exporter.launch.executor import Executor
 from exporter.logs import LogThrottle, held_note
 from exporter.service.auth import load_credentials
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
