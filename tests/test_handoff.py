@@ -12,7 +12,8 @@ from etcd_harness import EtcdCluster
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
-from exporter.cli.main import build_parser, cluster_from_args, main
+from exporter.cli.main import main
+from exporter.cli.parser import build_parser, cluster_from_args
 from exporter.config.settings import ClusterConfig, Settings, TlsConfig, load_settings
 from exporter.core.handoff import RunSettings, cluster_from_json, cluster_json, run_args
 from exporter.core.launches import LaunchOutcome, Trigger

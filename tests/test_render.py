@@ -17,7 +17,8 @@ from fake_kube import FakeKube, Recorded
 from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
-from exporter.cli.main import build_parser, main
+from exporter.cli.main import main
+from exporter.cli.parser import build_parser
 from exporter.config.settings import load_settings
 from exporter.core.launches import Trigger
 from exporter.kubernetes import api as kube
