@@ -247,7 +247,6 @@ Serve = Callable[..., Awaitable[TestClient]]
 def serve(aiohttp_client: ClientFactory) -> Serve:
     async def start(cluster_list: list[ClusterConfig], runner: Any = None, /, **options: Any) -> TestClient:
         """A service for these clusters; `runner` is its executor (None: the one the settings describe)."""
-        config_file = options.pop("config_file", None)
         snapshots = options.pop("snapshots", None)
         if snapshots is None and cluster_list and all(c.endpoints == Fleet.endpoints for c in cluster_list):
             snapshots = StaticSnapshots(cluster_list, [healthy_snapshot(c.name) for c in cluster_list])
@@ -255,7 +254,6 @@ def serve(aiohttp_client: ClientFactory) -> Serve:
             settings(**options),
             clusters=cluster_list,
             executor=runner,
-            config_file=config_file,
             snapshots=snapshots,
         )
         return await aiohttp_client(app)
@@ -1020,11 +1018,8 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
 ) -> None:
     caplog.set_level(logging.INFO)
     state_dir = tmp_path / "state"
-    config = tmp_path / "config.yaml"
     # The executor the settings describe (local, outside a Pod), as `serve` builds it.
-    client = await serve(
-        clusters(fleet, 2), None, executor={"dry_run": True, "state_dir": state_dir}, config_file=config
-    )
+    client = await serve(clusters(fleet, 2), None, executor={"dry_run": True, "state_dir": state_dir})
     status, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
     assert status == 200
     assert outcomes(body) == ["dry_run", "skip_resolved"]

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -150,7 +149,6 @@ def create_app(
     *,
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
-    config_file: Path | None = None,
     snapshots: SnapshotSource | None = None,
     shard: Shard | None = None,
 ) -> web.Application:
