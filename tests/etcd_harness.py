@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trustme
-from processes import die_with_parent
+from processes import ServerProcess
 
 # The installed etcd (Debian's etcd-server and etcd-client packages): what runs unless told otherwise.
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
@@ -65,6 +65,7 @@ MAX_TXN_VALUE_BYTES = 1024 * 1024
 START_ATTEMPTS = 3
 HTTP_TIMEOUT_SECONDS = 5.0
 LOG_TAIL_LINES = 15
+START_MARKER = "--- etcd-harness: starting"  # each start of a member, in its log
 NOSPACE_ERROR = "etcdserver: mvcc: database space exceeded"
 # bbolt's page size is the OS page size: 4 KiB on the Linux machines the tests and the demo run on.
 PAGE_BYTES = 4096
@@ -348,7 +349,7 @@ class EtcdMember:
     initial_cluster_state: str = field(default="new", repr=False)
     cluster_flags: tuple[str, ...] = field(default=(), repr=False)
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
-    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _server: ServerProcess | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._http = _Http(self.ssl_context)
@@ -373,19 +374,15 @@ class EtcdMember:
         """Start (or restart) the process; does not wait for it to become healthy."""
         if self.running:
             raise EtcdHarnessError(f"etcd member {self.name} is already running")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            log.write(f"--- etcd-harness: starting {self.name} at {time.time():.3f}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                env=_child_environment(("ETCD_",)),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Safe despite threads: the hook only calls prctl(), it takes no locks.
-                preexec_fn=die_with_parent(),
-            )
+        # A new process each time: the flags are read again (a restart keeps the data dir and ports).
+        self._server = ServerProcess(
+            self.name,
+            self.command(),
+            self.log_path,
+            env=_child_environment(("ETCD_",)),
+            start_marker=START_MARKER,
+        )
+        self._server.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait for the exit (SIGKILL if etcd does not exit within `timeout`).
@@ -393,33 +390,23 @@ class EtcdMember:
         A leader hands leadership over before it exits; if no peer can take it (they are down), etcd
         waits for its request timeout, ~6 s with the harness's election timeout.
         """
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self._server is not None:
+            self._server.stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL and wait for the exit: a crash, with no chance to flush anything."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.kill()
-        process.wait()
+        if self._server is not None:
+            self._server.kill()
 
     @property
     def running(self) -> bool:
         """Whether the process has been started and has not exited."""
-        return self._process is not None and self._process.poll() is None
+        return self._server is not None and self._server.running
 
     @property
     def exit_code(self) -> int | None:
         """The exit status once the process ended, else None."""
-        return None if self._process is None else self._process.poll()
+        return None if self._server is None else self._server.exit_code
 
     def status(self, timeout: float = HTTP_TIMEOUT_SECONDS) -> dict[str, Any]:
         """The raw JSON of POST /v3/maintenance/status (ints as strings, zero values omitted)."""
@@ -851,7 +838,7 @@ def parse_defrag_intervals(member: str, log_text: str) -> list[DefragInterval]:
     started: datetime | None = None
     for line in log_text.splitlines():
         if not line.startswith("{"):
-            if line.startswith("--- etcd-harness: starting") and started is not None:
+            if line.startswith(START_MARKER) and started is not None:
                 intervals.append(DefragInterval(member, started, None))  # died during it
                 started = None
             continue

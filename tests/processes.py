@@ -57,6 +57,8 @@ class ServerProcess:
     own_session: bool = False
     death_signal: signal.Signals = signal.SIGKILL
     stop_timeout_seconds: float = STOP_TIMEOUT_SECONDS
+    # The line written to the log before each start (a restart appends to the same log).
+    start_marker: str = "--- starting"
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> None:
@@ -64,7 +66,7 @@ class ServerProcess:
             raise AlreadyRunning(f"{self.name} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            log.write(f"--- starting {self.name} at {time.time():.3f}\n".encode())
+            log.write(f"{self.start_marker} {self.name} at {time.time():.3f}\n".encode())
             log.flush()
             self.popen = subprocess.Popen(
                 self.command,
@@ -94,6 +96,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+    def kill(self) -> None:
+        """SIGKILL and wait for the exit: a crash, with no chance to flush anything."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.kill()
+        self.popen.wait()
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of its log, headed by its name, log path and exit code."""

@@ -22,7 +22,7 @@ from exporter.core.routing import (
     Policy,
     cluster_matchers,
     decide,
-    decide_all,
+    iter_decisions,
     route,
     snapshot_wanted,
 )
@@ -344,8 +344,8 @@ def test_one_launch_per_cluster_per_notification() -> None:
         alert(etcd_cluster="tenant-b", fingerprint="b0"),
         alert(status="resolved", etcd_cluster="tenant-b"),
     ]
-    decisions = decide_all(
-        alerts=alerts, clusters=CLUSTERS, snapshots=SNAPSHOTS, runs={}, now=NOW, policy=POLICY
+    decisions = list(
+        iter_decisions(alerts=alerts, clusters=CLUSTERS, snapshots=SNAPSHOTS, runs={}, now=NOW, policy=POLICY)
     )
     launches = [d for d in decisions if d.launch]
     assert [(d.cluster, d.fingerprint) for d in launches] == [("tenant-a", "a0"), ("tenant-b", "b0")]

@@ -294,22 +294,5 @@ def iter_decisions(
         yield decision
 
 
-def decide_all(
-    *,
-    alerts: Sequence[AlertmanagerAlert],
-    clusters: Sequence[ClusterConfig] | ClusterIndex,
-    snapshots: Mapping[str, ClusterHealth],
-    runs: Mapping[str, RunState],
-    now: datetime,
-    policy: Policy,
-) -> list[AlertDecision]:
-    """`decide` for every alert of a notification, with at most one launch per cluster."""
-    return list(
-        iter_decisions(
-            alerts=alerts, clusters=clusters, snapshots=snapshots, runs=runs, now=now, policy=policy
-        )
-    )
-
-
 def _labels(labels: Mapping[str, str]) -> str:
     return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"

@@ -1,6 +1,6 @@
 """The Alertmanager webhook: `POST /webhook/alertmanager`.
 
-Thin on purpose: authenticate, bound and parse the body, then `routing.decide_all` decides and an
+Thin on purpose: authenticate, bound and parse the body, then `routing.iter_decisions` decides and an
 executor launches. Alertmanager retries 5xx and network errors and never 4xx, and re-sends a
 group every `repeat_interval` (Alertmanager docs, "webhook_config"; notify/webhook). So:
 
