@@ -788,7 +788,15 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
     from exporter.service.app import create_app, reconfigure
 
     clusters = settings.clusters
-    if not clusters:
+    discovering = settings.discover.kamaji_datastores.enabled
+    if discovering:
+        log.info(
+            "following Kamaji DataStores%s: every etcd DataStore becomes a cluster",
+            f" with labels {settings.discover.kamaji_datastores.label_selector}"
+            if settings.discover.kamaji_datastores.label_selector
+            else "",
+        )
+    elif not clusters:
         clusters = [default_cluster()]
         log.info(
             "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
@@ -809,7 +817,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
         async def reload() -> None:
             try:
                 fresh = load_settings(config_file, **(overrides or {}))
-                clusters = await discovered(fresh.clusters or [default_cluster()])
+                clusters = await discovered(fresh.clusters or ([] if discovering else [default_cluster()]))
                 for cluster in clusters:
                     ssl_context_for(cluster)
             except (ConfigError, DiscoveryError) as exc:

@@ -183,8 +183,10 @@ class KubernetesTarget(_Model):
     namespace: str = Field(description="Namespace the Job runs in (the ConfigMap and Secrets live there).")
     variant: Variant = Variant.PLAIN
     image: str | None = Field(default=None, description="Overrides the service-wide Job image.")
-    config_map: str = Field(
-        default="etcd-autodefrag", description="ConfigMap with our config file under key config.yaml."
+    config_map: str | None = Field(
+        default="etcd-autodefrag",
+        description="ConfigMap with our config file under key config.yaml; null: the Job mounts no "
+        "config and gets the cluster's settings as flags (discovered Kamaji DataStores).",
     )
     etcd_name: str | None = Field(default=None, description="kamaji: name of the etcd StatefulSet.")
     discover_endpoints: bool = Field(
@@ -210,6 +212,9 @@ class KubernetesTarget(_Model):
         description="kamaji, discover_endpoints: the members' client port (the chart's clientPort).",
     )
     tls_secret: str | None = Field(default=None, description="talos, plain: Secret with the client TLS.")
+    ca_secret: str | None = Field(
+        default=None, description="talos, plain: the Secret holding ca_key, when not tls_secret."
+    )
     ca_key: str = "ca"
     cert_key: str | None = "crt"
     key_key: str | None = "key"
@@ -239,7 +244,7 @@ class KubernetesTarget(_Model):
             raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'); got {namespace!r}")
         return namespace
 
-    @field_validator("config_map", "etcd_name", "tls_secret", "service_account")
+    @field_validator("config_map", "etcd_name", "tls_secret", "ca_secret", "service_account")
     @classmethod
     def _valid_object_name(cls, name: str | None) -> str | None:
         if name is not None and (len(name) > 200 or not cls._SUBDOMAIN.match(name)):
@@ -319,6 +324,8 @@ class KubernetesTarget(_Model):
             raise ValueError(f"tls_secret is only used by variants talos and plain, not {variant.value}")
         if (self.cert_key is None) != (self.key_key is None):
             raise ValueError("cert_key and key_key must both be set or both be null")
+        if self.ca_secret is not None and self.tls_secret is None:
+            raise ValueError("ca_secret is used with tls_secret (variants talos and plain)")
         if self.discover_endpoints and variant not in (self.Variant.KAMAJI, self.Variant.KUBEADM):
             raise ValueError(
                 f"discover_endpoints works with variants kamaji and kubeadm, not {variant.value}: "
@@ -619,6 +626,124 @@ class ExecutorSettings(_Model):
     )
 
 
+# What a discovered DataStore's cluster takes from `discover.kamaji_datastores.defaults`: every
+# setting its defrag Job can be given on the command line (the Job runs in the namespace of the
+# DataStore's client certificate, where our ConfigMap is not: exporter/kubernetes/jobs.py), and
+# `paused`. Not `alerts`: the same matchers for every DataStore would route each alert to all of
+# them, so a discovered cluster is routed by `etcd_cluster="<name>"`.
+DATASTORE_DEFAULTS = (
+    "rule",
+    "thresholds",
+    "quota_bytes",
+    "request_timeout_seconds",
+    "member_timeout_seconds",
+    "deadline_seconds",
+    "compact",
+    "move_leader",
+    "continue_on_error",
+    "allow_unavailable_defrag",
+    "settle_seconds",
+    "paused",
+    "kubernetes",
+)
+DATASTORE_KUBERNETES_DEFAULTS = (
+    "image",
+    "service_account",
+    "resources",
+    "labels",
+    "annotations",
+    "cooldown_seconds",
+    "active_deadline_seconds",
+)
+
+
+class KamajiDataStores(_Model):
+    """Every Kamaji DataStore with `driver: etcd` becomes a cluster named after it (docs/kamaji.md)."""
+
+    enabled: bool = Field(
+        default=False, description="List and watch kamaji.clastix.io DataStores (a ClusterRole is needed)."
+    )
+    label_selector: str = Field(
+        default="", description="Only the DataStores with these labels, e.g. `tier=gold` (all when empty)."
+    )
+    secret_refresh_seconds: PositiveSeconds = Field(
+        default=300.0,
+        description="Read the Secrets the DataStores reference again this often (and whenever a "
+        "DataStore changes), so that renewed certificates are used without a restart.",
+    )
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of every discovered cluster, as in clusters[]: "
+        + ", ".join(DATASTORE_DEFAULTS[:-1])
+        + ", and kubernetes.{"
+        + ", ".join(DATASTORE_KUBERNETES_DEFAULTS)
+        + "}.",
+    )
+
+    @field_validator("defaults")
+    @classmethod
+    def _valid_defaults(cls, defaults: dict[str, Any]) -> dict[str, Any]:
+        unknown = [f"{k}" for k in defaults if k not in DATASTORE_DEFAULTS]
+        kubernetes = defaults.get("kubernetes") or {}
+        if not isinstance(kubernetes, dict):
+            raise ValueError("kubernetes must be a mapping")
+        unknown += [f"kubernetes.{k}" for k in kubernetes if k not in DATASTORE_KUBERNETES_DEFAULTS]
+        if unknown:
+            settable = ", ".join(DATASTORE_DEFAULTS[:-1])
+            settable += ", kubernetes.{" + ", ".join(DATASTORE_KUBERNETES_DEFAULTS) + "}"
+            raise ValueError(
+                f"{', '.join(unknown)}: not settable for discovered DataStores (the Job gets its settings "
+                f"as flags and runs where the client certificate's Secret is); settable: {settable}"
+            )
+        # Checked as a cluster's would be, on a stand-in DataStore, so that a bad default stops
+        # start-up instead of every DataStore later.
+        trial = {"namespace": "default", "tls_secret": "client", "ca_key": "ca.crt"}
+        try:
+            cls.cluster_with(
+                defaults, name="datastore", endpoints=["https://127.0.0.1:2379"], tls=None, kubernetes=trial
+            )
+        except ValidationError as exc:
+            problems = format_validation_error(exc).splitlines()[1:]
+            raise ValueError("; ".join(p.strip().removeprefix("(top level): ") for p in problems)) from None
+        return defaults
+
+    def cluster(
+        self, *, name: str, endpoints: list[str], tls: TlsConfig | None, kubernetes: dict[str, Any] | None
+    ) -> "ClusterConfig":
+        """A discovered cluster: what the DataStore says, the rest from `defaults`; ValidationError."""
+        return self.cluster_with(
+            self.defaults, name=name, endpoints=endpoints, tls=tls, kubernetes=kubernetes
+        )
+
+    @staticmethod
+    def cluster_with(
+        defaults: dict[str, Any],
+        *,
+        name: str,
+        endpoints: list[str],
+        tls: TlsConfig | None,
+        kubernetes: dict[str, Any] | None,
+    ) -> "ClusterConfig":
+        data: dict[str, Any] = {**defaults, "name": name, "endpoints": endpoints, "tls": tls}
+        data.pop("kubernetes", None)
+        if kubernetes is not None:
+            # The plain variant with the DataStore's own Secrets, and no ConfigMap: the Job gets
+            # the cluster on its command line (exporter/kubernetes/jobs.py).
+            data["kubernetes"] = {
+                **(defaults.get("kubernetes") or {}),
+                "variant": "plain",
+                "config_map": None,
+                **kubernetes,
+            }
+        return ClusterConfig.model_validate(data)
+
+
+class DiscoverSettings(_Model):
+    """Clusters the service finds by itself, besides `clusters`."""
+
+    kamaji_datastores: KamajiDataStores = Field(default_factory=KamajiDataStores)
+
+
 class Settings(BaseSettings):
     """Everything the service and the CLI read at start-up."""
 
@@ -654,6 +779,7 @@ class Settings(BaseSettings):
     max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    discover: DiscoverSettings = Field(default_factory=DiscoverSettings)
 
     @field_validator("listen_address")
     @classmethod

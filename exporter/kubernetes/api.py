@@ -77,8 +77,10 @@ __all__ = [
     "discover_kamaji",
     "discover_kubeadm",
     "kube_api_client",
+    "read_secret",
     "read_statefulset",
     "record_event",
+    "watch_datastores",
     "watch_jobs",
 ]
 
@@ -595,6 +597,111 @@ def _kamaji_members(target: KubernetesTarget, statefulset: Json) -> list[str]:
     return member_endpoints(
         statefulset, service, target.namespace, port=target.client_port, cluster_domain=target.cluster_domain
     )
+
+
+# --- Kamaji DataStores ------------------------------------------------------------------------------
+
+OnDataStores = Callable[[list[Json]], Awaitable[None]]
+OnDataStoreEvent = Callable[[str, Json], Awaitable[None]]
+
+
+async def read_secret(api_client: k8s.ApiClient, namespace: str, name: str, *, timeout: float = 10.0) -> Json:
+    """The Secret as the API returns it (`data` base64); 404 and 403 raise KubeRejected."""
+    core = k8s.CoreV1Api(api_client)
+    return await _call(core.read_namespaced_secret, name, namespace, timeout=timeout)
+
+
+async def watch_datastores(
+    api_client: k8s.ApiClient,
+    on_list: OnDataStores,
+    on_event: OnDataStoreEvent,
+    *,
+    label_selector: str = "",
+    request_timeout: float = 30.0,
+    watch_timeout_seconds: int = 300,
+    backoff_initial_seconds: float = 1.0,
+    backoff_max_seconds: float = 60.0,
+) -> NoReturn:
+    """Follow Kamaji's DataStores until cancelled: `on_list` with every one, then `on_event`.
+
+    As watch_jobs: list, watch from the list's resourceVersion, list again when the watch expires
+    (410 Gone); any other failure (the CRD not installed yet: 404; RBAC: 403) is logged and retried
+    after a bounded, jittered backoff. `on_event(type, object)` gets ADDED, MODIFIED and DELETED.
+    Exceptions of the callbacks propagate: they are the caller's bugs.
+    """
+    custom = k8s.CustomObjectsApi(api_client)
+    group, version, plural = "kamaji.clastix.io", "v1alpha1", "datastores"
+    backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds)
+    resource_version: str | None = None
+    while True:
+        try:
+            if resource_version is None:
+                listed = await _call(
+                    custom.list_cluster_custom_object,
+                    group,
+                    version,
+                    plural,
+                    label_selector=label_selector,
+                    timeout=request_timeout,
+                )
+                await on_list(list(listed.get("items") or []))
+                resource_version = str(listed.get("metadata", {}).get("resourceVersion", ""))
+            started = clock.monotonic()
+            timeout = aiohttp.ClientTimeout(
+                sock_connect=request_timeout, sock_read=watch_timeout_seconds + request_timeout
+            )
+            try:
+                response: Any = await custom.list_cluster_custom_object(
+                    group,
+                    version,
+                    plural,
+                    label_selector=label_selector,
+                    watch=True,
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=watch_timeout_seconds,
+                    _preload_content=False,
+                    _request_timeout=timeout,
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
+            try:
+                if response.status == 410:
+                    raise _Expired
+                if response.status != 200:
+                    raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
+                while line := await response.content.readline():
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise KubeUnavailable("watch of DataStores sent a line that is not JSON") from None
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            raise _Expired
+                        raise _error(int(obj.get("code") or 500), json.dumps(obj).encode())
+                    resource_version = str(obj.get("metadata", {}).get("resourceVersion") or resource_version)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        await on_event(kind, obj)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise KubeUnavailable(f"watch of DataStores broke off: {exc or type(exc).__name__}") from None
+            finally:
+                response.release()
+            if clock.monotonic() - started >= min(MIN_WATCH_SECONDS, watch_timeout_seconds):
+                backoff.reset()
+            else:
+                await asyncio.sleep(backoff.next_delay())
+        except _Expired:
+            log.info("watch of DataStores expired (410 Gone): listing again")
+            resource_version = None
+        except KubeError as exc:
+            delay = backoff.next_delay()
+            hint = " (is Kamaji's DataStore CRD installed?)" if exc.status == 404 else ""
+            log.warning("watching DataStores: %s%s; again in %.1fs", exc, hint, delay)
+            resource_version = None
+            await asyncio.sleep(delay)
 
 
 # --- render cronjob --apply -------------------------------------------------------------------------

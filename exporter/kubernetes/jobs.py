@@ -43,8 +43,9 @@ from typing import Any, Literal, assert_never
 from urllib.parse import urlsplit
 
 from exporter import __version__
-from exporter.config.settings import ClusterConfig, KubernetesTarget
+from exporter.config.settings import DEFAULT_THRESHOLDS, ClusterConfig, KubernetesTarget
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
+from exporter.core.policy import thresholds_expression
 from exporter.kubernetes.kamaji import SecretLayout
 
 DEFAULT_IMAGE = f"ghcr.io/etcd-autodefrag/etcd-autodefrag:{__version__.replace('+', '-')}"
@@ -145,8 +146,11 @@ def build_job(
     annotations = {**target.annotations, **_trigger_annotations(trigger)}
     ttl = target.cooldown_seconds if target.cooldown_seconds is not None else round(cooldown_seconds)
     deadline = target.active_deadline_seconds or round(cluster.deadline_seconds) + DEADLINE_MARGIN_SECONDS
-    args = ["defrag", "--cluster", cluster.name, "--output", "json", "--report-file", TERMINATION_LOG]
-    if cluster.discovers_endpoints:
+    if target.config_map is None:
+        args = ["defrag", *cluster_flags(cluster), "--output", "json", "--report-file", TERMINATION_LOG]
+    else:
+        args = ["defrag", "--cluster", cluster.name, "--output", "json", "--report-file", TERMINATION_LOG]
+    if cluster.discovers_endpoints and target.config_map is not None:
         # The Job has no API access: it gets the URLs the service read from the API.
         if not cluster.endpoints:
             raise JobConfigError(
@@ -162,7 +166,13 @@ def build_job(
         )
     if trigger.dry_run:
         args.append("--dry-run")
-    template = defrag_pod_template(target, image=resolved_image(cluster, image), args=args, labels=labels)
+    template = defrag_pod_template(
+        target,
+        image=resolved_image(cluster, image),
+        args=args,
+        labels=labels,
+        mount_config=target.config_map is not None,
+    )
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -180,6 +190,52 @@ def build_job(
             "template": template,
         },
     }
+
+
+# The `defrag` flags of cluster settings with a value, given when not at the default.
+_VALUED_FLAGS = (
+    ("--quota-bytes", "quota_bytes"),
+    ("--request-timeout", "request_timeout_seconds"),
+    ("--member-timeout", "member_timeout_seconds"),
+    ("--deadline", "deadline_seconds"),
+    ("--settle-seconds", "settle_seconds"),
+)
+# Cluster settings that `defrag` has no flag for: a Job without the config file runs them at their
+# defaults, so a cluster that changes them needs a ConfigMap.
+_NO_FLAG = ("health_timeout_seconds", "disarm_below_ratio")
+
+
+def cluster_flags(cluster: ClusterConfig) -> list[str]:
+    """`defrag` flags that carry the cluster's settings, for a Job that mounts no config file.
+
+    Endpoints and the rule (its expression, or its thresholds as one) always; the rest only where
+    they differ from the defaults. TLS flags are the pod template's. JobConfigError for a setting
+    that has no flag and is not at its default.
+    """
+    defaults = ClusterConfig.model_fields
+    if changed := [name for name in _NO_FLAG if getattr(cluster, name) != defaults[name].default]:
+        raise JobConfigError(
+            f"cluster {cluster.name}: {', '.join(changed)} cannot be given to a Job without a config "
+            "file (kubernetes.config_map: null); keep the default or give a ConfigMap"
+        )
+    rule = cluster.rule or thresholds_expression(cluster.thresholds or DEFAULT_THRESHOLDS)
+    flags = ["--endpoints", ",".join(cluster.endpoints), "--rule", rule]
+    if not cluster.discover_members:
+        flags.append("--no-discover")
+    for flag, name in _VALUED_FLAGS:
+        value = getattr(cluster, name)
+        if value is not None and value != defaults[name].default:
+            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    switches = {
+        "--compact": cluster.compact,
+        "--move-leader": cluster.move_leader,
+        "--continue-on-error": cluster.continue_on_error,
+        "--allow-unavailable": cluster.allow_unavailable_defrag,
+    }
+    flags += [flag for flag, on in switches.items() if on]
+    if cluster.tls is not None and cluster.tls.server_name:
+        flags += ["--server-name", cluster.tls.server_name]
+    return flags
 
 
 def defrag_pod_template(
@@ -301,30 +357,22 @@ def _tls(target: KubernetesTarget) -> _Tls:
                 (secrets.client_secret, secrets.cert_key, "tls.crt"),
                 (secrets.client_secret, secrets.key_key, "tls.key"),
             ]
-            sources = [
-                {
-                    "secret": {
-                        "name": name,
-                        "items": [
-                            {"key": key, "path": path} for secret, key, path in files if secret == name
-                        ],
-                    }
-                }
-                for name in secrets.names
-            ]
-            volume = {"name": "tls", "projected": {"sources": sources, "defaultMode": SECRET_FILE_MODE}}
-            return _Tls([volume], dir_mount, both)
+            return _Tls([_projected(files)], dir_mount, both)
         case Variant.TALOS | Variant.PLAIN:
             if target.tls_secret is None:
                 return _Tls([], [], [])
-            items = [{"key": target.ca_key, "path": "ca.crt"}]
+            ca_secret = target.ca_secret or target.tls_secret
+            files = [(ca_secret, target.ca_key, "ca.crt")]
             flags = ["--cacert", CA_FILE]
             if target.cert_key is not None and target.key_key is not None:
-                items += [
-                    {"key": target.cert_key, "path": "tls.crt"},
-                    {"key": target.key_key, "path": "tls.key"},
+                files += [
+                    (target.tls_secret, target.cert_key, "tls.crt"),
+                    (target.tls_secret, target.key_key, "tls.key"),
                 ]
                 flags = both
+            if ca_secret != target.tls_secret:  # e.g. a Kamaji DataStore's `<etcd>-certs` and client Secret
+                return _Tls([_projected(files)], dir_mount, flags)
+            items = [{"key": key, "path": path} for _, key, path in files]
             secret = {"secretName": target.tls_secret, "items": items, "defaultMode": SECRET_FILE_MODE}
             return _Tls([{"name": "tls", "secret": secret}], dir_mount, flags)
         case Variant.KUBEADM:
@@ -338,6 +386,21 @@ def _tls(target: KubernetesTarget) -> _Tls:
             return _Tls(volumes, mounts, both)
         case _ as unreachable:
             assert_never(unreachable)
+
+
+def _projected(files: Sequence[tuple[str, str, str]]) -> Json:
+    """One `tls` volume with each (Secret, key, path), Secrets in first-use order."""
+    names = list(dict.fromkeys(secret for secret, _, _ in files))
+    sources = [
+        {
+            "secret": {
+                "name": name,
+                "items": [{"key": key, "path": path} for secret, key, path in files if secret == name],
+            }
+        }
+        for name in names
+    ]
+    return {"name": "tls", "projected": {"sources": sources, "defaultMode": SECRET_FILE_MODE}}
 
 
 def parse_termination_message(text: str | None) -> Json | None:

@@ -30,9 +30,11 @@ from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
 from exporter.core.units import human_bytes
 from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
+from exporter.kubernetes.datastores import merge_clusters
 from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
-from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
+from exporter.service.discovery import DataStoreDiscovery
+from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector, TenantCollector
 from exporter.service.refresh import Refresher
 from exporter.service.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
 
@@ -121,10 +123,41 @@ def _malformed(exc: Any) -> str | None:
     return next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed HTTP message")
 
 
+class ClusterSet:
+    """The clusters the service watches: the configured ones, and the discovered DataStores.
+
+    A configured cluster overrides a discovered one of the same name. Every change goes to the
+    refresher (and so to /metrics and the webhook's routing) and to the run counters at once.
+    """
+
+    def __init__(self, configured: list[ClusterConfig]) -> None:
+        self.configured = list(configured)
+        self.discovered: list[ClusterConfig] = []
+        self._overridden: set[str] = set()
+
+    def merged(self) -> list[ClusterConfig]:
+        """Configured clusters, then the discovered ones no configured cluster overrides."""
+        clusters, overridden = merge_clusters(self.configured, self.discovered)
+        for name in sorted(set(overridden) - self._overridden):
+            log.info("DataStore %s: the configured cluster of that name overrides it", name)
+        self._overridden = set(overridden)
+        return clusters
+
+    def adopt(self, app: web.Application) -> None:
+        """Hand the merged set to the refresher and the run counters."""
+        clusters = self.merged()
+        app[REFRESHER].reconfigure(clusters)
+        app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
+
+
+CLUSTER_SET = web.AppKey("cluster_set", ClusterSet)
+DISCOVERY = web.AppKey("discovery", DataStoreDiscovery)
+
+
 def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     """Adopt a new cluster list (SIGHUP): a removed cluster leaves no series, an added one starts at 0."""
-    app[REFRESHER].reconfigure(clusters)
-    app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
+    app[CLUSTER_SET].configured = list(clusters)
+    app[CLUSTER_SET].adopt(app)
 
 
 def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
@@ -151,11 +184,14 @@ def create_app(
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
     config_file: Path | None = None,
+    kube_api: Any | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
     `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. Raises ConfigError when the webhook's credentials are unusable.
+    local runs read `config_file`. With `discover.kamaji_datastores.enabled` the DataStores are
+    followed through `kube_api` (by default a client of its own: in-cluster, else the kubeconfig).
+    Raises ConfigError when the webhook's credentials are unusable.
     """
     credentials = load_credentials(settings)
     if executor is None:
@@ -167,6 +203,7 @@ def create_app(
     app[EXECUTOR] = executor
     app[REGISTRY] = registry
     app[RUN_METRICS] = run_metrics
+    app[CLUSTER_SET] = ClusterSet(clusters)
     metrics_handler = make_aiohttp_handler(registry)
 
     def run_finished(outcome: RunOutcome) -> None:
@@ -203,6 +240,7 @@ def create_app(
             app[REFRESHER] = refresher
             run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
             registry.register(SnapshotCollector(refresher))
+            registry.register(TenantCollector(lambda: app[DISCOVERY].tenants() if DISCOVERY in app else {}))
             registry.register(
                 InFlightCollector(
                     lambda: {
@@ -227,6 +265,28 @@ def create_app(
                     await background
                 await executor.stop()
 
+    async def discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+        from exporter.kubernetes import api as kube
+
+        api = kube_api if kube_api is not None else await kube.kube_api_client()
+        discovery = DataStoreDiscovery(
+            api,
+            settings.discover.kamaji_datastores,
+            lambda found: _discovered(app, found),
+            request_timeout=settings.executor.kubernetes_timeout_seconds,
+        )
+        app[DISCOVERY] = discovery
+        task = asyncio.create_task(discovery.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            discovery.close()
+            if kube_api is None:
+                await api.close()
+
     async def metrics(request: web.Request) -> web.StreamResponse:
         await request.app[REFRESHER].refresh()
         # Always the classic text format: prometheus_client 0.26 renders OpenMetrics (which
@@ -242,17 +302,27 @@ def create_app(
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
+        if DISCOVERY in request.app and not request.app[DISCOVERY].listed:
+            return web.Response(status=503, text="waiting for the first list of Kamaji DataStores\n")
         if request.app[REFRESHER].ready:
             return web.Response(text="ready\n")
         return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
 
     app.cleanup_ctx.append(session_ctx)
+    if settings.discover.kamaji_datastores.enabled:
+        app.cleanup_ctx.append(discovery_ctx)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Every method reaches the handler, so that a wrong one is answered 405 and counted.
     app.router.add_route("*", PATH, webhook)
     return app
+
+
+def _discovered(app: web.Application, clusters: list[ClusterConfig]) -> None:
+    """The DataStores changed: adopt the new set."""
+    app[CLUSTER_SET].discovered = clusters
+    app[CLUSTER_SET].adopt(app)
 
 
 async def _refresh_forever(refresher: Refresher, settings: Settings) -> None:
