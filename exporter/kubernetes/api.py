@@ -45,6 +45,7 @@ from kubernetes_asyncio import config as k8s_config
 from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget
 from exporter.core import clock
 from exporter.core.launches import LaunchOutcome, LaunchResult
+from exporter.kubernetes.datastores import DATASTORE_GROUP, DATASTORE_PLURAL, DATASTORE_VERSION
 from exporter.kubernetes.jobs import (
     JOB_SELECTOR,
     JobOutcome,
@@ -59,6 +60,8 @@ from exporter.kubernetes.jobs import (
 from exporter.kubernetes.kamaji import SecretLayout, detect_layout, member_endpoints
 
 __all__ = [
+    "DATASTORE_CLUSTER_RBAC_RULES",
+    "DATASTORE_NAMESPACE_RBAC_RULES",
     "KUBEADM_ETCD_SELECTOR",
     "RBAC_RULES",
     "RENDER_APPLY_RBAC_RULES",
@@ -100,6 +103,19 @@ RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
+]
+# Kamaji DataStore discovery (discover.kamaji_datastores; docs/kamaji.md has the manifests): a
+# ClusterRole on the cluster-scoped DataStores, and in each namespace that holds Secrets the
+# DataStores reference a Role with `get` on Secrets (RBAC cannot name Secrets that do not exist yet,
+# and no list or watch: the service reads only the Secrets it is pointed at) plus the Job rules above
+# where client certificates live, since the Jobs run there. No statefulsets: a DataStore's endpoints
+# are its own.
+DATASTORE_CLUSTER_RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["kamaji.clastix.io"], "resources": ["datastores"], "verbs": ["get", "list", "watch"]},
+]
+DATASTORE_NAMESPACE_RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    *(rule for rule in RBAC_RULES if rule["resources"] != ["statefulsets"]),
 ]
 # What `etcd-autodefrag render cronjob --apply` calls, with the user's own kubeconfig (or the pod's
 # service account where it runs): never part of the service's Role above, which stays as narrow.
@@ -630,7 +646,7 @@ async def watch_datastores(
     Exceptions of the callbacks propagate: they are the caller's bugs.
     """
     custom = k8s.CustomObjectsApi(api_client)
-    group, version, plural = "kamaji.clastix.io", "v1alpha1", "datastores"
+    group, version, plural = DATASTORE_GROUP, DATASTORE_VERSION, DATASTORE_PLURAL
     backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds)
     resource_version: str | None = None
     while True:

@@ -37,21 +37,10 @@ from exporter.config.settings import (
     format_validation_error,
 )
 
-GROUP = "kamaji.clastix.io"
-VERSION = "v1alpha1"
-PLURAL = "datastores"
+DATASTORE_GROUP = "kamaji.clastix.io"
+DATASTORE_VERSION = "v1alpha1"
+DATASTORE_PLURAL = "datastores"
 ETCD_DRIVER = "etcd"
-
-# What the service needs for discovery, as RBAC rules (docs/kamaji.md has the manifests): a
-# ClusterRole on the cluster-scoped DataStores, and `get` on Secrets in each namespace that holds
-# referenced Secrets (a Role per namespace: RBAC cannot name Secrets that do not exist yet). The Job
-# rules of exporter.kubernetes.api.RBAC_RULES are needed in the client Secrets' namespaces too.
-CLUSTER_RBAC_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch"]},
-]
-SECRET_RBAC_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-]
 
 Json = dict[str, Any]
 
