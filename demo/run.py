@@ -40,7 +40,7 @@ VALUE_BYTES = 512 * 1024
 # member shows over 111 MiB free, whatever bbolt's allocator did (Stack.compact says how much for
 # sure; tests/test_e2e.py checks that it clears the floor). Multiples of 16 MiB.
 ROUNDS_BYTES = (48 * MiB, 112 * MiB)
-FLOOR_BYTES = 100 * MiB  # EtcdDefragRecommended and the default thresholds (README, "The defrag rule")
+FLOOR_BYTES = 100 * MiB  # EtcdDefragRecommended and the default thresholds (docs/rules.md)
 # Generous for a busy 2-CPU machine; the whole demo takes about a minute.
 ALERT_TIMEOUT_SECONDS = 60.0
 RUN_TIMEOUT_SECONDS = 120.0
@@ -270,7 +270,7 @@ class Follower:
             outcome = labels["outcome"]
             if value > self.outcomes.get(outcome, 0):
                 count = value - self.outcomes.get(outcome, 0)
-                meaning = WEBHOOK_OUTCOMES.get(outcome, "see the README's webhook section")
+                meaning = WEBHOOK_OUTCOMES.get(outcome, "see docs/webhook.md")
                 if outcome == "launch" and (state := self.stack.run_state()):
                     meaning += (
                         f", `etcd-autodefrag defrag --cluster {self.stack.cluster}` (pid {state['pid']})"

@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -55,6 +52,7 @@ from etcd_harness import (  # noqa: E402 - the harness lives with the tests
     start_cluster,
     wait_until,
 )
+from processes import ServerProcess  # noqa: E402 - shared with the tests' servers
 
 SHIPPED_RULES = ROOT / "alerts" / "etcd-autodefrag-rules.yaml"
 SHIPPED_ALERTMANAGER = ROOT / "alerts" / "alertmanager" / "alertmanager.yml"
@@ -247,73 +245,6 @@ class LogFollower:
         return records
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to SIGTERM the child when this (main) thread dies.
-
-    PR_SET_PDEATHSIG fires when the thread that forked exits, so it is only safe from the main
-    thread; tests/etcd_harness.py does the same for etcd (with SIGKILL).
-    """
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-
-    return preexec
-
-
-@dataclass(eq=False)
-class Process:
-    """One server process of the stack, logging to its own file."""
-
-    name: str
-    command: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                # Its own session: a Ctrl-C in the terminal reaches only the demo, which then stops
-                # the processes in order instead of all of them dying at once.
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),
-            )
-
-    @property
-    def exit_code(self) -> int | None:
-        return None if self.popen is None else self.popen.poll()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_SECONDS."""
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.terminate()
-        try:
-            self.popen.wait(STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            text = "(no log)"
-        return f"--- {self.name} ({self.log_path}), exit code {self.exit_code}:\n" + "\n".join(
-            text.splitlines()[-lines:]
-        )
-
-
 class _Http:
     """GET and POST on loopback, never through a proxy."""
 
@@ -349,7 +280,7 @@ class Stack:
         self.options = options or StackOptions()
         self.cluster = self.options.cluster
         self.etcd: EtcdCluster | None = None
-        self.processes: dict[str, Process] = {}
+        self.processes: dict[str, ServerProcess] = {}
         self.urls: dict[str, str] = {}
         self.token_file = workdir / "webhook-token"
         self.state_dir = workdir / "state"
@@ -518,11 +449,19 @@ class Stack:
         for attempt in range(START_ATTEMPTS):
             port = free_port()
             url = f"http://{LOOPBACK}:{port}"
-            process = Process(name, command(port), self.workdir / "logs" / f"{name}.log", env)
+            process = ServerProcess(
+                name,
+                command(port),
+                self.workdir / "logs" / f"{name}.log",
+                env,
+                own_session=True,
+                death_signal=signal.SIGTERM,
+                stop_timeout_seconds=STOP_TIMEOUT_SECONDS,
+            )
             self.processes[name] = process
             process.start()
 
-            def ready(process: Process = process, url: str = url) -> bool:
+            def ready(process: ServerProcess = process, url: str = url) -> bool:
                 if process.exit_code is not None:
                     raise StackError(f"{name} exited with code {process.exit_code}\n{process.tail()}")
                 return self._http.ok(url + ready_path)

@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import atexit
 import base64
-import ctypes
 import functools
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trustme
+from processes import die_with_parent
 
 # The installed etcd (Debian's etcd-server and etcd-client packages): what runs unless told otherwise.
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
@@ -337,24 +334,6 @@ def _b64(data: bytes | str) -> str:
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the child when the spawning thread dies.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only safe to use from the
-    main thread (a member started from a worker thread would die with that thread).
-    """
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig = 1
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, sigkill)
-
-    return preexec
-
-
 @dataclass(eq=False)
 class EtcdMember:
     """One etcd process; `start` after `stop`/`kill` restarts it on the same data dir and ports."""
@@ -405,7 +384,7 @@ class EtcdMember:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Safe despite threads: the hook only calls prctl(), it takes no locks.
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -22,22 +22,18 @@ SIGKILLed by the kernel if pytest dies (PR_SET_PDEATHSIG), as the etcd harness's
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +44,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from etcd_harness import EtcdCluster, start_cluster
+from processes import ServerProcess as Server
 
 REPO = Path(__file__).resolve().parent.parent
 GO_MOD = REPO / "tools" / "kubernetes" / "go.mod"
@@ -137,66 +134,6 @@ def wait_until(predicate: Callable[[], T | None], *, timeout: float, what: str, 
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """SIGKILL the child when the (main) thread that spawned it dies; as the etcd harness does."""
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-
-    return preexec
-
-
-@dataclass(eq=False)
-class Server:
-    """One control-plane process, logging to its own file; `start` after `stop` restarts it."""
-
-    name: str
-    command: list[str]
-    log_path: Path
-    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        if self.running:
-            raise ControlPlaneError(f"{self.name} is already running")
-        with self.log_path.open("ab") as log:
-            log.write(f"--- kube_control_plane: starting {self.name} at {time.time():.3f}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),
-            )
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.terminate()
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-
-    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            text = "(no log)"
-        code = None if self.popen is None else self.popen.poll()
-        return f"--- {self.name} ({self.log_path}), exit code {code}:\n" + "\n".join(
-            text.splitlines()[-lines:]
-        )
 
 
 @dataclass(frozen=True)

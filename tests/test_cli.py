@@ -22,12 +22,13 @@ from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
-from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, discovered, exit_code_table, main
+from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, exit_code_table, main
 from exporter.config.settings import ClusterConfig
 from exporter.core.launches import Trigger
 from exporter.core.report import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
 from exporter.kubernetes import jobs
+from exporter.kubernetes.discovery import discovered
 from exporter.launch import executors
 
 ROOT = Path(__file__).resolve().parent.parent

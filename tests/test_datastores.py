@@ -1,9 +1,10 @@
 """Kamaji DataStores as clusters: the pure translation (exporter/kubernetes/datastores.py), the Job of
-a discovered cluster (exporter/kubernetes/jobs.py), the TLS files (exporter/service/discovery.py),
+a discovered cluster (exporter/kubernetes/jobs.py), the TLS files (exporter/service/datastores.py),
 the settings and the tenant metric. The real API server's side is tests/test_datastores_real.py."""
 
 import base64
 import copy
+import importlib.util
 import stat
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config.settings import (
     ClusterConfig,
@@ -29,8 +31,16 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
-from exporter.service.discovery import TlsStore
+from exporter.service.datastores import TlsStore
 from exporter.service.metrics import TenantCollector
+
+_spec = importlib.util.spec_from_file_location(
+    "docs_generate", Path(__file__).parent.parent / "docs" / "generate.py"
+)
+assert _spec is not None
+assert _spec.loader is not None
+docs_generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs_generate)
 
 TLS = TlsConfig(ca_file=Path("/x/ca.crt"), cert_file=Path("/x/tls.crt"), key_file=Path("/x/tls.key"))
 
@@ -337,5 +347,9 @@ def test_tenant_info_has_one_series_per_tenant_and_none_for_a_deleted_datastore(
     text = generate_latest(registry).decode()
     assert 'etcd_autodefrag_datastore_tenant_info{etcd_cluster="etcd",tenant="a/tcp-1"} 1.0' in text
     assert 'etcd_autodefrag_datastore_tenant_info{etcd_cluster="etcd",tenant="b/tcp-2"} 1.0' in text
+    # docs/metrics.md names these labels without seeing a sample (docs/generate.py).
+    (family,) = text_string_to_metric_families(text)
+    labels = sorted({name for sample in family.samples for name in sample.labels})
+    assert docs_generate.LABELS_WITHOUT_SAMPLES[family.name] == labels
     del tenants["etcd"]
     assert "etcd_cluster=" not in generate_latest(registry).decode()

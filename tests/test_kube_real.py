@@ -919,7 +919,7 @@ def kamaji_statefulset_spec(replicas: int) -> dict[str, Any]:
 
 # --- the overlays and Pod Security ---------------------------------------------------------------------
 
-# The level each overlay gives namespace etcd-autodefrag (README "Deploy on Kubernetes").
+# The level each overlay gives namespace etcd-autodefrag (docs/deploy.md).
 OVERLAY_LEVELS = {"kamaji": "restricted", "kubeadm": "privileged"}
 
 
@@ -967,7 +967,7 @@ def test_overlay_applies_server_side_with_strict_field_validation(
 
 
 def test_the_kubeadm_service_pod_needs_the_privileged_level(deployed: ControlPlane) -> None:
-    """What the README says: hostPath and hostNetwork are refused below `privileged`."""
+    """docs/executors.md and docs/deploy.md: hostPath and hostNetwork are refused below `privileged`."""
     plane = deployed
     for level in ("baseline", "restricted"):
         plane.ensure_namespace(f"psa-{level}", {"pod-security.kubernetes.io/enforce": level})
@@ -1001,7 +1001,7 @@ def test_job_pods_meet_the_pod_security_level_the_readme_promises(
         level: admitted(plane, pod_from_template(job["spec"]["template"], f"psa-{level}"))
         for level in ("baseline", "restricted")
     }
-    if variant == "kubeadm":  # root, host network, hostPath: privileged only (README)
+    if variant == "kubeadm":  # root, host network, hostPath: privileged only (docs/executors.md)
         assert all("violates PodSecurity" in v for v in verdicts.values()), verdicts
     else:
         assert verdicts == {"baseline": "ok", "restricted": "ok"}

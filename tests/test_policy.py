@@ -6,15 +6,16 @@ from exporter.config.settings import ClusterConfig, Thresholds
 from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
 from exporter.core.policy import (
     Gate,
+    Health,
     QuorumCost,
     Step,
     alarms_to_disarm,
+    cluster_health,
     cluster_rule,
     endpoint_for,
     evaluate,
     fragmentation_ratio,
     free_bytes,
-    health_gate,
     leader_last,
     leader_of,
     make_plan,
@@ -159,41 +160,64 @@ def test_nospace_overrides_the_rule_but_not_for_learners() -> None:
     assert not evaluate(never, status(learner=True), nospace=True).defrag
 
 
-def test_health_gate_healthy() -> None:
+def _health(
+    members: list[Member],
+    errors: dict[int, str | None],
+    alarms: list[Alarm] | None,
+    leaders: dict[int, int] | None = None,
+) -> Health:
+    by_id = {m.id: m for m in members}
+    return cluster_health(
+        members=members,
+        answers={by_id[i]: e for i, e in errors.items() if i in by_id},
+        alarms=alarms,
+        leaders=None if leaders is None else {by_id[i]: lead for i, lead in leaders.items()},
+        failure="failed a linearizable read",
+    )
+
+
+def test_cluster_health_healthy() -> None:
     members = [member(1), member(2), member(3, learner=True)]
-    health = health_gate(members=members, read_errors={1: None, 2: None}, alarms=[])
+    health = _health(members, {1: None, 2: None}, [])
     assert health.healthy
     assert health.problems == ()
 
 
 @pytest.mark.parametrize(
-    ("read_errors", "alarms", "problem"),
+    ("errors", "alarms", "leaders", "problem"),
     [
-        ({1: None, 2: "connection refused", 3: None}, [], "m2 failed a linearizable read"),
-        ({1: None, 3: None}, [], "m2 was not checked"),
-        ({1: None, 2: None, 3: None}, [Alarm(2, AlarmKind.CORRUPT)], "CORRUPT"),
-        ({1: None, 2: None, 3: None}, None, "alarm list could not be read"),
+        ({1: None, 2: "connection refused", 3: None}, [], None, "m2 failed a linearizable read"),
+        ({1: None, 3: None}, [], None, "m2 was not checked"),
+        ({1: None, 2: None, 3: None}, [Alarm(2, AlarmKind.CORRUPT)], None, "CORRUPT"),
+        ({1: None, 2: None, 3: None}, None, None, "alarm list could not be read"),
+        ({1: None, 2: None, 3: None}, [], {1: 0, 2: 0, 3: 0}, "no leader"),
+        ({1: None, 2: None, 3: None}, [], {1: 1, 2: 1, 3: 2}, "members disagree about the leader"),
     ],
 )
-def test_health_gate_refuses(
-    read_errors: dict[int, str | None], alarms: list[Alarm] | None, problem: str
+def test_cluster_health_refuses(
+    errors: dict[int, str | None],
+    alarms: list[Alarm] | None,
+    leaders: dict[int, int] | None,
+    problem: str,
 ) -> None:
     members = [member(1), member(2), member(3)]
-    health = health_gate(members=members, read_errors=read_errors, alarms=alarms)
+    health = _health(members, errors, alarms, leaders)
     assert not health.healthy
-    assert any(problem in p for p in health.problems)
+    assert any(problem in p for p in health.problems), health.problems
 
 
-def test_health_gate_nospace_does_not_block() -> None:
+def test_cluster_health_agreeing_leaders_and_a_learner_that_follows_none() -> None:
+    members = [member(1), member(2), member(3, learner=True)]
+    assert _health(members, {1: None, 2: None, 3: "down"}, [], {1: 2, 2: 2}).healthy
+
+
+def test_cluster_health_nospace_does_not_block() -> None:
     members = [member(1), member(2)]
-    health = health_gate(
-        members=members, read_errors={1: None, 2: None}, alarms=[Alarm(1, AlarmKind.NOSPACE)]
-    )
-    assert health.healthy
+    assert _health(members, {1: None, 2: None}, [Alarm(1, AlarmKind.NOSPACE)]).healthy
 
 
-def test_health_gate_refuses_an_empty_member_list() -> None:
-    assert not health_gate(members=[], read_errors={}, alarms=[]).healthy
+def test_cluster_health_refuses_an_empty_member_list() -> None:
+    assert not _health([], {}, []).healthy
 
 
 @pytest.mark.parametrize(

@@ -569,7 +569,7 @@ async def test_an_unreadable_key_file_is_a_configuration_error_naming_the_file(
     key.write_text(cluster.tls.key_file.read_text()[:40])
     code, report, stderr = await run_cli_config(tls_config(tmp_path / "c.yaml", cluster, key_file=key))
     reliability_counts.fault("TLS: unreadable key file")
-    assert code == 2, stderr  # README: bad configuration
+    assert code == 2, stderr  # docs/cli.md exit codes: bad configuration
     assert report is None
     assert f"cluster t: tls.key_file {key}: its PEM private key cannot be parsed" in stderr
     assert "Traceback" not in stderr
@@ -1050,20 +1050,16 @@ async def test_tokens_never_reach_the_logs(
 
 def test_health_is_judged_once_per_snapshot_and_again_for_a_new_one() -> None:
     """The cache never serves an old verdict: a new snapshot (every refresh makes one) is judged anew."""
-    from types import SimpleNamespace
+    from snapshot_source import StaticSnapshots
 
+    from exporter.config.settings import ClusterConfig
     from exporter.core.clock import utcnow
-    from exporter.etcd.observe import ClusterSnapshot
+    from exporter.core.snapshot import ClusterSnapshot
     from exporter.service.webhook import HealthCache, health_of
 
-    def refresher(*snapshots: ClusterSnapshot) -> Any:
-        watches = {
-            s.cluster: SimpleNamespace(
-                config=SimpleNamespace(name=s.cluster, discover_members=True), snapshot=s
-            )
-            for s in snapshots
-        }
-        return SimpleNamespace(snapshots=lambda: [(w, w.snapshot) for w in watches.values()], watches=watches)
+    def refresher(*snapshots: ClusterSnapshot) -> StaticSnapshots:
+        clusters = [ClusterConfig(name=s.cluster, endpoints=["http://127.0.0.1:2379"]) for s in snapshots]
+        return StaticSnapshots(clusters, snapshots)
 
     cache: HealthCache = {}
     first = ClusterSnapshot(cluster="c0", taken_at=utcnow(), error="member list: connection refused")

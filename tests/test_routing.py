@@ -9,25 +9,20 @@ import pytest
 from hypothesis import strategies as st
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings, WebhookSettings, load_settings
+from exporter.core.alertmanager import AlertmanagerAlert, AlertmanagerPayload, AlertStatus
 from exporter.core.launches import RunState
+from exporter.core.matchers import Matcher, MatcherSyntaxError, MatchOp, parse_matcher
 from exporter.core.routing import (
     DEFAULT_ACTING_ALERTS,
     ActingFilter,
     AlertDecision,
-    AlertmanagerAlert,
-    AlertmanagerPayload,
-    AlertStatus,
     ClusterHealth,
     ClusterIndex,
     Decision,
-    Matcher,
-    MatcherSyntaxError,
-    MatchOp,
     Policy,
     cluster_matchers,
     decide,
     decide_all,
-    parse_matcher,
     route,
 )
 

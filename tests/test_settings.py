@@ -1,9 +1,12 @@
 """Settings: the YAML cluster list, env overrides, and start-up errors that name the field."""
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, get_args
 
 import pytest
+from pydantic import BaseModel
 
 from exporter.cli.main import main
 from exporter.config.settings import (
@@ -413,3 +416,29 @@ def test_safety_settings_per_cluster(tmp_path: Path) -> None:
         ConfigError, match=r"clusters\[1\]\.settle_seconds: Input should be greater than or equal to 0"
     ):
         load_settings(write(tmp_path, VALID + "    settle_seconds: -1\n"))
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> Iterator[type[BaseModel]]:
+    """The model and every model its fields hold, however nested (lists, optionals)."""
+    if model in seen:
+        return
+    seen.add(model)
+    yield model
+    for info in model.model_fields.values():
+        stack: list[Any] = [info.annotation]
+        while stack:
+            kind = stack.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _models(kind, seen)
+            stack.extend(get_args(kind))
+
+
+def test_every_setting_has_a_description() -> None:
+    """docs/configuration.md is generated from these: a field without one is a blank line there."""
+    missing = [
+        f"{model.__name__}.{name}"
+        for model in _models(Settings, set())
+        for name, info in model.model_fields.items()
+        if not (info.description or "").strip()
+    ]
+    assert missing == []

@@ -1,4 +1,5 @@
-"""The Alertmanager webhook of `etcd-autodefrag serve`, over real HTTP with snapshots of real etcd.
+"""The Alertmanager webhook of `etcd-autodefrag serve`, over real HTTP, deciding from in-memory snapshots
+(tests/snapshot_source.py) or, where the wiring is the point, from the Refresher's of real etcd.
 
 Launches go to a counting fake executor where only the webhook is under test, and to the real local
 executor (with a controllable stand-in for the defrag child, or the real engine end to end) where the
@@ -19,7 +20,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp.http_exceptions import BadStatusLine
@@ -30,6 +31,7 @@ from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
+from snapshot_source import StaticSnapshots, healthy_snapshot
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings, load_settings
 from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
@@ -209,10 +211,25 @@ def free_port() -> int:
         return port
 
 
-def clusters(etcd: EtcdCluster, count: int = 10, **overrides: Any) -> list[ClusterConfig]:
-    """`count` configured clusters c0, c1, ... all observing the same healthy etcd."""
+class Fleet:
+    """Healthy clusters without etcd: the service sees them through StaticSnapshots.
+
+    What routing and deciding need of a cluster is its latest snapshot, so these tests build it in
+    memory (tests/snapshot_source.py); the tests that take `etcd` prove the Refresher's wiring.
+    """
+
+    endpoints: ClassVar[list[str]] = ["http://etcd-0.invalid:2379"]
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    return Fleet()
+
+
+def clusters(fleet: Fleet | Fleet, count: int = 10, **overrides: Any) -> list[ClusterConfig]:
+    """`count` configured clusters c0, c1, ... all observing the same healthy etcd (or fleet)."""
     return [
-        ClusterConfig.model_validate({"name": f"c{i}", "endpoints": etcd.endpoints[:1], **overrides})
+        ClusterConfig.model_validate({"name": f"c{i}", "endpoints": fleet.endpoints[:1], **overrides})
         for i in range(count)
     ]
 
@@ -234,7 +251,16 @@ def serve(aiohttp_client: ClientFactory) -> Serve:
     async def start(cluster_list: list[ClusterConfig], runner: Any = None, /, **options: Any) -> TestClient:
         """A service for these clusters; `runner` is its executor (None: the one the settings describe)."""
         config_file = options.pop("config_file", None)
-        app = create_app(settings(**options), clusters=cluster_list, executor=runner, config_file=config_file)
+        snapshots = options.pop("snapshots", None)
+        if snapshots is None and cluster_list and all(c.endpoints == Fleet.endpoints for c in cluster_list):
+            snapshots = StaticSnapshots(cluster_list, [healthy_snapshot(c.name) for c in cluster_list])
+        app = create_app(
+            settings(**options),
+            clusters=cluster_list,
+            executor=runner,
+            config_file=config_file,
+            snapshots=snapshots,
+        )
         return await aiohttp_client(app)
 
     return start
@@ -288,9 +314,13 @@ def reason(body: dict[str, Any], outcome: str) -> str:
 # --- the happy paths -----------------------------------------------------------------------------
 
 
-async def test_firing_alert_launches_with_the_trigger(etcd: EtcdCluster, serve: Serve) -> None:
+@pytest.mark.parametrize("observed", ["fleet", "etcd"])
+async def test_firing_alert_launches_with_the_trigger(
+    observed: str, fleet: Fleet, etcd: EtcdCluster, serve: Serve
+) -> None:
+    """The same decision from in-memory snapshots and from the Refresher's snapshots of real etcd."""
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 2), executor)
+    client = await serve(clusters(fleet if observed == "fleet" else etcd, 2), executor)
     the_alert = alert("c1")
     status, body = await post(client, notification(the_alert))
     assert status == 200
@@ -319,17 +349,17 @@ async def test_firing_alert_launches_with_the_trigger(etcd: EtcdCluster, serve: 
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_unrouted") == 0  # exported at 0
 
 
-async def test_resolved_alerts_are_acknowledged(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_resolved_alerts_are_acknowledged(fleet: Fleet, serve: Serve) -> None:
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor)
+    client = await serve(clusters(fleet, 1), executor)
     status, body = await post(client, notification(alert("c0", status="resolved")))
     assert (status, outcomes(body)) == (200, ["skip_resolved"])
     assert executor.launched == []
 
 
-async def test_a_group_launches_once_per_cluster(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_a_group_launches_once_per_cluster(fleet: Fleet, serve: Serve) -> None:
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 3), executor)
+    client = await serve(clusters(fleet, 3), executor)
     alerts = [alert("c0", member=f"m{i}") for i in range(50)]
     alerts += [alert("c1", name="EtcdNoSpaceAlarm"), alert("c1", name="EtcdQuotaUsageCritical")]
     alerts += [alert("c2", status="resolved"), alert("c2", name="EtcdMembersDown")]
@@ -343,9 +373,9 @@ async def test_a_group_launches_once_per_cluster(etcd: EtcdCluster, serve: Serve
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="skip_duplicate") == 50
 
 
-async def test_unknown_fields_are_tolerated(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_unknown_fields_are_tolerated(fleet: Fleet, serve: Serve) -> None:
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor)
+    client = await serve(clusters(fleet, 1), executor)
     body = notification(
         {**alert("c0"), "silencedBy": [], "inhibitedBy": None},
         truncatedAlerts=3,
@@ -358,14 +388,14 @@ async def test_unknown_fields_are_tolerated(etcd: EtcdCluster, serve: Serve) -> 
 
 
 async def test_unrouted_and_ambiguous_alerts_answer_2xx_and_are_counted(
-    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     executor = FakeExecutor()
     kube = {"alerts": ['job="kube-etcd"']}
     configured = [
-        *clusters(etcd, 1),
-        ClusterConfig.model_validate({"name": "k1", "endpoints": etcd.endpoints[:1], **kube}),
-        ClusterConfig.model_validate({"name": "k2", "endpoints": etcd.endpoints[:1], **kube}),
+        *clusters(fleet, 1),
+        ClusterConfig.model_validate({"name": "k1", "endpoints": fleet.endpoints[:1], **kube}),
+        ClusterConfig.model_validate({"name": "k2", "endpoints": fleet.endpoints[:1], **kube}),
     ]
     client = await serve(configured, executor)
     status, body = await post(client, notification(alert("nope"), alert(None), alert(None, job="kube-etcd")))
@@ -421,7 +451,7 @@ def basic(user: str, password: str) -> dict[str, str]:
     ],
 )
 async def test_authentication(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     tmp_path: Path,
     headers: dict[str, str],
@@ -436,7 +466,7 @@ async def test_authentication(
         "basic_auth_password_file": password_file,
     }
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor, webhook=webhook)
+    client = await serve(clusters(fleet, 1), executor, webhook=webhook)
     caplog.set_level(logging.DEBUG)
     answer, body = await post(client, notification(alert("c0")), headers)
     assert answer == status
@@ -481,12 +511,12 @@ WEBHOOK_HEAD = b"POST /webhook/alertmanager HTTP/1.1\r\nHost: test\r\nContent-Ty
     ],
 )
 async def test_any_bytes_in_the_credentials_are_a_401_never_a_500(
-    etcd: EtcdCluster, serve: Serve, authorization: bytes, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, serve: Serve, authorization: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 19 item 6: a non-UTF-8 byte in the header raised UnicodeEncodeError (a 500)."""
     webhook = {"token": TOKEN, "basic_auth_username": "alertmanager", "basic_auth_password": "pa55"}
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor, webhook=webhook)
+    client = await serve(clusters(fleet, 1), executor, webhook=webhook)
     body = json.dumps(notification(alert("c0"))).encode()
     status, answer = await raw_request(
         client, WEBHOOK_HEAD + b"Authorization: " + authorization + b"\r\n", body
@@ -498,9 +528,9 @@ async def test_any_bytes_in_the_credentials_are_a_401_never_a_500(
     assert "Traceback" not in caplog.text
 
 
-async def test_a_non_ascii_token_is_compared_as_utf8_bytes(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_a_non_ascii_token_is_compared_as_utf8_bytes(fleet: Fleet, serve: Serve) -> None:
     token = "tökén-中文-secret"
-    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": token})
+    client = await serve(clusters(fleet, 1), FakeExecutor(), webhook={"token": token})
     body = json.dumps(notification(alert("c0"))).encode()
     good = WEBHOOK_HEAD + b"Authorization: Bearer " + token.encode() + b"\r\n"
     assert (await raw_request(client, good, body))[0] == 200
@@ -516,11 +546,11 @@ def test_authorized_never_raises_on_any_string() -> None:
 
 
 async def test_token_from_a_file_and_from_the_environment(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("from-a-file\n")
-    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token_file": token_file})
+    client = await serve(clusters(fleet, 1), FakeExecutor(), webhook={"token_file": token_file})
     assert (await post(client, notification(), {"Authorization": "Bearer from-a-file"}))[0] == 200
     assert (await post(client, notification(), AUTH))[0] == 401
 
@@ -534,7 +564,7 @@ async def test_token_from_a_file_and_from_the_environment(
 
 
 async def test_a_rotated_token_file_is_followed(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -544,7 +574,7 @@ async def test_a_rotated_token_file_is_followed(
     monkeypatch.setattr(webhook_module, "SECRET_CHECK_SECONDS", 0.0)  # look on every request
     token_file = tmp_path / "token"
     token_file.write_text("first-token\n")
-    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token_file": token_file})
+    client = await serve(clusters(fleet, 1), FakeExecutor(), webhook={"token_file": token_file})
     assert (await post(client, notification(), {"Authorization": "Bearer first-token"}))[0] == 200
 
     token_file.write_text("the-second-token\n")
@@ -577,8 +607,8 @@ def test_start_up_refuses_an_open_webhook_beyond_loopback(
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:9479", "[::1]:9479", "localhost:9479", "127.0.0.2:1"])
-async def test_an_open_webhook_serves_on_loopback(etcd: EtcdCluster, serve: Serve, listen: str) -> None:
-    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={}, listen_address=listen)
+async def test_an_open_webhook_serves_on_loopback(fleet: Fleet, serve: Serve, listen: str) -> None:
+    client = await serve(clusters(fleet, 1), FakeExecutor(), webhook={}, listen_address=listen)
     assert (await post(client, notification(alert("c0")), headers={}))[0] == 200
 
 
@@ -685,7 +715,7 @@ JSON = {"Content-Type": "application/json"}
     ],
 )
 async def test_bad_requests_get_a_4xx_and_a_short_reason(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     method: str,
     headers: dict[str, str],
@@ -696,7 +726,7 @@ async def test_bad_requests_get_a_4xx_and_a_short_reason(
 ) -> None:
     executor = FakeExecutor()
     cap = 2048 if body == "chunked" or len(body or b"") <= 4096 else 4 * 1024 * 1024
-    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_body_bytes": cap})
+    client = await serve(clusters(fleet, 1), executor, webhook={"token": TOKEN, "max_body_bytes": cap})
     data = chunks(b"[" + b" " * 4096 + b"]") if body == "chunked" else body
     response = await client.request(method, "/webhook/alertmanager", data=data, headers={**AUTH, **headers})
     assert response.status == status
@@ -710,9 +740,9 @@ async def test_bad_requests_get_a_4xx_and_a_short_reason(
     assert (await scrape(client)).value("etcd_autodefrag_alerts_total", outcome=outcome) == 1
 
 
-async def test_no_field_of_any_type_makes_a_5xx(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_no_field_of_any_type_makes_a_5xx(fleet: Fleet, serve: Serve) -> None:
     """Every field of a valid notification, dropped or replaced by each JSON type: 200 or 400, never 5xx."""
-    client = await serve(clusters(etcd, 1), FakeExecutor())
+    client = await serve(clusters(fleet, 1), FakeExecutor())
     valid = notification(alert("c0"))
     wrong: list[Any] = [None, 0, -1.5, True, "", "x" * 300, [], [1], {}, {"a": {"b": []}}]
     variants: list[dict[str, Any]] = []
@@ -735,10 +765,10 @@ async def test_no_field_of_any_type_makes_a_5xx(etcd: EtcdCluster, serve: Serve)
     assert sum(status == 400 for status, _ in answers) > 100
 
 
-async def test_the_default_body_cap_holds_a_large_group(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_the_default_body_cap_holds_a_large_group(fleet: Fleet, serve: Serve) -> None:
     """1,000 alerts with their labels and annotations (~650 KiB) fit the default 4 MiB cap."""
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor)
+    client = await serve(clusters(fleet, 1), executor)
     body = notification(*(alert("c0", member=f"member-{i}", pod=f"etcd-{i}") for i in range(1000)))
     assert 500_000 < len(json.dumps(body)) < 4 * 1024 * 1024
     status, answer = await post(client, body)
@@ -746,11 +776,11 @@ async def test_the_default_body_cap_holds_a_large_group(etcd: EtcdCluster, serve
     assert outcomes(answer).count("launch") == 1
 
 
-async def test_too_many_alerts_are_refused_before_validation(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_too_many_alerts_are_refused_before_validation(fleet: Fleet, serve: Serve) -> None:
     """413, as for the body cap (a payload larger than we process; Alertmanager does not retry
     4xx): the count is checked before the costly part, so even invalid alerts are not looked at."""
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 1), executor, webhook={"token": TOKEN, "max_alerts": 5})
+    client = await serve(clusters(fleet, 1), executor, webhook={"token": TOKEN, "max_alerts": 5})
     status, body = await post(client, notification(*(alert("c0", member=f"m{i}") for i in range(5))))
     assert (status, outcomes(body).count("launch")) == (200, 1)
     status, body = await post(client, notification(*(alert("c0", member=f"m{i}") for i in range(6))))
@@ -772,9 +802,9 @@ def test_the_alert_cap_is_a_setting_with_a_floor() -> None:
         Settings(webhook={"max_alerts": 0})
 
 
-async def test_the_reply_counts_outcomes_instead_of_listing_alerts(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_the_reply_counts_outcomes_instead_of_listing_alerts(fleet: Fleet, serve: Serve) -> None:
     """The reply used to carry an entry per alert (13 MB for a 4 MiB body of minimal alerts)."""
-    client = await serve(clusters(etcd, 2), FakeExecutor())
+    client = await serve(clusters(fleet, 2), FakeExecutor())
     alerts = [alert("c0", member=f"m{i}") for i in range(400)]
     alerts += [alert(f"unknown-{i}") for i in range(500)] + [alert("c1", status="resolved")] * 100
     response = await client.post("/webhook/alertmanager", json=notification(*alerts), headers=AUTH)
@@ -795,13 +825,13 @@ async def test_the_reply_counts_outcomes_instead_of_listing_alerts(etcd: EtcdClu
 
 
 async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
-    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, serve: Serve, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 17 item 5 and issue 18 item 4: 400/405/415 left no line, and every 401 wrote one."""
     now = [1000.0]
     monkeypatch.setattr(webhook_module.clock, "monotonic", lambda: now[0])
     caplog.set_level(logging.DEBUG, logger="exporter.service.webhook")
-    client = await serve(clusters(etcd, 1), FakeExecutor(), webhook={"token": TOKEN, "max_body_bytes": 2048})
+    client = await serve(clusters(fleet, 1), FakeExecutor(), webhook={"token": TOKEN, "max_body_bytes": 2048})
     valid = json.dumps(notification(alert("c0"))).encode()
     bad = {
         "unauthorized": ("POST", {**JSON, "Authorization": f"Bearer {TOKEN[:-1]}"}, valid),
@@ -840,11 +870,11 @@ async def test_refused_requests_are_logged_once_per_cause_and_source_a_minute(
 
 
 async def test_unrouted_alerts_are_logged_once_a_minute_however_many(
-    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One WARNING per unrouted alert made 44,619 lines from one post (issue 18 item 4)."""
     caplog.set_level(logging.INFO, logger="exporter.service.webhook")
-    client = await serve(clusters(etcd, 1), FakeExecutor())
+    client = await serve(clusters(fleet, 1), FakeExecutor())
     alerts = [alert(f"nope-{i}") for i in range(500)] + [alert(None, job=f"j{i}") for i in range(500)]
     for _ in range(3):
         status, body = await post(client, notification(*alerts))
@@ -856,7 +886,7 @@ async def test_unrouted_alerts_are_logged_once_a_minute_however_many(
 
 
 async def test_request_text_in_every_field_stays_on_one_line(
-    etcd: EtcdCluster, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 18 item 2, through the service's own log handler in the default text format.
 
@@ -880,7 +910,7 @@ async def test_request_text_in_every_field_stays_on_one_line(
     root.handlers[0].addFilter(lambda record: records.append(record) is None)
 
     failing = FakeExecutor(fail=ExecutorUnavailable(f"Kubernetes API said {evil}"))
-    client = await serve(clusters(etcd, 2), failing)
+    client = await serve(clusters(fleet, 2), failing)
     named = {
         "status": "firing",
         "labels": {"alertname": f"EtcdDefragRecommended{evil}"},
@@ -942,9 +972,9 @@ async def test_request_text_in_every_field_stays_on_one_line(
     ],
 )
 async def test_executor_answers_map_to_the_retry_contract(
-    etcd: EtcdCluster, serve: Serve, executor: FakeExecutor, status: int, outcome: str
+    fleet: Fleet, serve: Serve, executor: FakeExecutor, status: int, outcome: str
 ) -> None:
-    client = await serve(clusters(etcd, 2), executor)
+    client = await serve(clusters(fleet, 2), executor)
     answer, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
     assert answer == status
     assert outcomes(body) == [outcome, "skip_resolved"]
@@ -955,11 +985,11 @@ async def test_executor_answers_map_to_the_retry_contract(
 
 
 async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(
-    etcd: EtcdCluster, serve: Serve, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="exporter.service.webhook")
     executor = FakeExecutor()
-    client = await serve(clusters(etcd, 10), executor)
+    client = await serve(clusters(fleet, 10), executor)
     answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
     assert {status for status, _ in answers} == {200}
     assert sorted(c for c, _ in executor.launched) == [f"c{i}" for i in range(10)]
@@ -993,14 +1023,14 @@ def local(
 
 
 async def test_dry_run_decides_and_logs_but_starts_nothing(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    fleet: Fleet, serve: Serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     state_dir = tmp_path / "state"
     config = tmp_path / "config.yaml"
     # The executor the settings describe (local, outside a Pod), as `serve` builds it.
     client = await serve(
-        clusters(etcd, 2), None, executor={"dry_run": True, "state_dir": state_dir}, config_file=config
+        clusters(fleet, 2), None, executor={"dry_run": True, "state_dir": state_dir}, config_file=config
     )
     status, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
     assert status == 200
@@ -1029,15 +1059,15 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
 
 
 async def test_a_dry_run_never_holds_back_a_real_one(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+    fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
     """Dry runs are remembered in memory only: a real service on the same state directory, or this
     service after a restart, launches as if they had never been."""
     state_dir = tmp_path / "state"
-    dry = await serve(clusters(etcd, 1), None, executor={"dry_run": True, "state_dir": state_dir})
+    dry = await serve(clusters(fleet, 1), None, executor={"dry_run": True, "state_dir": state_dir})
     assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["dry_run"]
     assert outcomes((await post(dry, notification(alert("c0"))))[1]) == ["skip_cooldown"]
-    real = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    real = await serve(clusters(fleet, 1), local(state_dir, fake_defrag))
     assert outcomes((await post(real, notification(alert("c0"))))[1]) == ["launch"]
     await fake_defrag.next()
     # ... and the dry service sees the real run, as a real launch would.
@@ -1045,11 +1075,11 @@ async def test_a_dry_run_never_holds_back_a_real_one(
 
 
 async def test_local_run_end_to_end_with_the_stand_in(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+    fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
     config = tmp_path / "config.yaml"
     executor = local(tmp_path / "state", fake_defrag, config=config)
-    client = await serve(clusters(etcd, 2), executor)
+    client = await serve(clusters(fleet, 2), executor)
     status, body = await post(client, notification(alert("c1")))
     assert (status, outcomes(body)) == (200, ["launch"])
     child = await fake_defrag.next()
@@ -1094,7 +1124,7 @@ async def test_local_run_end_to_end_with_the_stand_in(
     ],
 )
 async def test_local_run_results_become_metrics(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     tmp_path: Path,
     fake_defrag: FakeDefrag,
@@ -1102,7 +1132,7 @@ async def test_local_run_results_become_metrics(
     exit_code: int,
     result: str,
 ) -> None:
-    client = await serve(clusters(etcd, 1), local(tmp_path, fake_defrag))
+    client = await serve(clusters(fleet, 1), local(tmp_path, fake_defrag))
     assert (await post(client, notification(alert("c0"))))[0] == 200
     (await fake_defrag.next()).finish(answer, exit_code=exit_code)
 
@@ -1115,15 +1145,15 @@ async def test_local_run_results_become_metrics(
 
 
 async def test_a_restarted_service_sees_the_run_and_records_its_end(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+    fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
     state_dir = tmp_path / "state"
-    first = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    first = await serve(clusters(fleet, 1), local(state_dir, fake_defrag))
     assert outcomes((await post(first, notification(alert("c0"))))[1]) == ["launch"]
     child = await fake_defrag.next()
     await first.close()  # the service stops; its child runs on and keeps the lock
 
-    second = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))
+    second = await serve(clusters(fleet, 1), local(state_dir, fake_defrag))
     status, body = await post(second, notification(alert("c0")))
     assert (status, outcomes(body)) == (200, ["skip_already_running"])
     assert (await scrape(second)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 1
@@ -1139,17 +1169,17 @@ async def test_a_restarted_service_sees_the_run_and_records_its_end(
     status, body = await post(second, notification(alert("c0")))
     assert (status, outcomes(body)) == (200, ["skip_cooldown"])
 
-    third = await serve(clusters(etcd, 1), local(state_dir, fake_defrag))  # and after another restart
+    third = await serve(clusters(fleet, 1), local(state_dir, fake_defrag))  # and after another restart
     assert outcomes((await post(third, notification(alert("c0"))))[1]) == ["skip_cooldown"]
     assert len(fake_defrag.children) == 1
 
 
 async def test_two_services_on_one_host_launch_one_run_per_cluster(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+    fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
     state_dir = tmp_path / "state"
-    one = await serve(clusters(etcd, 10), local(state_dir, fake_defrag))
-    two = await serve(clusters(etcd, 10), local(state_dir, fake_defrag))
+    one = await serve(clusters(fleet, 10), local(state_dir, fake_defrag))
+    two = await serve(clusters(fleet, 10), local(state_dir, fake_defrag))
     answers = await asyncio.gather(
         *(post(one if i % 2 else two, notification(alert(f"c{i % 10}"))) for i in range(1000))
     )
@@ -1225,11 +1255,11 @@ async def test_the_lock_alone_keeps_another_process_out(tmp_path: Path, fake_def
 
 
 async def test_state_dir_problems_answer_503(
-    etcd: EtcdCluster, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
+    fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    client = await serve(clusters(etcd, 1), local(blocker / "state", fake_defrag))
+    client = await serve(clusters(fleet, 1), local(blocker / "state", fake_defrag))
     status, body = await post(client, notification(alert("c0")))
     assert (status, body["status"], outcomes(body)) == (503, "retry", ["launch_unavailable"])
 
@@ -1306,8 +1336,8 @@ def _no_stray_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 NAMESPACE = "etcd"
 
 
-def kube_clusters(etcd: EtcdCluster, count: int) -> list[ClusterConfig]:
-    return clusters(etcd, count, kubernetes={"namespace": NAMESPACE, "variant": "plain"})
+def kube_clusters(fleet: Fleet, count: int) -> list[ClusterConfig]:
+    return clusters(fleet, count, kubernetes={"namespace": NAMESPACE, "variant": "plain"})
 
 
 def kube_executor(api: ApiClient, *, dry_run: bool = False) -> KubernetesExecutor:
@@ -1327,9 +1357,9 @@ def job_report(cluster: str, reclaimed: int) -> str:
 
 
 async def test_kubernetes_1000_concurrent_posts_for_10_clusters_create_10_jobs(
-    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
 ) -> None:
-    client = await serve(kube_clusters(etcd, 10), kube_executor(kube_api))
+    client = await serve(kube_clusters(fleet, 10), kube_executor(kube_api))
     answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
     assert {status for status, _ in answers} == {200}
     found = [o for _, body in answers for o in outcomes(body)]
@@ -1346,14 +1376,14 @@ async def test_kubernetes_1000_concurrent_posts_for_10_clusters_create_10_jobs(
 
 
 async def test_kubernetes_restart_between_posts_creates_no_second_job(
-    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
 ) -> None:
-    first = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    first = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     assert outcomes((await post(first, notification(alert("c0"))))[1]) == ["launch"]
     fake_kube.start_job(NAMESPACE, "etcd-autodefrag-c0")
     await first.close()
 
-    second = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    second = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     status, body = await post(second, notification(alert("c0")))
     assert (status, outcomes(body)) == (200, ["skip_already_running"])
     # From the watch's list of running Jobs, or, if the post came first, from the 409 on the name.
@@ -1380,7 +1410,7 @@ async def test_kubernetes_restart_between_posts_creates_no_second_job(
     assert outcomes((await post(second, notification(alert("c0"))))[1]) == ["skip_cooldown"]
     await second.close()
     # Restarted again: the finished Job (kept for its TTL) says cooldown.
-    third = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    third = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     status, body = await post(third, notification(alert("c0")))
     assert (status, outcomes(body)) == (200, ["skip_cooldown"])
     assert len(fake_kube.jobs) == 1
@@ -1389,9 +1419,9 @@ async def test_kubernetes_restart_between_posts_creates_no_second_job(
 
 
 async def test_kubernetes_job_failing_without_a_report_counts_job_failed(
-    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
 ) -> None:
-    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    client = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     assert outcomes((await post(client, notification(alert("c0"))))[1]) == ["launch"]
     fake_kube.finish_job(NAMESPACE, "etcd-autodefrag-c0", succeeded=False)
 
@@ -1431,7 +1461,7 @@ async def finished_event(fake_kube: FakeKube) -> dict[str, Any]:
     ],
 )
 async def test_kubernetes_api_failures_map_to_the_retry_contract(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     fake_kube: FakeKube,
     kube_api: ApiClient,
@@ -1439,7 +1469,7 @@ async def test_kubernetes_api_failures_map_to_the_retry_contract(
     answer: int,
     outcome: str,
 ) -> None:
-    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api))
+    client = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     fake_kube.fail_next(1, status, match="POST /apis/batch/v1/namespaces/etcd/jobs")
     code, body = await post(client, notification(alert("c0")))
     assert (code, outcomes(body)) == (answer, [outcome])
@@ -1450,22 +1480,22 @@ async def test_kubernetes_api_failures_map_to_the_retry_contract(
     assert (code, outcomes(body)) == (200, ["launch"])
 
 
-async def test_kubernetes_unreachable_answers_503(etcd: EtcdCluster, serve: Serve) -> None:
+async def test_kubernetes_unreachable_answers_503(fleet: Fleet, serve: Serve) -> None:
     async with await kube_api_client(host=f"http://127.0.0.1:{free_port()}") as api:
-        client = await serve(kube_clusters(etcd, 1), kube_executor(api))
+        client = await serve(kube_clusters(fleet, 1), kube_executor(api))
         code, body = await post(client, notification(alert("c0")))
     assert (code, body["status"], outcomes(body)) == (503, "retry", ["launch_unavailable"])
 
 
 async def test_kubernetes_dry_run_creates_nothing(
-    etcd: EtcdCluster,
+    fleet: Fleet,
     serve: Serve,
     fake_kube: FakeKube,
     kube_api: ApiClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    client = await serve(kube_clusters(etcd, 1), kube_executor(kube_api, dry_run=True))
+    client = await serve(kube_clusters(fleet, 1), kube_executor(kube_api, dry_run=True))
     code, body = await post(client, notification(alert("c0")))
     assert (code, outcomes(body)) == (200, ["dry_run"])
     assert fake_kube.jobs == {}
@@ -1478,9 +1508,10 @@ async def test_kubernetes_dry_run_creates_nothing(
 
 
 async def test_a_cluster_without_a_kubernetes_section_is_rejected(
-    etcd: EtcdCluster, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fake_kube: FakeKube, kube_api: ApiClient, fleet: Fleet, serve: Serve
 ) -> None:
-    client = await serve(clusters(etcd, 1), kube_executor(kube_api))
+    # kube_api before serve: the service (and its Job watch) stops before the API client closes.
+    client = await serve(clusters(fleet, 1), kube_executor(kube_api))
     code, body = await post(client, notification(alert("c0")))
     assert (code, outcomes(body)) == (422, ["launch_rejected"])
     assert "no kubernetes section" in reason(body, "launch_rejected")

@@ -7,18 +7,15 @@ One contract for every command (docs/cli.md): the exit codes of ExitCode, printe
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import signal
 import socket
-import ssl
 import sys
-import tempfile
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -51,13 +48,15 @@ from exporter.core.policy import (
     thresholds_expression,
 )
 from exporter.core.report import RunReport, iter_lines
+from exporter.core.snapshot import ClusterSnapshot
 from exporter.core.units import human_bytes
 from exporter.defrag.engine import DefragEngine
-from exporter.defrag.lock import LockUnavailable
-from exporter.etcd.client import EtcdClient, TlsFileError, TlsFiles, make_ssl_context
-from exporter.etcd.observe import ClusterSnapshot, QuotaCache, observe_cluster
+from exporter.defrag.host_lock import host_lock
+from exporter.etcd.connect import Connection, TlsFileError, connection
+from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
+from exporter.kubernetes.discovery import DiscoveryError, discovered
 
 log = logging.getLogger("etcd_autodefrag")
 
@@ -85,9 +84,11 @@ EXIT_CODE_MEANINGS = {
     "a CORRUPT alarm, another run holds the lock, the defrag would stop a 1- or 2-member cluster; "
     "`status`: an endpoint or member did not answer",
     ExitCode.DEFERRED: "deferred: the cluster is changing (a member started within settle_seconds, a "
-    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later",
+    "learner, the member list changed, a StatefulSet rollout); nothing was touched, try again later "
+    "(`EX_TEMPFAIL`)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
-    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`)",
+    ExitCode.BROKEN_PIPE: "the output's reader went away (`status` piped into `head`); a defrag run had "
+    "already ended",
 }
 EXIT_USAGE = ExitCode.USAGE
 
@@ -525,143 +526,37 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     return cluster
 
 
-class DiscoveryError(Exception):
-    """The Kubernetes API could not tell a cluster's endpoints."""
-
-
-async def discovered(clusters: Sequence[ClusterConfig]) -> list[ClusterConfig]:
-    """The clusters with what the API says now: endpoints (`kubernetes.discover_endpoints`) and
-    kamaji-etcd's Secret layout (`kubernetes.secret_layout: auto`), by kube.discover.
-
-    The API client is in-cluster in a Pod, else the kubeconfig ($KUBECONFIG, ~/.kube/config).
-    """
-    if not any(c.reads_kubernetes_api for c in clusters):
-        return list(clusters)
-    from exporter.kubernetes import api as kube
-
-    # $KUBECONFIG as the process sees it now (the client library reads it once, at import).
-    kubeconfig = Path(os.environ["KUBECONFIG"]) if os.environ.get("KUBECONFIG") else None
-    try:
-        api = await kube.kube_api_client(kubeconfig=kubeconfig)
-    except ConfigError as exc:
-        raise DiscoveryError(f"cannot discover endpoints: {exc}") from None
-    out = []
-    async with api:
-        for cluster in clusters:
-            if cluster.reads_kubernetes_api:
-                try:
-                    found = await kube.discover(cluster, api)
-                except kube.KubeError as exc:
-                    what = "its endpoints" if cluster.discovers_endpoints else "its certificate layout"
-                    raise DiscoveryError(f"cluster {cluster.name}: cannot discover {what}: {exc}") from None
-                except ValueError as exc:  # e.g. plain http URLs for a variant that mounts TLS
-                    raise DiscoveryError(f"cluster {cluster.name}: discovered: {exc}") from None
-                if found.discovers_endpoints:
-                    log.info(
-                        "cluster %s: %d endpoints from the Kubernetes API: %s",
-                        cluster.name,
-                        len(found.endpoints),
-                        ", ".join(found.endpoints),
-                    )
-                if found.kubernetes != cluster.kubernetes and found.kubernetes is not None:
-                    log.info(
-                        "cluster %s: kamaji-etcd certificates from the StatefulSet: %s layout, %s",
-                        cluster.name,
-                        found.kubernetes.secret_layout.value,
-                        found.kubernetes.kamaji_secrets.describe(),
-                    )
-                cluster = found
-            out.append(cluster)
-    return out
-
-
-def ssl_context_for(cluster: ClusterConfig, *, from_flags: bool = False) -> ssl.SSLContext | None:
-    """The cluster's TLS context, its files read now; ConfigError names the cluster, setting and file.
+def connect_or_usage_error(cluster: ClusterConfig, *, from_flags: bool = False) -> Connection:
+    """The cluster's connection (TLS files read now); ConfigError (exit 2) naming the setting and file.
 
     `from_flags`: the files came from --cacert/--cert/--key, so the message names those flags.
     """
-    if cluster.tls is None:
-        return None
-    tls = cluster.tls
     try:
-        return make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file, tls.server_name))
+        return connection(cluster)
     except TlsFileError as exc:
         if from_flags:
             raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
-        raise ConfigError(f"cluster {cluster.name}: tls.{exc.setting} {exc.path}: {exc.problem}") from None
+        raise ConfigError(str(exc)) from None
 
 
-def make_client(
-    session: aiohttp.ClientSession, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> EtcdClient:
-    """An etcd client for one cluster."""
-    return EtcdClient(
-        session,
-        ssl_context=ssl_context,
-        server_name=cluster.tls.server_name if cluster.tls else None,
-        timeout_seconds=cluster.request_timeout_seconds,
-    )
-
-
-def lock_directory() -> Path:
-    """Where `defrag` keeps its per-cluster lock files: $ETCD_AUTODEFRAG_LOCK_DIR, else $TMPDIR."""
-    return Path(os.environ.get(f"{ENV_PREFIX}LOCK_DIR") or tempfile.gettempdir())
-
-
-@contextlib.contextmanager
-def host_lock(cluster_id: int) -> Iterator[None]:
-    """One defrag run per etcd cluster on this host, whatever flags or config named it.
-
-    Keyed by etcd's own cluster id, so `--cluster a` and `--endpoints` of the same cluster exclude
-    each other. Across hosts, the lock key in etcd and the Kubernetes Job name are the locks.
-    The file is removed at the end, while still locked; a run that opened it just before then
-    finds, once it holds the lock, that the path names another file (or none) and starts over.
-    """
-    path = lock_directory() / f"etcd-autodefrag-{cluster_id:x}.lock"
-    for _ in range(3):
-        try:
-            handle = path.open("a")
-        except OSError as exc:
-            raise LockUnavailable(f"cannot open the lock file {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise LockUnavailable(f"another defrag run on this cluster holds {path}") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # removed by the run that just ended: lock the new file instead
-    else:
-        raise LockUnavailable(f"the lock file {path} keeps being replaced; try again")
-    with handle:
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-
-async def run_defrag(
-    args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None
-) -> RunReport:
+async def run_defrag(args: argparse.Namespace, connected: Connection) -> RunReport:
     """Run the engine once for one cluster."""
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
         engine = DefragEngine(
-            client, cluster, dry_run=args.dry_run, lock=host_lock, break_lock=args.break_lock
+            connected.client(session),
+            connected.cluster,
+            dry_run=args.dry_run,
+            lock=host_lock,
+            break_lock=args.break_lock,
         )
         return await engine.run()
 
 
-async def run_status(cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> ClusterSnapshot:
+async def run_status(connected: Connection) -> ClusterSnapshot:
     """One snapshot of one cluster."""
+    cluster = connected.cluster
     async with aiohttp.ClientSession() as session:
-        client = make_client(session, cluster, ssl_context)
-        return await observe_cluster(client, cluster, cluster_rule(cluster), QuotaCache())
+        return await observe_cluster(connected.client(session), cluster, cluster_rule(cluster), QuotaCache())
 
 
 def status_rows(snapshot: ClusterSnapshot, *, whole_cluster: bool = True) -> list[dict[str, Any]]:
@@ -803,7 +698,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
             DEFAULT_ENDPOINT,
         )
     for cluster in clusters:
-        ssl_context_for(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
+        connect_or_usage_error(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
     try:
         clusters = asyncio.run(discovered(clusters))
     except DiscoveryError as exc:
@@ -819,7 +714,7 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
                 fresh = load_settings(config_file, **(overrides or {}))
                 clusters = await discovered(fresh.clusters or ([] if discovering else [default_cluster()]))
                 for cluster in clusters:
-                    ssl_context_for(cluster)
+                    connect_or_usage_error(cluster)
             except (ConfigError, DiscoveryError) as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
@@ -1058,11 +953,11 @@ def _main(argv: Sequence[str] | None) -> int:
             return serve(settings, args.config, overrides)
         cluster = cluster_from_args(args, settings)
         tls_flags = bool(args.cacert or args.cert or args.key or args.server_name)
-        ssl_context = ssl_context_for(cluster, from_flags=tls_flags)
+        connected = connect_or_usage_error(cluster, from_flags=tls_flags)
         if args.command == "defrag":
-            return defrag(args, cluster, ssl_context)
+            return defrag(args, connected)
         if args.command == "status":
-            return status(args, cluster, ssl_context)
+            return status(args, connected)
     except (UsageError, ConfigError) as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -1072,9 +967,9 @@ def _main(argv: Sequence[str] | None) -> int:
     raise AssertionError(f"unknown command {args.command}")
 
 
-def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def defrag(args: argparse.Namespace, connected: Connection) -> int:
     """One run; the report on stdout (text or JSON), and as JSON in --report-file."""
-    report = asyncio.run(run_defrag(args, cluster, ssl_context))
+    report = asyncio.run(run_defrag(args, connected))
     if args.report_file is not None:
         try:
             args.report_file.write_text(report.summary_json(max_bytes=4096))
@@ -1087,9 +982,10 @@ def defrag(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SS
     return report.exit_code
 
 
-def status(args: argparse.Namespace, cluster: ClusterConfig, ssl_context: ssl.SSLContext | None) -> int:
+def status(args: argparse.Namespace, connected: Connection) -> int:
     """The members' table (or JSON); exit 3, as a defrag would be refused, when any did not answer."""
-    snapshot = asyncio.run(run_status(cluster, ssl_context))
+    cluster = connected.cluster
+    snapshot = asyncio.run(run_status(connected))
     if snapshot.error:
         print(f"etcd-autodefrag: cluster {cluster.name}: {snapshot.error}", file=sys.stderr)
         return ExitCode.REFUSED

@@ -33,6 +33,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from exporter.core.matchers import MatcherSyntaxError, parse_matcher
 from exporter.core.rule import RuleSyntaxError, parse_rule
 from exporter.core.units import BYTE_SIZE_HELP, parse_byte_size
 from exporter.kubernetes.kamaji import (
@@ -73,7 +74,6 @@ ByteCount = Annotated[int, BeforeValidator(parse_byte_size)]
 
 def checked_matchers(matchers: list[str]) -> list[str]:
     """The matchers unchanged if every one parses in Alertmanager syntax, else a ValueError saying why."""
-    from exporter.core.routing import MatcherSyntaxError, parse_matcher  # routing imports this module
 
     for text in matchers:
         try:
@@ -99,9 +99,13 @@ class LogFormat(StrEnum):
 class TlsConfig(_Model):
     """Client TLS for one cluster. Paths are read when the cluster is first contacted."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="PEM file of the CA that signed the members' server certificates."
+    )
+    cert_file: Path | None = Field(
+        default=None, description="PEM client certificate (etcd `--client-cert-auth`); with `key_file`."
+    )
+    key_file: Path | None = Field(default=None, description="PEM private key of `cert_file`.")
     server_name: str | None = Field(
         default=None, description="TLS server name to verify when endpoints are IP addresses."
     )
@@ -121,10 +125,18 @@ class Thresholds(_Model):
     above `quota_usage_above` of its quota.
     """
 
-    min_free_bytes: ByteCount | None = None
-    min_fragmentation_ratio: Ratio | None = None
-    quota_usage_above: Ratio | None = None
-    min_db_size_bytes: ByteCount | None = None
+    min_free_bytes: ByteCount | None = Field(
+        default=None, description="Defrag a member with at least this much free space (`dbSizeFree`)."
+    )
+    min_fragmentation_ratio: Ratio | None = Field(
+        default=None, description="... and at least this share of its file free (`dbSizeFree / dbSize`)."
+    )
+    quota_usage_above: Ratio | None = Field(
+        default=None, description="... or a file above this share of the quota (`dbQuotaUsage`)."
+    )
+    min_db_size_bytes: ByteCount | None = Field(
+        default=None, description="Never defrag a file smaller than this."
+    )
 
 
 # The default: reclaim at least 100 MiB (the floor the upstream etcd fragmentation alert needed to
@@ -181,7 +193,10 @@ class KubernetesTarget(_Model):
     )
 
     namespace: str = Field(description="Namespace the Job runs in (the ConfigMap and Secrets live there).")
-    variant: Variant = Variant.PLAIN
+    variant: Variant = Field(
+        default=Variant.PLAIN,
+        description="How etcd is run: plain, talos, kamaji or kubeadm (where the TLS and members come from).",
+    )
     image: str | None = Field(default=None, description="Overrides the service-wide Job image.")
     config_map: str | None = Field(
         default="etcd-autodefrag",
@@ -215,9 +230,15 @@ class KubernetesTarget(_Model):
     ca_secret: str | None = Field(
         default=None, description="talos, plain: the Secret holding ca_key, when not tls_secret."
     )
-    ca_key: str = "ca"
-    cert_key: str | None = "crt"
-    key_key: str | None = "key"
+    ca_key: str = Field(
+        default="ca", description="talos, plain: key of the CA certificate in `tls_secret` (or `ca_secret`)."
+    )
+    cert_key: str | None = Field(
+        default="crt", description="talos, plain: key of the client certificate in `tls_secret`."
+    )
+    key_key: str | None = Field(
+        default="key", description="talos, plain: key of the client key in `tls_secret`."
+    )
     cooldown_seconds: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = Field(
         default=None,
         description="ttlSecondsAfterFinished: no new Job for this cluster until the finished one is "
@@ -230,7 +251,8 @@ class KubernetesTarget(_Model):
         default=None, description="The Job needs no API access: its token is never mounted."
     )
     resources: dict[str, dict[str, str]] = Field(
-        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+        default_factory=lambda: {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        description="The defrag container's resources (requests, limits), as in a Pod spec.",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the Job and its Pod.")
     annotations: dict[str, str] = Field(
@@ -397,30 +419,62 @@ class AlertRouting(_Model):
 class ClusterConfig(_Model):
     """One etcd cluster we watch and may defragment."""
 
-    name: str
+    name: str = Field(
+        description="Lowercase DNS label of at most 40 characters: the metrics' `etcd_cluster` label and "
+        "the Job's name."
+    )
     endpoints: list[str] = Field(
         default_factory=list,
         description="Client URLs of one or more members; empty only with kubernetes.discover_endpoints.",
     )
     discover_members: bool = Field(
-        default=True, description="Find the other members from the member list of the endpoints."
+        default=True,
+        description="true: observe and defragment every member of the endpoints' member list. false: only "
+        "the members behind `endpoints`, each through its configured URL (matched by the member id it "
+        "reports, so a proxy works); the safety gates still count every voting member of the list.",
     )
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = Field(default=None, description="Client TLS for the members (https endpoints).")
     rule: str | None = Field(default=None, description="Expression in etcd-defrag's syntax.")
-    thresholds: Thresholds | None = None
+    thresholds: Thresholds | None = Field(
+        default=None, description="The rule as thresholds, instead of `rule`; unset: the default rule."
+    )
     quota_bytes: ByteCount | None = Field(
         default=None,
         description="Used only when a member reports no quota of its own. " + BYTE_SIZE_HELP + ".",
     )
-    request_timeout_seconds: PositiveSeconds = 5.0
-    member_timeout_seconds: PositiveSeconds = 300.0
-    health_timeout_seconds: PositiveSeconds = 60.0
-    deadline_seconds: PositiveSeconds = 1800.0
-    compact: bool = False
-    move_leader: bool = False
-    continue_on_error: bool = False
-    disarm_below_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.9
-    paused: bool = False
+    request_timeout_seconds: PositiveSeconds = Field(
+        default=5.0, description="Timeout of one request to a member (status, member list, alarms)."
+    )
+    member_timeout_seconds: PositiveSeconds = Field(
+        default=300.0, description="Timeout of one member's defragment call; at most `deadline_seconds`."
+    )
+    health_timeout_seconds: PositiveSeconds = Field(
+        default=60.0,
+        description="How long a member may take to be healthy and caught up again after its defrag.",
+    )
+    deadline_seconds: PositiveSeconds = Field(
+        default=1800.0, description="The whole run's deadline; a run past it stops before the next member."
+    )
+    compact: bool = Field(
+        default=False,
+        description="Compact the history to the current revision before defragmenting (kube-apiserver "
+        "compacts on its own).",
+    )
+    move_leader: bool = Field(
+        default=False,
+        description="Move leadership to a defragmented follower before defragmenting the leader.",
+    )
+    continue_on_error: bool = Field(
+        default=False,
+        description="Go on with the next member after one fails (default: stop at the first failure).",
+    )
+    disarm_below_ratio: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = Field(
+        default=0.9,
+        description="Disarm NOSPACE after the run when every member is below this share of its quota.",
+    )
+    paused: bool = Field(
+        default=False, description="Observe and export, but never launch a run for this cluster."
+    )
     allow_unavailable_defrag: bool = Field(
         default=False,
         description="Accept that the cluster stops answering while a member is defragmented: needed to "
@@ -431,8 +485,12 @@ class ClusterConfig(_Model):
         description="Defer a run while a member's etcd process started less than this long ago "
         "(a restart or rolling update in progress; docs/safety.md). 0 turns the check off.",
     )
-    alerts: AlertRouting = Field(default_factory=AlertRouting)
-    kubernetes: KubernetesTarget | None = None
+    alerts: AlertRouting = Field(
+        default_factory=AlertRouting, description="Which alerts belong to this cluster."
+    )
+    kubernetes: KubernetesTarget | None = Field(
+        default=None, description="Where and how its defrag Job runs (the kubernetes executor)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -539,14 +597,22 @@ class WebhookSettings(_Model):
     token_file: Path | None = Field(
         default=None, description="File holding the bearer token (the receiver's credentials_file)."
     )
-    basic_auth_username: str | None = None
-    basic_auth_password: SecretStr | None = None
-    basic_auth_password_file: Path | None = None
+    basic_auth_username: str | None = Field(
+        default=None, description="HTTP basic auth instead of a bearer token: the user name."
+    )
+    basic_auth_password: SecretStr | None = Field(
+        default=None, description="... and its password (never logged)."
+    )
+    basic_auth_password_file: Path | None = Field(
+        default=None, description="... or a file holding it, re-read when it changes."
+    )
     # Alertmanager sends every alert of a group in one body, ~1-3 KiB per alert with its labels and
     # annotations. 4 MiB holds groups of well over 1,000 alerts; a bigger body is refused with 413,
     # which Alertmanager does not retry, so the cap errs large. Bound groups with the receiver's
     # `max_alerts` instead (Alertmanager then reports the rest in `truncatedAlerts`).
-    max_body_bytes: Annotated[ByteCount, Field(ge=1024)] = 4 * 1024 * 1024
+    max_body_bytes: Annotated[ByteCount, Field(ge=1024)] = Field(
+        default=4 * 1024 * 1024, description="Largest request body accepted; a larger one is answered 413."
+    )
     # A minimal alert is ~80 bytes, so 4 MiB can hold ~50,000 of them, which take seconds of CPU
     # to validate and decide: the count is capped too, and checked before that work.
     max_alerts: int = Field(
@@ -602,7 +668,10 @@ class ExecutorSettings(_Model):
         KUBERNETES = "kubernetes"
         LOCAL = "local"
 
-    kind: Kind = Kind.AUTO
+    kind: Kind = Field(
+        default=Kind.AUTO,
+        description="local (a child process), kubernetes (a Job), or auto: kubernetes inside a Pod.",
+    )
     dry_run: bool = Field(
         default=False,
         description="Decide and log every launch ('DRY-RUN: would ...') but create or run nothing.",
@@ -741,7 +810,10 @@ class KamajiDataStores(_Model):
 class DiscoverSettings(_Model):
     """Clusters the service finds by itself, besides `clusters`."""
 
-    kamaji_datastores: KamajiDataStores = Field(default_factory=KamajiDataStores)
+    kamaji_datastores: KamajiDataStores = Field(
+        default_factory=KamajiDataStores,
+        description="Every Kamaji DataStore with driver etcd as a cluster (docs/kamaji.md).",
+    )
 
 
 class Settings(BaseSettings):
@@ -756,9 +828,12 @@ class Settings(BaseSettings):
     )
     file_data: ClassVar[dict[str, Any]] = {}
 
-    log_format: LogFormat = LogFormat.TEXT
-    log_level: str = "INFO"
-    clusters: list[ClusterConfig] = Field(default_factory=list)
+    log_format: LogFormat = Field(default=LogFormat.TEXT, description="text (one line per record) or json.")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    clusters: list[ClusterConfig] = Field(
+        default_factory=list,
+        description="The etcd clusters to watch; empty: one cluster `local` at http://127.0.0.1:2379.",
+    )
 
     # --- the service (`etcd-autodefrag serve`) ---
     listen_address: str = Field(
@@ -775,11 +850,21 @@ class Settings(BaseSettings):
     background_refresh_seconds: PositiveSeconds = Field(
         default=30.0, description="Refresh at least this often even when nobody scrapes."
     )
-    member_list_refresh_seconds: PositiveSeconds = 60.0
-    max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = 64
-    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
-    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
-    discover: DiscoverSettings = Field(default_factory=DiscoverSettings)
+    member_list_refresh_seconds: PositiveSeconds = Field(
+        default=60.0,
+        description="How long a member list is reused before it is read again (at once when a member fails).",
+    )
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=64, description="Requests to etcd members in flight at once, over all clusters."
+    )
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings, description="The Alertmanager webhook.")
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings, description="What runs a launched defrag."
+    )
+    discover: DiscoverSettings = Field(
+        default_factory=DiscoverSettings,
+        description="Clusters found in the Kubernetes API, besides `clusters`.",
+    )
 
     @field_validator("listen_address")
     @classmethod
@@ -894,7 +979,7 @@ def _env_error(exc: SettingsError) -> str:
 
 
 # `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli/main.py)
-# and the host lock's directory (exporter/cli/main.py, host_lock).
+# and the host lock's directory (exporter/defrag/host_lock.py).
 ENV_OUTSIDE_SETTINGS = ("CONFIG", "LOCK_DIR")
 # What Kubernetes adds for a Service named etcd-autodefrag when a Pod keeps service links on
 # (Kubernetes docs, "Environment variables" of Services): not ours, so not a typo either. PORT only

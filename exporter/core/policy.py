@@ -144,29 +144,41 @@ def voting_members(members: Iterable[Member]) -> list[Member]:
     return [m for m in members if not m.is_learner]
 
 
-def health_gate(
+def cluster_health(
     *,
     members: Sequence[Member],
-    read_errors: Mapping[int, str | None],
+    answers: Mapping[Member, str | None],
     alarms: Sequence[Alarm] | None,
+    leaders: Mapping[Member, int] | None = None,
+    failure: str = "did not answer",
 ) -> Health:
-    """Healthy when every voting member answered a linearizable read and no member is CORRUPT.
+    """The one health verdict: the engine's gate, the webhook's skip and `cluster_healthy` all use it.
 
-    `read_errors` maps member id to the error of its read, or None when it answered. A member
-    missing from it counts as unanswered. `alarms` is None when no member could list them: then
-    CORRUPT cannot be ruled out. NOSPACE does not block: defragmenting is how it ends.
-    A cluster with a voting member down is refused outright: defragmenting one of the others
-    would block a second member and can cost the quorum (etcd FAQ, "should I defragment...").
+    Healthy when every voting member answered, no member is CORRUPT, and (when `leaders` is given)
+    the voters agree on a leader. `answers` maps member id to the error of its read (`failure` says
+    which read, e.g. "failed a linearizable read"), or None when it answered; a voter missing from
+    it counts as unchecked. `alarms` is None when no member could list them: then CORRUPT cannot be
+    ruled out. `leaders` maps member id to the leader it reports (0: none); the engine leaves it
+    out, because it moves leadership itself and its linearizable reads already prove a leader.
+    NOSPACE does not block: defragmenting is how it ends. A cluster with a voting member down is
+    refused outright: defragmenting one of the others would block a second member and can cost the
+    quorum (etcd FAQ, "should I defragment...").
     """
     problems = []
     voters = voting_members(members)
     if not voters:
         problems.append("no voting members in the member list")
     for member in voters:
-        if member.id not in read_errors:
+        if member not in answers:
             problems.append(f"member {label(member)} was not checked (no client URL?)")
-        elif (error := read_errors[member.id]) is not None:
-            problems.append(f"member {label(member)} failed a linearizable read: {error}")
+        elif (error := answers[member]) is not None:
+            problems.append(f"member {label(member)} {failure}: {error}")
+    if not problems and leaders is not None:
+        seen = {leaders.get(m, 0) for m in voters}
+        if seen == {0}:
+            problems.append("no leader")
+        elif len(seen) > 1:
+            problems.append("members disagree about the leader")
     if alarms is None:
         problems.append("the alarm list could not be read from any member")
     for alarm in alarms or ():

@@ -37,7 +37,7 @@ class RunResult(StrEnum):
 _SUCCEEDED = frozenset({RunResult.SUCCESS, RunResult.NOTHING_TO_DO, RunResult.DRY_RUN})
 
 
-# Documented in the README ("Exit codes"); 2 (bad usage or config) is the CLI's own. Deferred is
+# Documented in docs/cli.md ("Exit codes"); 2 (bad usage or config) is the CLI's own. Deferred is
 # sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a CronJob or a
 # script sees a non-zero code it can tell apart from a failure.
 EXIT_DEFERRED = 75

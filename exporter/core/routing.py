@@ -1,24 +1,21 @@
 """Alert routing: which Alertmanager alert launches a defrag run on which cluster, and why not.
 
-Pure: no I/O, time passed in. `exporter.service.webhook` parses the payload with the models below, collects
-the latest cluster health and run states, calls `decide_all` and hands each `LAUNCH` to an executor
-(`exporter.launch.executors`), which performs the only side effect.
-
-Matchers use Alertmanager's syntax and semantics (prometheus/alertmanager `pkg/labels`): a missing
-label matches as the empty string, regexes are anchored at both ends.
+Pure: no I/O, time passed in. `exporter.service.webhook` parses the payload (core/alertmanager.py),
+collects the latest cluster health and run states, calls `iter_decisions` and hands each `LAUNCH`
+to an executor (`exporter.launch.executors`), which performs the only side effect. A cluster's
+alerts are told by its matchers (core/matchers.py, Alertmanager's grammar).
 """
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from exporter.config.settings import ClusterConfig, WebhookSettings
+from exporter.core.alertmanager import AlertmanagerAlert, AlertStatus
 from exporter.core.launches import RunState
+from exporter.core.matchers import Matcher, MatchOp, matches_all, parse_matchers
 from exporter.core.policy import quorum_gate
 
 # The alerts this project ships (the alert rules use exactly these names).
@@ -28,164 +25,6 @@ ALERT_QUOTA_CRITICAL = "EtcdQuotaUsageCritical"
 DEFAULT_ACTING_ALERTS = (ALERT_DEFRAG_RECOMMENDED, ALERT_NOSPACE, ALERT_QUOTA_CRITICAL)
 # The label that names the etcd cluster in our alert rules, and so the default route.
 CLUSTER_LABEL = "etcd_cluster"
-PAYLOAD_VERSION = "4"
-
-# --- the Alertmanager webhook payload ------------------------------------------------------------
-
-
-class AlertStatus(StrEnum):
-    """An alert's (or a group's) state as Alertmanager reports it."""
-
-    FIRING = "firing"
-    RESOLVED = "resolved"
-
-
-class _Payload(BaseModel):
-    # Alertmanager adds fields over time (truncatedAlerts, routeLabels, notification_reason, ...):
-    # ignore what we do not use rather than answer 400 and lose the notification.
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-
-class AlertmanagerAlert(_Payload):
-    """One alert of a webhook notification."""
-
-    status: AlertStatus
-    labels: dict[str, str]
-    annotations: dict[str, str] = Field(default_factory=dict)
-    starts_at: datetime = Field(alias="startsAt")
-    ends_at: datetime | None = Field(default=None, alias="endsAt")
-    generator_url: str = Field(default="", alias="generatorURL")
-    fingerprint: str = ""
-
-    @property
-    def name(self) -> str:
-        """The alertname label ("" when missing)."""
-        return self.labels.get("alertname", "")
-
-
-class AlertmanagerPayload(_Payload):
-    """A webhook notification (Alertmanager docs, "webhook_config"; payload version 4)."""
-
-    version: str
-    group_key: str = Field(alias="groupKey")
-    status: AlertStatus
-    receiver: str
-    group_labels: dict[str, str] = Field(default_factory=dict, alias="groupLabels")
-    common_labels: dict[str, str] = Field(default_factory=dict, alias="commonLabels")
-    common_annotations: dict[str, str] = Field(default_factory=dict, alias="commonAnnotations")
-    external_url: str = Field(default="", alias="externalURL")
-    truncated_alerts: int = Field(default=0, alias="truncatedAlerts")
-    alerts: list[AlertmanagerAlert]
-
-    @field_validator("version")
-    @classmethod
-    def _known_version(cls, version: str) -> str:
-        if version != PAYLOAD_VERSION:
-            raise ValueError(
-                f"unsupported webhook payload version {version!r} (expected {PAYLOAD_VERSION!r})"
-            )
-        return version
-
-
-# --- matchers ------------------------------------------------------------------------------------
-
-
-class MatchOp(StrEnum):
-    """Alertmanager's four matcher operators."""
-
-    EQUAL = "="
-    NOT_EQUAL = "!="
-    REGEX = "=~"
-    NOT_REGEX = "!~"
-
-
-class MatcherSyntaxError(ValueError):
-    """A matcher string is not valid Alertmanager syntax; the message quotes it."""
-
-
-@dataclass(frozen=True)
-class Matcher:
-    """One label matcher, e.g. `etcd_cluster="tenant-a"` or `job=~"kube-etcd|etcd"`."""
-
-    name: str
-    op: MatchOp
-    value: str
-    pattern: re.Pattern[str] | None = None  # the anchored regex for =~ and !~
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        """Whether the labels satisfy this matcher; a missing label counts as ""."""
-        actual = labels.get(self.name, "")
-        if self.op is MatchOp.EQUAL:
-            return actual == self.value
-        if self.op is MatchOp.NOT_EQUAL:
-            return actual != self.value
-        assert self.pattern is not None
-        found = self.pattern.fullmatch(actual) is not None
-        return found if self.op is MatchOp.REGEX else not found
-
-    def __str__(self) -> str:
-        escaped = self.value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'{self.name}{self.op.value}"{escaped}"'
-
-
-# Alertmanager's classic matcher grammar (pkg/labels/parse.go): name, operator, value.
-_MATCHER = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$", re.DOTALL)
-_SYNTAX_HELP = 'expected name="value", name!="value", name=~"regex" or name!~"regex"'
-
-
-@lru_cache(maxsize=4096)
-def parse_matcher(text: str) -> Matcher:
-    """A Matcher from Alertmanager syntax; MatcherSyntaxError says what is wrong."""
-    found = _MATCHER.match(text)
-    if found is None:
-        raise MatcherSyntaxError(f"invalid matcher {text!r}: {_SYNTAX_HELP}")
-    name, op_text, raw = found.groups()
-    op = MatchOp(op_text)
-    value = _unquote(text, raw)
-    pattern = None
-    if op in (MatchOp.REGEX, MatchOp.NOT_REGEX):
-        try:
-            pattern = re.compile(value)
-        except re.error as exc:
-            raise MatcherSyntaxError(f"invalid regular expression in matcher {text!r}: {exc}") from None
-    return Matcher(name, op, value, pattern)
-
-
-def _unquote(text: str, raw: str) -> str:
-    """The value, bare or quoted; in quotes \\\\, \\" and \\n are escapes, others stay (as Alertmanager)."""
-    if not raw.startswith('"'):
-        if any(c in raw for c in '",{}') or any(c.isspace() for c in raw):
-            raise MatcherSyntaxError(f"invalid matcher {text!r}: quote the value, {_SYNTAX_HELP}")
-        return raw
-    if len(raw) < 2 or not raw.endswith('"'):
-        raise MatcherSyntaxError(f"invalid matcher {text!r}: the value's closing quote is missing")
-    out: list[str] = []
-    body = raw[1:-1]
-    index = 0
-    while index < len(body):
-        char = body[index]
-        if char == "\\" and index + 1 < len(body):
-            following = body[index + 1]
-            out.append({"\\": "\\", '"': '"', "n": "\n"}.get(following, "\\" + following))
-            index += 2
-            continue
-        if char == '"':
-            raise MatcherSyntaxError(f"invalid matcher {text!r}: unescaped quote inside the value")
-        if char == "\\":  # a lone trailing backslash would have escaped the closing quote
-            raise MatcherSyntaxError(f"invalid matcher {text!r}: the value's closing quote is missing")
-        out.append(char)
-        index += 1
-    return "".join(out)
-
-
-def parse_matchers(texts: Sequence[str]) -> tuple[Matcher, ...]:
-    """Every matcher of a list (config validation has already rejected bad ones)."""
-    return tuple(parse_matcher(text) for text in texts)
-
-
-def matches_all(matchers: Sequence[Matcher], labels: Mapping[str, str]) -> bool:
-    """True when every matcher matches (an empty list matches everything)."""
-    return all(m.matches(labels) for m in matchers)
 
 
 def cluster_matchers(cluster: ClusterConfig) -> tuple[Matcher, ...]:
@@ -336,8 +175,11 @@ def decide(
     runs: Mapping[str, RunState],
     now: datetime,
     policy: Policy,
+    routed: Sequence[ClusterConfig] | None = None,
 ) -> AlertDecision:
     """Whether this alert launches a defrag run and on which cluster; performs nothing.
+
+    `routed`: the clusters the alert routes to, when the caller has routed it already.
 
     Checked in order: firing, acting, routed to exactly one cluster, not paused, no run in flight,
     out of cooldown, a fresh snapshot that shows the cluster healthy, and a defrag that would not
@@ -353,7 +195,9 @@ def decide(
         return result(
             Decision.SKIP_NOT_ACTING, f"alert {alert.name or '(no alertname)'} does not launch runs"
         )
-    if isinstance(clusters, ClusterIndex):
+    if routed is not None:
+        matched = list(routed)
+    elif isinstance(clusters, ClusterIndex):
         matched = clusters.route(alert.labels)
     else:
         matched = route(labels=alert.labels, clusters=clusters)
@@ -415,16 +259,24 @@ def iter_decisions(
     runs: Mapping[str, RunState],
     now: datetime,
     policy: Policy,
+    routes: Sequence[Sequence[ClusterConfig]] | None = None,
 ) -> Iterator[AlertDecision]:
     """`decide` for every alert of a notification in turn, with at most one launch per cluster.
 
     A generator, so that the webhook can decide a large notification a slice at a time and let
-    other requests (`/healthz` included) in between.
+    other requests (`/healthz` included) in between. `routes`: each alert's clusters, when the
+    caller has routed them already (the webhook does, to know which snapshots to judge).
     """
     launching: dict[str, str] = {}
-    for alert in alerts:
+    for position, alert in enumerate(alerts):
         decision = decide(
-            alert=alert, clusters=clusters, snapshots=snapshots, runs=runs, now=now, policy=policy
+            alert=alert,
+            clusters=clusters,
+            snapshots=snapshots,
+            runs=runs,
+            now=now,
+            policy=policy,
+            routed=None if routes is None else routes[position],
         )
         cluster = decision.cluster
         if decision.launch and cluster is not None:

@@ -17,7 +17,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
-from dataclasses import dataclass
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
@@ -28,11 +27,10 @@ from exporter.core.policy import (
     PlannedMember,
     Step,
     alarms_to_disarm,
+    cluster_health,
     cluster_rule,
-    endpoint_for,
     evaluate,
     free_bytes,
-    health_gate,
     label,
     leader_last,
     leader_of,
@@ -46,6 +44,7 @@ from exporter.core.units import human_bytes
 from exporter.defrag.lock import BREAK_HINT, ClusterLock, Hold, LockUnavailable, token_key
 from exporter.etcd.client import EtcdApi, EtcdError, EtcdUnavailable, NoEndpointAnswered, first_answer
 from exporter.etcd.observe import QuotaCache, member_status
+from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +55,6 @@ DEADLINE_GRACE_SECONDS = 1.0
 
 class RunStopped(Exception):
     """Ends a run early; the report already says why."""
-
-
-@dataclass
-class _Topology:
-    members: list[Member]
-    endpoints: dict[int, str]
-    targets: frozenset[int] | None
 
 
 class DefragEngine:
@@ -209,7 +201,7 @@ class DefragEngine:
     # --- the safety gates: quorum and rollout (exporter.core.policy) ---------------------------------
 
     def _gates(
-        self, topology: _Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
+        self, topology: Topology, members: Sequence[Member], statuses: dict[int, MemberStatus]
     ) -> GateDecision:
         """The quorum gate, then the rollout gate, over the members as they are now."""
         voters = voting_members(members)
@@ -241,7 +233,7 @@ class DefragEngine:
             raise self._stop(RunResult.DEFERRED, f"the cluster is changing: {decision.reason}")
         raise self._stop(RunResult.REFUSED, decision.reason)
 
-    async def _current_members(self, topology: _Topology) -> list[Member]:
+    async def _current_members(self, topology: Topology) -> list[Member]:
         """The member list now, from the first member that answers (to compare with the plan's)."""
         try:
             _, members = await first_answer(list(topology.endpoints.values()), self.client.members)
@@ -251,7 +243,7 @@ class DefragEngine:
 
     # --- the lock in etcd -------------------------------------------------------------------------
 
-    async def _take_cluster_lock(self, topology: _Topology, held: AsyncExitStack) -> None:
+    async def _take_cluster_lock(self, topology: Topology, held: AsyncExitStack) -> None:
         """Take the cluster's lock in etcd (exporter.defrag.lock) or refuse the run.
 
         Taken once the plan has a member to defragment: a dry run or a run with nothing to do takes
@@ -309,7 +301,7 @@ class DefragEngine:
                 level=logging.WARNING,
             )
 
-    async def _write_nospace_tokens(self, topology: _Topology) -> None:
+    async def _write_nospace_tokens(self, topology: Topology) -> None:
         """Make sure a later run under NOSPACE finds its lock tokens (no-op when they exist)."""
         if self.dry_run or self._nospace:
             return
@@ -320,42 +312,33 @@ class DefragEngine:
 
     # --- discovery and health ----------------------------------------------------------------
 
-    async def _discover(self) -> _Topology:
-        """Members from the first configured endpoint that answers; targets per configuration."""
+    async def _discover(self) -> Topology:
+        """The topology (exporter.etcd.topology); refused unless every configured member is known."""
         try:
-            _, members = await first_answer(self.cluster.endpoints, self.client.members)
-        except NoEndpointAnswered as exc:
-            raise self._stop(RunResult.REFUSED, f"no configured endpoint answered: {exc}") from None
-        endpoints: dict[int, str] = {}
-        for member in members:
-            if (url := endpoint_for(member, self.cluster.endpoints)) is not None:
-                endpoints[member.id] = url
-        targets = None
-        if not self.cluster.discover_members:
-            targets = await self._configured_member_ids()
-            # Reach each targeted member through the endpoint the user configured for it.
-            endpoints.update({member_id: url for url, member_id in targets.items()})
+            topology = await discover(self.client, self.cluster)
+        except EtcdError as exc:
+            raise self._stop(RunResult.REFUSED, exc.message) from None
+        if topology.unanswered:
+            url, error = next(iter(topology.unanswered.items()))
+            raise self._stop(RunResult.REFUSED, f"cluster unhealthy: {url}: {error}")
+        if topology.unmatched:
+            raise self._stop(
+                RunResult.REFUSED,
+                f"configured endpoint {', '.join(topology.unmatched)} is none of the members in the "
+                "cluster's member list (another cluster's member, or one being removed?)",
+            )
         self._say(
             "cluster %s: %d members: %s",
             self.cluster.name,
-            len(members),
+            len(topology.members),
             ", ".join(
-                f"{label(m)}{' (learner)' if m.is_learner else ''} {endpoints.get(m.id, 'no URL')}"
-                for m in members
+                f"{label(m)}{' (learner)' if m.is_learner else ''} {topology.endpoints.get(m.id, 'no URL')}"
+                for m in topology.members
             ),
         )
-        return _Topology(members, endpoints, frozenset(targets.values()) if targets else None)
+        return topology
 
-    async def _configured_member_ids(self) -> dict[str, int]:
-        ids = {}
-        for endpoint in self.cluster.endpoints:
-            try:
-                ids[endpoint] = (await self.client.status(endpoint)).member_id
-            except EtcdError as exc:
-                raise self._stop(RunResult.REFUSED, f"cluster unhealthy: {exc}") from None
-        return ids
-
-    async def _check_health(self, topology: _Topology) -> tuple[Health, dict[int, MemberStatus]]:
+    async def _check_health(self, topology: Topology) -> tuple[Health, dict[int, MemberStatus]]:
         """The health gate, plus the fresh statuses of the voting members (with their quota)."""
         voters = voting_members(topology.members)
         reachable = [m for m in voters if m.id in topology.endpoints]
@@ -377,14 +360,16 @@ class DefragEngine:
             except EtcdError:
                 continue
         self._nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms or ())
-        health = health_gate(
+        errors = {member_id: error for member_id, error, _ in results}
+        health = cluster_health(
             members=topology.members,
-            read_errors={member_id: error for member_id, error, _ in results},
+            answers={m: errors[m.id] for m in topology.members if m.id in errors},
             alarms=alarms,
+            failure="failed a linearizable read",
         )
         return health, {member_id: s for member_id, _, s in results if s is not None}
 
-    async def _statuses(self, topology: _Topology) -> dict[int, MemberStatus]:
+    async def _statuses(self, topology: Topology) -> dict[int, MemberStatus]:
         health, statuses = await self._check_health(topology)
         if not health.healthy:
             raise self._stop(RunResult.FAILED, "cluster became unhealthy: " + "; ".join(health.problems))
@@ -411,7 +396,7 @@ class DefragEngine:
     def _member(self, member_id: int) -> MemberReport:
         return next(m for m in self.report.members if m.id == f"{member_id:x}")
 
-    async def _execute(self, topology: _Topology, remaining: list[PlannedMember]) -> None:
+    async def _execute(self, topology: Topology, remaining: list[PlannedMember]) -> None:
         done: list[int] = []
         while remaining:
             statuses = await self._statuses(topology)
@@ -446,7 +431,7 @@ class DefragEngine:
 
     async def _visit(
         self,
-        topology: _Topology,
+        topology: Topology,
         planned: PlannedMember,
         statuses: dict[int, MemberStatus],
         leader_id: int,
@@ -541,7 +526,7 @@ class DefragEngine:
             endpoint, f"{what}; {label(member)} does not answer now: down or still defragmenting"
         )
 
-    async def _wait_recovered(self, topology: _Topology, member: Member, endpoint: str) -> None:
+    async def _wait_recovered(self, topology: Topology, member: Member, endpoint: str) -> None:
         """Until the member serves a linearizable read and has applied what the leader had committed."""
         deadline = clock.monotonic() + self.cluster.health_timeout_seconds
         target_index = 0
@@ -568,7 +553,7 @@ class DefragEngine:
 
     async def _move_leader(
         self,
-        topology: _Topology,
+        topology: Topology,
         member: Member,
         endpoint: str,
         statuses: dict[int, MemberStatus],
@@ -590,7 +575,7 @@ class DefragEngine:
             await asyncio.sleep(0.1)
         raise EtcdError(endpoint, f"leadership did not move to {target:x}")
 
-    async def _compact(self, topology: _Topology, statuses: dict[int, MemberStatus]) -> None:
+    async def _compact(self, topology: Topology, statuses: dict[int, MemberStatus]) -> None:
         endpoint = topology.endpoints[leader_of(statuses.values())]
         revision = await self.client.linearizable_read(endpoint)
         if self.dry_run:
@@ -600,7 +585,7 @@ class DefragEngine:
         self.report.compacted_revision = revision
         self._say("compacted history up to revision %d%s", revision, "" if compacted else " (already)")
 
-    async def _disarm_if_recovered(self, topology: _Topology) -> None:
+    async def _disarm_if_recovered(self, topology: Topology) -> None:
         # Every health check lists the alarms, the last one just before the last member: without
         # NOSPACE then, there is nothing to disarm and no reason for another round of requests.
         if not self._nospace or any(m.outcome is MemberOutcome.FAILED for m in self.report.members):

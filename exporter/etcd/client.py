@@ -16,7 +16,6 @@ import ssl
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -82,83 +81,6 @@ class EtcdApiError(EtcdError):
         super().__init__(endpoint, message)
         self.code = code
         self.http_status = http_status
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """Client TLS material: a CA to verify members, and an optional client certificate."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    server_name: str | None = None
-
-
-class TlsFileError(ValueError):
-    """A TLS file cannot be used; `setting` is the config key (ca_file, cert_file, key_file)."""
-
-    def __init__(self, setting: str, path: Path, problem: str) -> None:
-        super().__init__(f"{setting} {path}: {problem}")
-        self.setting = setting
-        self.path = path
-        self.problem = problem
-
-
-# What a PEM file of each kind must contain; checked before OpenSSL, whose errors name no file.
-_PEM_MARKERS = {
-    "ca_file": (b"-----BEGIN CERTIFICATE-----", "no PEM certificate in it (is it the CA bundle?)"),
-    "cert_file": (b"-----BEGIN CERTIFICATE-----", "no PEM certificate in it"),
-    "key_file": (b"PRIVATE KEY-----", "no PEM private key in it"),
-}
-
-
-def _read_pem(setting: str, path: Path) -> None:
-    """Raise TlsFileError naming `path` unless it is a readable file holding that kind of PEM block."""
-    try:
-        content = path.read_bytes()
-    except OSError as exc:
-        raise TlsFileError(setting, path, (exc.strerror or str(exc)).lower()) from None
-    marker, problem = _PEM_MARKERS[setting]
-    if marker not in content:
-        raise TlsFileError(setting, path, problem)
-
-
-def make_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
-    """An SSL context verifying members against the CA (or the system store) with the client cert.
-
-    Raises TlsFileError naming the file and the setting for a missing, unreadable or wrong file.
-    """
-    files = {"ca_file": tls.ca_file, "cert_file": tls.cert_file, "key_file": tls.key_file}
-    for setting, path in files.items():
-        if path is not None:
-            _read_pem(setting, path)
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except ssl.SSLError:
-        raise TlsFileError(
-            "ca_file", tls.ca_file or Path(), "its PEM certificates cannot be parsed"
-        ) from None
-    if tls.cert_file:
-
-        def no_password() -> str:
-            # Without a callback OpenSSL would prompt on the terminal for an encrypted key.
-            raise TlsFileError(
-                "key_file", tls.key_file or tls.cert_file or Path(), "encrypted; need an unencrypted key"
-            )
-
-        try:
-            context.load_cert_chain(
-                str(tls.cert_file), str(tls.key_file) if tls.key_file else None, no_password
-            )
-        except ssl.SSLError as exc:
-            if exc.reason == "KEY_VALUES_MISMATCH":
-                problem = f"does not belong to the certificate {tls.cert_file}"
-            elif exc.reason is None:  # "[SSL] PEM lib": the marker is there, the key is not
-                problem = "its PEM private key cannot be parsed (truncated or damaged?)"
-            else:
-                problem = f"cannot be used with the certificate {tls.cert_file} ({exc.reason})"
-            raise TlsFileError("key_file", tls.key_file or tls.cert_file, problem) from None
-    return context
 
 
 _CLIENT_CERT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")

@@ -6,44 +6,16 @@ costs one timeout, not one per member, and never hides the others.
 """
 
 import asyncio
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.core.model import Alarm, AlarmKind, Member, MemberStatus
-from exporter.core.policy import Verdict, endpoint_for, evaluate, leader_of, with_quota
+from exporter.core.model import AlarmKind, Member, MemberStatus
+from exporter.core.policy import evaluate, leader_of, with_quota
 from exporter.core.rule import Rule
-from exporter.etcd.client import EtcdApi, EtcdError, MetricsFacts, NoEndpointAnswered, first_answer
-
-
-@dataclass(frozen=True)
-class MemberSnapshot:
-    """One member as last seen: its status (None when it did not answer) and the rule's verdict."""
-
-    member: Member
-    endpoint: str
-    status: MemberStatus | None
-    error: str | None = None
-    verdict: Verdict | None = None
-
-    @property
-    def up(self) -> bool:
-        """Whether the member answered this time."""
-        return self.status is not None
-
-
-@dataclass(frozen=True)
-class ClusterSnapshot:
-    """Everything observed about one cluster in one refresh."""
-
-    cluster: str
-    taken_at: datetime
-    members: tuple[MemberSnapshot, ...] = ()
-    alarms: tuple[Alarm, ...] = ()
-    leader_id: int = 0
-    error: str | None = None  # set when not even the member list could be read
+from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
+from exporter.etcd.client import EtcdApi, EtcdError, MetricsFacts
+from exporter.etcd.topology import Topology, discover
 
 
 @dataclass
@@ -101,40 +73,27 @@ async def member_status(
     return status
 
 
-async def discover_members(client: EtcdApi, cluster: ClusterConfig) -> list[Member]:
-    """The member list from the first endpoint that answers, or members for the static endpoints."""
-    try:
-        _, members = await first_answer(cluster.endpoints, client.members)
-    except NoEndpointAnswered as exc:
-        raise EtcdError(cluster.endpoints[0], f"no endpoint answered: {exc}") from None
-    if cluster.discover_members:
-        return members
-    by_url = {url: m for m in members for url in m.client_urls}
-    return [by_url.get(e) or Member(id=0, name=e, peer_urls=(), client_urls=(e,)) for e in cluster.endpoints]
-
-
 async def observe_cluster(
     client: EtcdApi,
     cluster: ClusterConfig,
     rule: Rule,
     quotas: QuotaCache,
     *,
-    members: Sequence[Member] | None = None,
+    topology: Topology | None = None,
 ) -> ClusterSnapshot:
-    """One snapshot of a cluster; never raises for etcd failures, it records them.
+    """One snapshot of the members the configuration selects; never raises for etcd failures.
 
     One status call per member is all it takes: the reply carries the leader, the sizes and the
-    cluster's active alarms. `members` (a cached member list) saves the member-list round trip.
+    cluster's active alarms. `topology` (a cached one) saves the member-list round trip.
     """
     taken_at = clock.utcnow()
-    if members is None:
+    if topology is None:
         try:
-            members = await discover_members(client, cluster)
+            topology = await discover(client, cluster)
         except EtcdError as exc:
             return ClusterSnapshot(cluster.name, taken_at, error=exc.message)
 
-    async def one(member: Member) -> tuple[Member, str, MemberStatus | str]:
-        endpoint = endpoint_for(member, cluster.endpoints)
+    async def one(member: Member, endpoint: str | None) -> tuple[Member, str, MemberStatus | str]:
         if endpoint is None:
             return member, "", "member has no client URL (not started yet?)"
         try:
@@ -142,8 +101,7 @@ async def observe_cluster(
         except EtcdError as exc:
             return member, endpoint, exc.message
 
-    unique = {(m.id or m.client_urls): m for m in members}  # one member behind two endpoints
-    answers = await asyncio.gather(*(one(m) for m in unique.values()))
+    answers = await asyncio.gather(*(one(m, url) for m, url in topology.selected()))
     statuses = [a for _, _, a in answers if isinstance(a, MemberStatus)]
     alarms = {alarm for status in statuses for alarm in status.alarms}
     nospace = any(a.kind is AlarmKind.NOSPACE for a in alarms)

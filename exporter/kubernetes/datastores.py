@@ -1,5 +1,5 @@
 """Kamaji DataStores as clusters: what a DataStore says, and the cluster it becomes. Pure: the reads
-(list, watch, Secrets) are exporter.kubernetes.api's, and exporter.service.discovery keeps the set.
+(list, watch, Secrets) are exporter.kubernetes.api's, and exporter.service.datastores keeps the set.
 
 A DataStore (kamaji.clastix.io/v1alpha1, cluster-scoped; api/v1alpha1/datastore_types.go of the
 Kamaji release pinned in scripts/build-kubernetes) names the shared database of many tenant control

@@ -66,7 +66,7 @@ def starts_cooldown(result: str) -> bool:
     """Whether a run that ended with this result keeps the cluster's alerts from launching for a while.
 
     A deferred run found the cluster changing (a rollout) and touched nothing: the next notification
-    may launch again at once (README, "Exit codes"; docs/safety.md).
+    may launch again at once (docs/cli.md, "Exit codes"; docs/safety.md).
     """
     return result != RunResult.DEFERRED
 

@@ -7,7 +7,7 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,21 @@ from exporter.config.settings import ClusterConfig, Settings
 from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
 from exporter.core.units import human_bytes
-from exporter.etcd.client import EtcdApi, EtcdClient, TlsFiles, make_ssl_context
+from exporter.etcd.connect import client_factory
 from exporter.kubernetes.datastores import merge_clusters
 from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
-from exporter.service.discovery import DataStoreDiscovery
+from exporter.service.datastores import DataStoreDiscovery
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector, TenantCollector
 from exporter.service.refresh import Refresher
-from exporter.service.webhook import ALERT_OUTCOMES, PATH, Webhook, load_credentials
+from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook, load_credentials
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger("exporter.http")
 
 SETTINGS = web.AppKey("settings", Settings)
 REFRESHER = web.AppKey("refresher", Refresher)
+SNAPSHOTS = web.AppKey[SnapshotSource]("snapshots")
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey[Executor]("executor")
@@ -146,7 +147,8 @@ class ClusterSet:
     def adopt(self, app: web.Application) -> None:
         """Hand the merged set to the refresher and the run counters."""
         clusters = self.merged()
-        app[REFRESHER].reconfigure(clusters)
+        if REFRESHER in app:  # not when the tests hand in snapshots
+            app[REFRESHER].reconfigure(clusters)
         app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
 
 
@@ -160,24 +162,6 @@ def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     app[CLUSTER_SET].adopt(app)
 
 
-def client_factory(session: aiohttp.ClientSession, settings: Settings) -> Callable[[ClusterConfig], EtcdApi]:
-    """Clients per cluster on the shared session; request timeouts capped by the scrape budget."""
-
-    def make(cluster: ClusterConfig) -> EtcdApi:
-        ssl_context = None
-        if cluster.tls is not None:
-            tls = cluster.tls
-            ssl_context = make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file))
-        return EtcdClient(
-            session,
-            ssl_context=ssl_context,
-            server_name=cluster.tls.server_name if cluster.tls else None,
-            timeout_seconds=min(cluster.request_timeout_seconds, settings.scrape_budget_seconds),
-        )
-
-    return make
-
-
 def create_app(
     settings: Settings,
     *,
@@ -185,13 +169,16 @@ def create_app(
     executor: Executor | None = None,
     config_file: Path | None = None,
     kube_api: Any | None = None,
+    snapshots: SnapshotSource | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
     `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. With `discover.kamaji_datastores.enabled` the DataStores are
-    followed through `kube_api` (by default a client of its own: in-cluster, else the kubeconfig).
-    Raises ConfigError when the webhook's credentials are unusable.
+    local runs read `config_file`. `snapshots` replaces the Refresher (real etcd) as what the
+    webhook and /readyz see of the clusters; then /metrics has the service's own series only: the
+    tests of routing and deciding use it. With `discover.kamaji_datastores.enabled` the DataStores
+    are followed through `kube_api` (by default a client of its own: in-cluster, else the
+    kubeconfig). Raises ConfigError when the webhook's credentials are unusable.
     """
     credentials = load_credentials(settings)
     if executor is None:
@@ -229,23 +216,27 @@ def create_app(
         connector = aiohttp.TCPConnector(limit=settings.max_concurrent_requests, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             app[SESSION] = session
-            refresher = Refresher(
-                clusters,
-                client_factory(session, settings),
-                scrape_budget_seconds=settings.scrape_budget_seconds,
-                min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
-                member_list_refresh_seconds=settings.member_list_refresh_seconds,
-                write_lock_tokens=not settings.executor.dry_run,
-            )
-            app[REFRESHER] = refresher
+            source: SnapshotSource
+            if snapshots is None:
+                refresher = Refresher(
+                    clusters,
+                    client_factory(session, max_timeout_seconds=settings.scrape_budget_seconds),
+                    scrape_budget_seconds=settings.scrape_budget_seconds,
+                    min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
+                    member_list_refresh_seconds=settings.member_list_refresh_seconds,
+                    write_lock_tokens=not settings.executor.dry_run,
+                )
+                app[REFRESHER] = refresher
+                registry.register(SnapshotCollector(refresher))
+                source = refresher
+            else:
+                source = snapshots
+            app[SNAPSHOTS] = source
             run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
-            registry.register(SnapshotCollector(refresher))
             registry.register(TenantCollector(lambda: app[DISCOVERY].tenants() if DISCOVERY in app else {}))
             registry.register(
                 InFlightCollector(
-                    lambda: {
-                        name: run.running for name, run in executor.runs(list(refresher.watches)).items()
-                    }
+                    lambda: {name: run.running for name, run in executor.runs(list(source.clusters)).items()}
                 )
             )
             app[WEBHOOK] = Webhook(
@@ -253,10 +244,10 @@ def create_app(
                 credentials=credentials,
                 executor=executor,
                 metrics=run_metrics,
-                refresher=refresher,
+                snapshots=source,
             )
             await executor.start(run_finished)
-            background = asyncio.create_task(_refresh_forever(refresher, settings))
+            background = asyncio.create_task(_refresh_forever(source, settings))
             try:
                 yield
             finally:
@@ -288,7 +279,7 @@ def create_app(
                 await api.close()
 
     async def metrics(request: web.Request) -> web.StreamResponse:
-        await request.app[REFRESHER].refresh()
+        await request.app[SNAPSHOTS].refresh(max_age_seconds=settings.min_refresh_interval_seconds)
         # Always the classic text format: prometheus_client 0.26 renders OpenMetrics (which
         # Prometheus asks for first) at half the speed, a quarter of a 1,000-member scrape
         # (bench/exporter.py), and Prometheus reads both.
@@ -304,7 +295,8 @@ def create_app(
     async def readyz(request: web.Request) -> web.Response:
         if DISCOVERY in request.app and not request.app[DISCOVERY].listed:
             return web.Response(status=503, text="waiting for the first list of Kamaji DataStores\n")
-        if request.app[REFRESHER].ready:
+        source = request.app[SNAPSHOTS]
+        if all(source.latest(name) is not None for name in source.clusters):
             return web.Response(text="ready\n")
         return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
 
@@ -325,7 +317,7 @@ def _discovered(app: web.Application, clusters: list[ClusterConfig]) -> None:
     app[CLUSTER_SET].adopt(app)
 
 
-async def _refresh_forever(refresher: Refresher, settings: Settings) -> None:
+async def _refresh_forever(refresher: SnapshotSource, settings: Settings) -> None:
     """Keep snapshots no older than `background_refresh_seconds` when nobody scrapes."""
     while True:
         try:

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.core.model import AlarmKind
 from exporter.core.policy import fragmentation_ratio, free_bytes, label, quota_usage_ratio, voting_members
-from exporter.etcd.observe import ClusterSnapshot
+from exporter.core.snapshot import ClusterSnapshot
 
 if TYPE_CHECKING:
     from exporter.service.refresh import Refresher
@@ -26,33 +26,6 @@ PREFIX = "etcd_autodefrag"
 MEMBER_LABELS = ["etcd_cluster", "member"]
 ALARM_KINDS = (AlarmKind.NOSPACE, AlarmKind.CORRUPT)
 HTTP_ERROR_CAUSES = ("malformed_request", "server_error")
-
-
-def cluster_problems(snapshot: ClusterSnapshot) -> list[str]:
-    """Why the cluster is not healthy (empty when it is); the webhook quotes these when it skips."""
-    if snapshot.error:
-        return [snapshot.error]
-    if not snapshot.members:
-        return ["no members observed"]
-    voters = [m for m in snapshot.members if not m.member.is_learner]
-    problems = [f"member {m.member.name or m.endpoint} did not answer: {m.error}" for m in voters if not m.up]
-    if problems:
-        return problems
-    if not snapshot.leader_id:
-        return ["no leader"]
-    if any(m.status and m.status.leader_id != snapshot.leader_id for m in voters):
-        problems.append("members disagree about the leader")
-    problems += [
-        f"CORRUPT alarm raised by member {a.member_id:x}"
-        for a in snapshot.alarms
-        if a.kind is AlarmKind.CORRUPT
-    ]
-    return problems
-
-
-def cluster_healthy(snapshot: ClusterSnapshot) -> bool:
-    """Every voting member answered, they agree on a leader, and no CORRUPT alarm is raised."""
-    return not cluster_problems(snapshot)
 
 
 def cluster_defrag_recommended(snapshot: ClusterSnapshot) -> bool:
@@ -150,7 +123,7 @@ class SnapshotCollector(Collector):
             name = snapshot.cluster
             duration.add_metric([name], watch.refresh_duration_seconds)
             errors.add_metric([name], watch.refresh_errors_total)
-            healthy.add_metric([name], float(cluster_healthy(snapshot)))
+            healthy.add_metric([name], float(snapshot.health().healthy))
             if snapshot.error:
                 continue
             members.add_metric([name], len(snapshot.members))

@@ -9,23 +9,19 @@ every `member_list_refresh_seconds`, or at once when a member stops answering.
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
-from exporter.core.model import AlarmKind, Member
+from exporter.core.model import AlarmKind
 from exporter.core.policy import cluster_rule
 from exporter.core.rule import Rule
+from exporter.core.snapshot import ClusterSnapshot, MemberSnapshot
 from exporter.defrag.lock import ClusterLock, LockUnavailable
 from exporter.etcd.client import EtcdApi, EtcdError
-from exporter.etcd.observe import (
-    ClusterSnapshot,
-    MemberSnapshot,
-    QuotaCache,
-    discover_members,
-    observe_cluster,
-)
+from exporter.etcd.observe import QuotaCache, observe_cluster
+from exporter.etcd.topology import Topology, discover
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +34,7 @@ class ClusterWatch:
     client: EtcdApi
     rule: Rule
     quotas: QuotaCache = field(default_factory=QuotaCache)
-    members: list[Member] | None = None
+    topology: Topology | None = None
     members_read_at: float = 0.0
     snapshot: ClusterSnapshot | None = None
     refresh_duration_seconds: float = 0.0
@@ -82,6 +78,17 @@ class Refresher:
                     cluster, self._client_for(cluster), cluster_rule(cluster)
                 )
         self.watches = watches
+        self._clusters = {name: watch.config for name, watch in watches.items()}
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterConfig]:
+        """The configured clusters by name: a new mapping on every reconfigure (SnapshotSource)."""
+        return self._clusters
+
+    def latest(self, name: str) -> ClusterSnapshot | None:
+        """The cluster's latest snapshot, None before the first or for an unknown name."""
+        watch = self.watches.get(name)
+        return watch.snapshot if watch is not None else None
 
     @property
     def ready(self) -> bool:
@@ -122,7 +129,7 @@ class Refresher:
         watch.refresh_duration_seconds = clock.monotonic() - started
         if snapshot.error or any(not m.up for m in snapshot.members):
             watch.refresh_errors_total += 1
-            watch.members = None  # a member may have been replaced: read the member list again
+            watch.topology = None  # a member may have been replaced: read the member list again
         watch.snapshot = snapshot
         if self.write_lock_tokens and not watch.lock_tokens_checked:
             await self._write_lock_tokens(watch, snapshot)
@@ -152,26 +159,24 @@ class Refresher:
 
     async def _observe(self, watch: ClusterWatch) -> ClusterSnapshot:
         now = clock.monotonic()
-        if watch.members is None or now - watch.members_read_at > self.member_list_refresh_seconds:
+        if watch.topology is None or now - watch.members_read_at > self.member_list_refresh_seconds:
             try:
-                watch.members = await discover_members(watch.client, watch.config)
+                watch.topology = await discover(watch.client, watch.config)
             except EtcdError as exc:
                 log.warning("cluster %s: member list unavailable: %s", watch.config.name, exc.message)
                 return ClusterSnapshot(watch.config.name, clock.utcnow(), error=exc.message)
             watch.members_read_at = now
         return await observe_cluster(
-            watch.client, watch.config, watch.rule, watch.quotas, members=watch.members
+            watch.client, watch.config, watch.rule, watch.quotas, topology=watch.topology
         )
 
     def _timed_out(self, watch: ClusterWatch, budget: float) -> ClusterSnapshot:
         """Every known member down: a member that did not answer in budget shows up 0, not old values."""
         reason = f"no answer within the scrape budget of {budget:g}s"
-        members = watch.members or []
+        members = watch.topology.selected() if watch.topology is not None else []
         return ClusterSnapshot(
             watch.config.name,
             clock.utcnow(),
-            tuple(
-                MemberSnapshot(m, m.client_urls[0] if m.client_urls else "", None, reason) for m in members
-            ),
+            tuple(MemberSnapshot(m, url or "", None, reason) for m, url in members),
             error=None if members else reason,
         )

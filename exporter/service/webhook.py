@@ -30,12 +30,12 @@ import hmac
 import ipaddress
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pydantic_core
 from aiohttp import web
@@ -49,12 +49,11 @@ from pydantic import SecretStr, ValidationError
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
+from exporter.core.alertmanager import AlertmanagerAlert, AlertmanagerPayload
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.core.routing import (
     ActingFilter,
     AlertDecision,
-    AlertmanagerAlert,
-    AlertmanagerPayload,
     ClusterHealth,
     ClusterIndex,
     Decision,
@@ -62,11 +61,10 @@ from exporter.core.routing import (
     decide,
     iter_decisions,
 )
-from exporter.etcd.observe import ClusterSnapshot
+from exporter.core.snapshot import ClusterSnapshot
 from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
 from exporter.logs import LogThrottle, held_note
-from exporter.service.metrics import RunMetrics, cluster_problems
-from exporter.service.refresh import Refresher
+from exporter.service.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
 
@@ -231,45 +229,60 @@ def authorized(header: str | None, credentials: Credentials) -> bool:
 # --- the handler ---------------------------------------------------------------------------------
 
 
+class SnapshotSource(Protocol):
+    """What the webhook needs of whatever observes the clusters (the service's Refresher).
+
+    Routing and deciding depend on this and nothing else of etcd, so their tests can hand in
+    snapshots built in memory (tests/test_webhook.py); real-etcd tests prove the Refresher's wiring.
+    """
+
+    @property
+    def clusters(self) -> Mapping[str, ClusterConfig]:
+        """The configured clusters by name; a new mapping whenever the set changes (a reload)."""
+
+    def latest(self, name: str) -> ClusterSnapshot | None:
+        """The latest snapshot of a cluster, None before the first or for an unknown name."""
+
+    async def refresh(self, *, max_age_seconds: float) -> None:
+        """Make snapshots at most this old (sharing a refresh in flight), within a bounded time."""
+
+
 HealthCache = dict[str, tuple[ClusterSnapshot, ClusterHealth]]
 
 
 def health_of(
-    refresher: Refresher, cache: HealthCache | None = None, *, names: Iterable[str] | None = None
+    source: SnapshotSource, cache: HealthCache | None = None, *, names: Iterable[str] | None = None
 ) -> dict[str, ClusterHealth]:
-    """What the latest snapshots say about each cluster's health.
+    """What the latest snapshots say about each cluster's health (core.snapshot's one verdict).
 
     With `cache`, a snapshot already judged is not judged again. Snapshots are immutable and every
     refresh makes new ones, so an entry holds exactly while its snapshot is the latest; a storm of
     notifications then costs a lookup per cluster, not a check of every member of every cluster
     per request (bench/webhook_storm.py: a third of the handler's CPU with 50 clusters).
     """
+    clusters = source.clusters
     out = {}
-    if names is None:
-        pairs = refresher.snapshots()
-    else:  # only these clusters (those a notification's alerts route to)
-        watches = (refresher.watches.get(name) for name in names)
-        pairs = [(w, w.snapshot) for w in watches if w is not None and w.snapshot is not None]
-    for watch, snapshot in pairs:
-        name = watch.config.name
+    for name in clusters if names is None else names:
+        config = clusters.get(name)
+        snapshot = source.latest(name) if config is not None else None
+        if config is None or snapshot is None:
+            continue
         known = cache.get(name) if cache is not None else None
         if known is None or known[0] is not snapshot:
-            problems = cluster_problems(snapshot)
+            health = snapshot.health()
             # Without discovery the snapshot holds the configured members only, not the voters.
             voting = (
-                sum(not m.member.is_learner for m in snapshot.members)
-                if watch.config.discover_members
-                else None
+                sum(not m.member.is_learner for m in snapshot.members) if config.discover_members else None
             )
             known = (
                 snapshot,
-                ClusterHealth(snapshot.taken_at, not problems, "; ".join(problems), voting),
+                ClusterHealth(snapshot.taken_at, health.healthy, "; ".join(health.problems), voting),
             )
             if cache is not None:
                 cache[name] = known
         out[name] = known[1]
-    if cache is not None and len(cache) > len(refresher.watches):  # clusters removed by a reload
-        for name in set(cache) - set(refresher.watches):
+    if cache is not None and len(cache) > len(clusters):  # clusters removed by a reload
+        for name in set(cache) - set(clusters):
             del cache[name]
     return out
 
@@ -308,13 +321,13 @@ class Webhook:
         credentials: Credentials,
         executor: Executor,
         metrics: RunMetrics,
-        refresher: Refresher,
+        snapshots: SnapshotSource,
     ) -> None:
         self.settings = settings
         self.credentials = credentials
         self.executor = executor
         self.metrics = metrics
-        self.refresher = refresher
+        self.snapshots = snapshots
         self.policy = Policy(
             acting=ActingFilter.from_settings(settings.webhook),
             cooldown_seconds=settings.executor.cooldown_seconds,
@@ -363,9 +376,9 @@ class Webhook:
 
     def _cluster_index(self) -> ClusterIndex:
         """The routing index of the configured clusters, rebuilt when a reload replaced them."""
-        watches = self.refresher.watches  # a new dict on every reconfigure
-        if self._index is None or self._index[0] is not watches:
-            self._index = (watches, ClusterIndex([w.config for w in watches.values()]))
+        clusters = self.snapshots.clusters  # a new mapping on every reconfigure
+        if self._index is None or self._index[0] is not clusters:
+            self._index = (clusters, ClusterIndex(list(clusters.values())))
         return self._index[1]
 
     def _refuse(
@@ -464,7 +477,7 @@ class Webhook:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""
         # The background refresh keeps snapshots about that fresh already; this only waits (at most
         # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
-        await self.refresher.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
+        await self.snapshots.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
         known = self._cluster_index()
         async with self._cpu:
             decisions = await self._decide(payload, known)
@@ -489,11 +502,13 @@ class Webhook:
         """`routing.iter_decisions` over the alerts, a slice at a time with a yield in between."""
         # Only the clusters the alerts route to are looked at: a storm costs O(alerts), not
         # O(alerts x configured clusters) (bench/webhook_storm.py).
-        routed = sorted({c.name for alert in payload.alerts for c in known.route(alert.labels)})
+        routes = [known.route(alert.labels) for alert in payload.alerts]  # routed once, used twice
+        routed = sorted({c.name for matched in routes for c in matched})
         deciding = iter_decisions(
             alerts=payload.alerts,
+            routes=routes,
             clusters=known,
-            snapshots=health_of(self.refresher, self._health, names=routed),
+            snapshots=health_of(self.snapshots, self._health, names=routed),
             runs=self.executor.runs(routed),
             now=clock.utcnow(),
             policy=self.policy,
@@ -516,7 +531,7 @@ class Webhook:
             fresh = decide(
                 alert=alert,
                 clusters=[cluster],
-                snapshots=health_of(self.refresher, self._health, names=[cluster.name]),
+                snapshots=health_of(self.snapshots, self._health, names=[cluster.name]),
                 runs=self.executor.runs([cluster.name]),
                 now=clock.utcnow(),
                 policy=self.policy,

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from exporter.config.settings import ClusterConfig, KamajiDataStores, TlsConfig
-from exporter.etcd.client import TlsFileError, TlsFiles, make_ssl_context
+from exporter.etcd.tls import TlsFileError, make_ssl_context
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.datastores import (
     DataStore,
@@ -250,7 +250,7 @@ class DataStoreDiscovery:
         if datastore.tls is not None:
             tls = self.store.write(datastore.name, material_bytes(datastore.tls, secrets))
             try:
-                make_ssl_context(TlsFiles(tls.ca_file, tls.cert_file, tls.key_file))
+                make_ssl_context(tls, cluster=datastore.name)
             except TlsFileError as exc:
                 material = datastore.tls.materials()[
                     {"ca_file": "ca.crt", "cert_file": "tls.crt", "key_file": "tls.key"}[exc.setting]
