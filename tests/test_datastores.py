@@ -22,6 +22,7 @@ from exporter.config.settings import (
     load_settings,
 )
 from exporter.core.launches import Trigger
+from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
 from exporter.kubernetes.datastores import (
     DataStoreError,
@@ -353,3 +354,12 @@ def test_tenant_info_has_one_series_per_tenant_and_none_for_a_deleted_datastore(
     assert docs_generate.LABELS_WITHOUT_SAMPLES[family.name] == labels
     del tenants["etcd"]
     assert "etcd_cluster=" not in generate_latest(registry).decode()
+
+
+def test_the_documented_rbac_is_the_rbac_the_code_declares() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "kamaji.md").read_text()
+    section = text.split("### RBAC", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documents = {d["kind"]: d for d in yaml.safe_load_all(block)}
+    assert documents["ClusterRole"]["rules"] == kube.DATASTORE_CLUSTER_RBAC_RULES
+    assert documents["Role"]["rules"] == kube.DATASTORE_NAMESPACE_RBAC_RULES

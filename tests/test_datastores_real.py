@@ -209,7 +209,7 @@ def service(
         yield running
     finally:
         running.stop()
-        for name in (NAME, "override", "mysql"):
+        for name in (NAME, "override", "mysql", "inline"):
             plane.delete(f"{DATASTORES}/{name}")
 
 
@@ -293,6 +293,24 @@ def test_datastores_added_rotated_changed_and_deleted_while_the_service_runs(
     wait_condition(plane, job_path, "Complete")
     service.wait_metric("etcd_autodefrag_runs_total", 1, etcd_cluster=NAME, result="success")
 
+    # Inline client material: the service reads it from the DataStore itself, but no Pod can mount
+    # it, so an alert is refused (422: Alertmanager does not retry) and nothing is created.
+    inline = datastore("inline", [host_port(etcd.endpoints[2])])
+    inline["spec"]["tlsConfig"]["clientCertificate"] = {
+        "certificate": {"content": b64(etcd.tls.cert_file.read_bytes())},
+        "privateKey": {"content": b64(etcd.tls.key_file.read_bytes())},
+    }
+    plane.create(DATASTORES, inline)
+    service.wait(lambda: healthy(service, "inline") == 1, "the inline DataStore observed")
+    status, answer = service.alert("inline")
+    assert status == 422, (status, answer)
+    assert (
+        plane.get(f"/apis/batch/v1/namespaces/{ETCD_NAMESPACE}/jobs/etcd-autodefrag-inline", missing_ok=True)
+        is None
+    )
+    (refusal,) = [r for r in service.records() if "no defrag Job can run it" in str(r.get("message", ""))]
+    assert "inline content, which a Pod cannot mount" in refusal["message"]
+
     # Deleted: every series of the cluster goes, its TLS files with it.
     plane.delete(f"{DATASTORES}/{NAME}")
     service.wait(lambda: samples(service, NAME) == {}, "no series of the deleted DataStore")
@@ -302,4 +320,7 @@ def test_datastores_added_rotated_changed_and_deleted_while_the_service_runs(
     records = service.records()
     skipped = [r for r in records if "driver MySQL, not etcd" in str(r.get("message", ""))]
     assert len(skipped) == 1, skipped  # one line, however often the Secrets are read again
-    assert not [r for r in records if r.get("level") == "error" or "Traceback" in str(r)], records[-5:]
+    errors = [r for r in records if r.get("level") == "error" or "Traceback" in str(r)]
+    assert [r["message"] for r in errors] == [
+        "cluster inline: launch refused: cluster inline: no kubernetes section, so no Job can run it"
+    ]
