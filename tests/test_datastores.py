@@ -21,7 +21,7 @@ from exporter.config.settings import (
     TlsConfig,
     load_settings,
 )
-from exporter.core.launches import Trigger
+from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
 from exporter.kubernetes.datastores import (
@@ -32,7 +32,8 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
-from exporter.service.datastores import TlsStore
+from exporter.launch.executors import ExecutorRejected
+from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs, TlsStore
 from exporter.service.metrics import TenantCollector
 
 _spec = importlib.util.spec_from_file_location(
@@ -337,8 +338,9 @@ def test_tls_files_are_private_versioned_by_content_and_pruned(tmp_path: Path) -
     assert rotated.key_file is not None
     assert rotated.key_file.read_bytes() == b"K2"
     assert sorted(p.name for p in store.root.iterdir()) == ["etcd"]
+    root = store.root
     store.close()
-    assert not store.root.exists()
+    assert not root.exists()
 
 
 def test_tenant_info_has_one_series_per_tenant_and_none_for_a_deleted_datastore() -> None:
@@ -363,3 +365,54 @@ def test_the_documented_rbac_is_the_rbac_the_code_declares() -> None:
     documents = {d["kind"]: d for d in yaml.safe_load_all(block)}
     assert documents["ClusterRole"]["rules"] == kube.DATASTORE_CLUSTER_RBAC_RULES
     assert documents["Role"]["rules"] == kube.DATASTORE_NAMESPACE_RBAC_RULES
+
+
+class RecordingExecutor:
+    """Accepts every launch and records it; nothing else is expected of it."""
+
+    def __init__(self) -> None:
+        self.launched: list[str] = []
+
+    async def start(self, on_finished: Any) -> None:
+        raise AssertionError("not expected")
+
+    async def stop(self) -> None:
+        raise AssertionError("not expected")
+
+    def runs(self, clusters: Any) -> dict[str, Any]:
+        raise AssertionError("not expected")
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        self.launched.append(cluster.name)
+        return LaunchResult(True, f"etcd-autodefrag-{cluster.name}", "created", LaunchOutcome.CREATED)
+
+
+def discovery_of(*objs: dict[str, Any]) -> DataStoreDiscovery:
+    """A discovery holding these DataStores as translated (what its watch would have published)."""
+    discovery = DataStoreDiscovery(KamajiDataStores(), lambda clusters: None)
+    for obj in objs:
+        datastore = parse_datastore(obj)
+        discovery.datastores[datastore.name] = datastore
+        discovery.translations[datastore.name] = translate(datastore, KamajiDataStores(), TLS)
+    return discovery
+
+
+async def test_a_datastore_no_job_can_run_is_refused_with_its_reason_and_others_go_through() -> None:
+    unmountable = with_tls(cert=inline("c"), key=inline("k"))
+    unmountable["metadata"]["name"] = "inline"
+    discovery = discovery_of(SAMPLE, unmountable)
+    executor = RecordingExecutor()
+    jobs_only = DataStoreJobs(executor, discovery, jobs=True)
+    trigger = Trigger(alertname="EtcdDefragRecommended")
+    with pytest.raises(ExecutorRejected, match="DataStore inline: no defrag Job can run it: its TLS"):
+        await jobs_only.launch(discovery.translations["inline"].cluster, trigger)
+    await jobs_only.launch(discovery.translations["etcd"].cluster, trigger)
+    # A configured cluster of a DataStore's name is the user's: no refusal of the DataStore's applies.
+    configured = ClusterConfig(name="inline", endpoints=["http://127.0.0.1:2379"])
+    await jobs_only.launch(configured, trigger)
+    assert executor.launched == ["etcd", "inline"]
+    local = DataStoreJobs(executor, discovery, jobs=False)
+    with pytest.raises(ExecutorRejected, match="by a Kubernetes Job only"):
+        await local.launch(discovery.translations["etcd"].cluster, trigger)
+    await local.launch(configured, trigger)
+    assert executor.launched == ["etcd", "inline", "inline"]

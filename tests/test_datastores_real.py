@@ -308,7 +308,11 @@ def test_datastores_added_rotated_changed_and_deleted_while_the_service_runs(
         plane.get(f"/apis/batch/v1/namespaces/{ETCD_NAMESPACE}/jobs/etcd-autodefrag-inline", missing_ok=True)
         is None
     )
-    (refusal,) = [r for r in service.records() if "no defrag Job can run it" in str(r.get("message", ""))]
+    (refusal,) = [
+        r
+        for r in service.records()
+        if r.get("logger") == "exporter.service.datastores" and "no defrag Job" in str(r.get("message", ""))
+    ]
     assert "inline content, which a Pod cannot mount" in refusal["message"]
 
     # Deleted: every series of the cluster goes, its TLS files with it.
@@ -322,5 +326,7 @@ def test_datastores_added_rotated_changed_and_deleted_while_the_service_runs(
     assert len(skipped) == 1, skipped  # one line, however often the Secrets are read again
     errors = [r for r in records if r.get("level") == "error" or "Traceback" in str(r)]
     assert [r["message"] for r in errors] == [
-        "cluster inline: launch refused: cluster inline: no kubernetes section, so no Job can run it"
+        "cluster inline: launch refused: cluster inline: DataStore inline: no defrag Job can run it: its TLS "
+        "material (tls.crt, tls.key) is inline content, which a Pod cannot mount: reference Secrets in the "
+        "DataStore, or add a clusters: entry of that name"
     ]

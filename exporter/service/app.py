@@ -7,6 +7,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,15 @@ from aiohttp.http_exceptions import (
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from exporter.config.settings import ClusterConfig, Settings
+from exporter.config.settings import ClusterConfig, ExecutorSettings, Settings
 from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
 from exporter.kubernetes.datastores import merge_clusters
-from exporter.launch.executors import Executor, executor_from_settings
+from exporter.launch.executors import Executor, executor_from_settings, resolve_kind
 from exporter.logs import LogThrottle, held_note
-from exporter.service.datastores import DataStoreDiscovery
+from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector, TenantCollector
 from exporter.service.refresh import Refresher
 from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook, load_credentials
@@ -183,6 +184,15 @@ def create_app(
     credentials = load_credentials(settings)
     if executor is None:
         executor = executor_from_settings(settings, config_file=config_file)
+    discovery = None
+    if settings.discover.kamaji_datastores.enabled:
+        discovery = DataStoreDiscovery(
+            settings.discover.kamaji_datastores,
+            lambda found: _discovered(app, found),
+            request_timeout=settings.executor.kubernetes_timeout_seconds,
+        )
+        jobs = resolve_kind(settings.executor, os.environ) is ExecutorSettings.Kind.KUBERNETES
+        executor = DataStoreJobs(executor, discovery, jobs=jobs)
     registry = CollectorRegistry(auto_describe=False)
     run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
@@ -191,6 +201,8 @@ def create_app(
     app[REGISTRY] = registry
     app[RUN_METRICS] = run_metrics
     app[CLUSTER_SET] = ClusterSet(clusters)
+    if discovery is not None:
+        app[DISCOVERY] = discovery
     metrics_handler = make_aiohttp_handler(registry)
 
     def run_finished(outcome: RunOutcome) -> None:
@@ -259,15 +271,9 @@ def create_app(
     async def discovery_ctx(app: web.Application) -> AsyncIterator[None]:
         from exporter.kubernetes import api as kube
 
+        assert discovery is not None
         api = kube_api if kube_api is not None else await kube.kube_api_client()
-        discovery = DataStoreDiscovery(
-            api,
-            settings.discover.kamaji_datastores,
-            lambda found: _discovered(app, found),
-            request_timeout=settings.executor.kubernetes_timeout_seconds,
-        )
-        app[DISCOVERY] = discovery
-        task = asyncio.create_task(discovery.run())
+        task = asyncio.create_task(discovery.run(api))
         try:
             yield
         finally:
@@ -301,7 +307,7 @@ def create_app(
         return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
 
     app.cleanup_ctx.append(session_ctx)
-    if settings.discover.kamaji_datastores.enabled:
+    if discovery is not None:
         app.cleanup_ctx.append(discovery_ctx)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -28,11 +28,12 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from exporter.config.settings import ClusterConfig, KamajiDataStores, TlsConfig
+from exporter.core.launches import LaunchResult, RunState, Trigger
 from exporter.etcd.tls import TlsFileError, make_ssl_context
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.datastores import (
@@ -43,6 +44,7 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
+from exporter.launch.executors import Executor, ExecutorRejected, OnFinished
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,16 @@ OnChange = Callable[[list[ClusterConfig]], None]
 class TlsStore:
     """The DataStores' TLS material as files under a private directory (see the module docstring)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="etcd-autodefrag-tls-", dir=root))  # mode 0700
+    def __init__(self, parent: Path | None = None) -> None:
+        self.parent = parent
+        self._root: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        """The private directory, made at first use (mkdtemp: mode 0700, owned by us)."""
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="etcd-autodefrag-tls-", dir=self.parent))
+        return self._root
 
     def write(self, cluster: str, files: Mapping[str, bytes]) -> TlsConfig:
         """The files of one version of a cluster's material (written unless already there)."""
@@ -82,7 +92,9 @@ class TlsStore:
 
     def prune(self, in_use: Mapping[str, TlsConfig | None]) -> None:
         """Remove every version no cluster in `in_use` (by name) points at."""
-        for cluster_dir in self.root.iterdir():
+        if self._root is None:
+            return
+        for cluster_dir in self._root.iterdir():
             tls = in_use.get(cluster_dir.name)
             keep = tls.ca_file.parent if tls is not None and tls.ca_file is not None else None
             for version in cluster_dir.iterdir():
@@ -92,7 +104,9 @@ class TlsStore:
                 shutil.rmtree(cluster_dir, ignore_errors=True)
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
 
 
 class DataStoreDiscovery:
@@ -100,14 +114,13 @@ class DataStoreDiscovery:
 
     def __init__(
         self,
-        api_client: Any,
         settings: KamajiDataStores,
         on_change: OnChange,
         *,
         request_timeout: float = 10.0,
         store: TlsStore | None = None,
     ) -> None:
-        self.api = api_client
+        self.api: Any = None  # the Kubernetes API client, given to run()
         self.settings = settings
         self.on_change = on_change
         self.request_timeout = request_timeout
@@ -126,13 +139,18 @@ class DataStoreDiscovery:
         """`status.usedBy` of every etcd DataStore, by name."""
         return {name: ds.tenants for name, ds in self.datastores.items()}
 
-    def job_refusal(self, cluster: str) -> str | None:
-        """Why no Job can run this discovered cluster, or None."""
-        translation = self.translations.get(cluster)
-        return translation.job_refusal if translation is not None else None
+    def owns(self, cluster: ClusterConfig) -> bool:
+        """The cluster is one of ours as published (not a configured one of the same name)."""
+        translation = self.translations.get(cluster.name)
+        return translation is not None and translation.cluster == cluster
 
-    async def run(self) -> NoReturn:
+    def job_refusal(self, cluster: ClusterConfig) -> str | None:
+        """Why no Job can run this cluster, if it is a discovered one that none can run, else None."""
+        return self.translations[cluster.name].job_refusal if self.owns(cluster) else None
+
+    async def run(self, api_client: Any) -> NoReturn:
         """Watch DataStores and re-read their Secrets periodically, until cancelled."""
+        self.api = api_client
         rereads = asyncio.create_task(self._reread_forever())
         try:
             await kube.watch_datastores(
@@ -292,3 +310,39 @@ class DataStoreDiscovery:
 def _same_spec(a: DataStore, b: DataStore) -> bool:
     """Equal but for the status (tenants) and the resourceVersion."""
     return (a.driver, a.endpoints, a.tls) == (b.driver, b.endpoints, b.tls)
+
+
+class DataStoreJobs:
+    """The service's executor, refusing with the reason a discovered cluster that no Job can run.
+
+    A DataStore whose TLS material a Pod cannot mount has no `kubernetes` section, and the
+    executor alone could only say so; this says why (inline content, the CA in another namespace).
+    The local executor runs `defrag --cluster NAME` from the config file, where a discovered
+    cluster is not: it is refused too. Everything else goes to the executor unchanged.
+    """
+
+    def __init__(self, executor: Executor, discovery: DataStoreDiscovery, *, jobs: bool) -> None:
+        self.executor = executor
+        self.discovery = discovery
+        self.jobs = jobs  # the executor creates Kubernetes Jobs
+
+    async def start(self, on_finished: OnFinished) -> None:
+        await self.executor.start(on_finished)
+
+    async def stop(self) -> None:
+        await self.executor.stop()
+
+    def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
+        return self.executor.runs(clusters)
+
+    async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
+        if self.discovery.owns(cluster) and not self.jobs:
+            raise ExecutorRejected(
+                f"cluster {cluster.name}: a discovered DataStore is defragmented by a Kubernetes Job "
+                "only (executor.kind: kubernetes), the local executor cannot find it in the config file"
+            )
+        if (reason := self.discovery.job_refusal(cluster)) is not None:
+            raise ExecutorRejected(
+                f"cluster {cluster.name}: DataStore {cluster.name}: no defrag Job can run it: {reason}"
+            )
+        return await self.executor.launch(cluster, trigger)
