@@ -321,6 +321,9 @@ def _discovered(app: web.Application, clusters: list[ClusterConfig]) -> None:
     """The DataStores changed: adopt the new set."""
     app[CLUSTER_SET].discovered = clusters
     app[CLUSTER_SET].adopt(app)
+    executor = app[EXECUTOR]
+    if isinstance(executor, DataStoreJobs):
+        executor.follow(clusters)
 
 
 async def _refresh_forever(refresher: SnapshotSource, settings: Settings) -> None:

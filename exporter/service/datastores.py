@@ -44,7 +44,7 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
-from exporter.launch.executors import Executor, ExecutorRejected, OnFinished
+from exporter.launch.executors import Executor, ExecutorRejected, KubernetesExecutor, OnFinished
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,14 @@ class DataStoreJobs:
 
     def runs(self, clusters: Sequence[str]) -> dict[str, RunState]:
         return self.executor.runs(clusters)
+
+    def follow(self, clusters: Sequence[ClusterConfig]) -> None:
+        """Watch the Jobs of the clusters' namespaces, so that a Job still running from before a
+        restart is seen running, and its end counted, without waiting for the next launch."""
+        if isinstance(self.executor, KubernetesExecutor):
+            for cluster in clusters:
+                if cluster.kubernetes is not None:
+                    self.executor.watch_namespace(cluster.kubernetes.namespace)
 
     async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
         if self.discovery.owns(cluster) and not self.jobs:
