@@ -2,15 +2,19 @@
 a discovered cluster (exporter/kubernetes/jobs.py), the TLS files (exporter/service/datastores.py),
 the settings and the tenant metric. The real API server's side is tests/test_datastores_real.py."""
 
+import asyncio
 import base64
+import contextlib
 import copy
 import importlib.util
+import json
 import stat
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +28,7 @@ from exporter.config.settings import (
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
+from exporter.kubernetes.api import kube_api_client
 from exporter.kubernetes.datastores import (
     DataStoreError,
     endpoints_of,
@@ -416,3 +421,79 @@ async def test_a_datastore_no_job_can_run_is_refused_with_its_reason_and_others_
         await local.launch(discovery.translations["etcd"].cluster, trigger)
     await local.launch(configured, trigger)
     assert executor.launched == ["etcd", "inline", "inline"]
+
+
+# --- the watch, against a scripted API server over loopback HTTP --------------------------------------
+
+
+async def test_the_watch_relists_after_410_and_backs_off_after_an_error(aiohttp_server: Any) -> None:
+    """503 on the first list (backoff, list again), 410 on the watch (list again), then a DELETED."""
+    requests: list[str] = []
+    lists = iter(
+        [
+            (503, {"kind": "Status", "code": 503, "reason": "ServiceUnavailable", "message": "etcd down"}),
+            (200, {"metadata": {"resourceVersion": "5"}, "items": [dict(SAMPLE, metadata={"name": "a"})]}),
+            (200, {"metadata": {"resourceVersion": "9"}, "items": [dict(SAMPLE, metadata={"name": "b"})]}),
+        ]
+    )
+    watches = iter(
+        [
+            [
+                {"type": "ADDED", "object": dict(SAMPLE, metadata={"name": "b", "resourceVersion": "6"})},
+                {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}},
+            ],
+            [{"type": "DELETED", "object": dict(SAMPLE, metadata={"name": "b", "resourceVersion": "10"})}],
+        ]
+    )
+
+    async def datastores(request: web.Request) -> web.StreamResponse:
+        query = request.query
+        watching = query.get("watch", "").lower() == "true"  # the client sends `True`
+        requests.append(f"{'watch' if watching else 'list'} {query.get('resourceVersion', '')}")
+        assert query.get("labelSelector") == "tier=gold"
+        if not watching:
+            status, body = next(lists)
+            return web.json_response(body, status=status)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for event in next(watches, []):
+            await response.write(json.dumps(event).encode() + b"\n")
+        if requests.count("watch 9") == 1 and requests[-1] == "watch 9":
+            await asyncio.sleep(3600)  # an open watch with nothing to say, until cancelled
+        return response
+
+    app = web.Application()
+    app.router.add_get("/apis/kamaji.clastix.io/v1alpha1/datastores", datastores)
+    server = await aiohttp_server(app)
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    async def on_list(items: list[dict[str, Any]]) -> None:
+        seen.append("list " + ",".join(i["metadata"]["name"] for i in items))
+
+    async def on_event(kind: str, obj: dict[str, Any]) -> None:
+        seen.append(f"{kind} {obj['metadata']['name']}")
+        if kind == "DELETED":
+            done.set()
+
+    async with await kube_api_client(host=str(server.make_url(""))) as api:
+        watch = asyncio.create_task(
+            kube.watch_datastores(
+                api,
+                on_list,
+                on_event,
+                label_selector="tier=gold",
+                backoff_initial_seconds=0.01,
+                backoff_max_seconds=0.02,
+            )
+        )
+        try:
+            async with asyncio.timeout(10):
+                await done.wait()
+        except TimeoutError:
+            raise AssertionError(f"{requests} {seen}") from None
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+    assert requests == ["list ", "list ", "watch 5", "list ", "watch 9"]
+    assert seen == ["list a", "ADDED b", "list b", "DELETED b"]
