@@ -748,9 +748,10 @@ def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any
         )
         return ExitCode.USAGE
     log.info(
-        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s) on http://%s:%d",
+        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s)%s on http://%s:%d",
         len(clusters),
         ", ".join(c.name for c in clusters),
+        " and the Kamaji DataStores" if discovering else "",
         settings.listen_host,
         settings.listen_port,
     )
