@@ -49,6 +49,7 @@ from exporter.launch.executors import Executor, ExecutorRejected, KubernetesExec
 log = logging.getLogger(__name__)
 
 Json = dict[str, Any]
+RESTART_SECONDS = 10.0  # after an unexpected failure of the watch loop
 OnChange = Callable[[list[ClusterConfig]], None]
 
 
@@ -153,13 +154,18 @@ class DataStoreDiscovery:
         self.api = api_client
         rereads = asyncio.create_task(self._reread_forever())
         try:
-            await kube.watch_datastores(
-                self.api,
-                self._listed,
-                self._changed,
-                label_selector=self.settings.label_selector,
-                request_timeout=self.request_timeout,
-            )
+            while True:
+                try:
+                    await kube.watch_datastores(
+                        self.api,
+                        self._listed,
+                        self._changed,
+                        label_selector=self.settings.label_selector,
+                        request_timeout=self.request_timeout,
+                    )
+                except Exception:  # a bug of ours must not end the discovery silently
+                    log.exception("following DataStores failed; starting again in %gs", RESTART_SECONDS)
+                    await asyncio.sleep(RESTART_SECONDS)
         finally:
             rereads.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -208,8 +214,11 @@ class DataStoreDiscovery:
     async def _reread_forever(self) -> NoReturn:
         while True:
             await asyncio.sleep(self.settings.secret_refresh_seconds)
-            async with self._lock:
-                await self._resolve(list(self.datastores.values()))
+            try:
+                async with self._lock:
+                    await self._resolve(list(self.datastores.values()))
+            except Exception:  # as in run(): log it, try again at the next period
+                log.exception("reading the DataStores' Secrets again failed")
 
     # --- DataStore -> cluster ---------------------------------------------------------------------
 
@@ -266,7 +275,12 @@ class DataStoreDiscovery:
     def _translate(self, datastore: DataStore, secrets: Mapping[tuple[str, str], Json]) -> Translation:
         tls = None
         if datastore.tls is not None:
-            tls = self.store.write(datastore.name, material_bytes(datastore.tls, secrets))
+            try:
+                tls = self.store.write(datastore.name, material_bytes(datastore.tls, secrets))
+            except OSError as exc:  # our own directory: full, or removed under us
+                raise DataStoreError(
+                    f"DataStore {datastore.name}: cannot write its TLS files: {exc}"
+                ) from None
             try:
                 make_ssl_context(tls, cluster=datastore.name)
             except TlsFileError as exc:
