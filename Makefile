@@ -46,10 +46,12 @@ dist: venv
 etcd-builds:
 	scripts/build-etcd
 
-# kube-apiserver and kube-controller-manager at the release tools/kubernetes pins (cached outside the
-# tree; a cold build takes long, a warm one nothing: docs/kubernetes-tests.md).
+# kube-apiserver and kube-controller-manager at the release tools/kubernetes pins, and helm at the
+# release tools/helm pins for the chart tests (cached outside the tree; a cold build takes long, a
+# warm one nothing: docs/kubernetes-tests.md, docs/helm.md).
 kube-builds:
 	scripts/build-kubernetes
+	scripts/build-helm
 
 # Everything: every etcd release, the real control plane, the slow release tests, and 20 trials of
 # the NOSPACE lock proof per release.

@@ -5,6 +5,12 @@ Run from the repository root:
     .venv/bin/python bench/exporter.py            # the figures in docs/benchmarks.md
     .venv/bin/python bench/exporter.py --quick    # smoke run: 100 members, one round
     .venv/bin/python bench/exporter.py --record   # record bench/data/ again from a real etcd 3.4
+    .venv/bin/python bench/exporter.py --growth   # 1k, 3k, 10k members in one process; 10k over 4 shards
+
+`--growth` measures (a) alone: one exporter process's scrape time and peak RSS as the fleet grows
+(`--growth-members`, default 1,000, 3,000 and 10,000), then the largest fleet split over
+`--shards` exporter processes (default 4; `sharding` settings, docs/sharding.md), each scraped in
+turn, as Prometheus scrapes each replica of a StatefulSet.
 
 Three readers of the same fleet are compared, each in a process of its own so that its CPU time and
 peak RSS are its own:
@@ -425,8 +431,14 @@ def _process_entry(kind: str, conn: Connection, *args: Any) -> None:
     asyncio.run(roles[kind](conn, *args))
 
 
-async def _exporter_main(conn: Connection, endpoints: list[list[str]], concurrency: int) -> None:
-    """(a) The real service: create_app on 127.0.0.1, scraped by the parent."""
+async def _exporter_main(
+    conn: Connection,
+    endpoints: list[list[str]],
+    concurrency: int,
+    shard: tuple[int, int] = (0, 1),
+    budget_seconds: float = 30,
+) -> None:
+    """(a) The real service: create_app on 127.0.0.1, scraped by the parent; `shard` (index, total)."""
     import cProfile
     import io
     import logging
@@ -441,11 +453,12 @@ async def _exporter_main(conn: Connection, endpoints: list[list[str]], concurren
     logging.basicConfig(level=logging.WARNING)
     settings = Settings(
         clusters=[{"name": cluster_name(c), "endpoints": urls} for c, urls in enumerate(endpoints)],
-        scrape_budget_seconds=30,  # never truncates a refresh here
+        scrape_budget_seconds=budget_seconds,  # never truncates a refresh here
         min_refresh_interval_seconds=0,  # every scrape refreshes
         member_list_refresh_seconds=3600,  # steady state: member lists cached after the first scrape
         background_refresh_seconds=3600,  # only the refresh at start-up; scrapes drive the rest
         max_concurrent_requests=concurrency,
+        sharding={"shard": shard[0], "total_shards": shard[1]},
     )
     app = create_app(settings, clusters=settings.clusters)
     runner = web.AppRunner(app, access_log=None)
@@ -602,12 +615,15 @@ def _spawn(ctx: Any, kind: str, *args: Any, entry: Callable[..., None] | None = 
     return Proc(kind, process, parent)
 
 
+SCRAPE_TIMEOUT_SECONDS = 600  # a cold 10,000-member scrape on a loaded machine takes minutes
+
+
 def scrape(port: int, members: int, *, check: bool = True) -> tuple[float, int, int]:
     """(seconds, bytes on the wire, bytes uncompressed) of one Prometheus-like GET /metrics.
 
     With `check`, raises unless the exposition shows every member up.
     """
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=SCRAPE_TIMEOUT_SECONDS)
     try:
         started = time.perf_counter()
         connection.request("GET", METRICS_PATH, headers=PROMETHEUS_HEADERS)
@@ -767,6 +783,176 @@ def run(options: Options) -> dict[str, Any]:
         "final": final,
         "profiles": profiles,
     }
+
+
+# --- --growth: one process at 1k, 3k, 10k members, and the largest fleet over N shards -------------
+
+
+@dataclass(frozen=True)
+class GrowthOptions:
+    members: list[int]
+    shards: int
+    concurrency: int
+    rounds: int
+    data_dir: Path
+
+
+@dataclass
+class Exported:
+    """One exporter process of the growth run: what it watched and what its scrapes took."""
+
+    label: str
+    members: int
+    clusters: int
+    cold: float
+    scrapes: list[float]
+    wire_bytes: int
+    text_bytes: int
+    rss_after_imports: int
+    peak_rss: int
+
+
+# Generous: a cold 10,000-member refresh on a loaded 2-CPU machine takes tens of seconds, and a
+# refresh cut short by the budget would show members down instead of a time.
+GROWTH_BUDGET_SECONDS = 300
+
+
+def _split(urls: list[str], members: int) -> list[list[str]]:
+    endpoints, offset = [], 0
+    for size in cluster_sizes(members):
+        endpoints.append(urls[offset : offset + size])
+        offset += size
+    return endpoints
+
+
+def _measure_exporters(
+    ctx: Any, label: str, endpoints: list[list[str]], shards: list[tuple[int, int]], options: GrowthOptions
+) -> list[Exported]:
+    """Start one exporter per shard, take each one's cold scrape, then `rounds` scrapes of each in turn."""
+    from exporter.core.shard import shard_of
+
+    procs: list[Proc] = []
+    try:
+        procs = [
+            _spawn(ctx, "exporter", endpoints, options.concurrency, shard, GROWTH_BUDGET_SECONDS)
+            for shard in shards
+        ]
+        before = [p.call("usage", timeout=120) for p in procs]
+        owned = [
+            [urls for c, urls in enumerate(endpoints) if shard_of(cluster_name(c), total) == index]
+            for index, total in shards
+        ]
+        members = [sum(len(urls) for urls in mine) for mine in owned]
+        ports, colds = [], []
+        for proc, count in zip(procs, members, strict=True):
+            # One at a time: each replica has a pod (and CPU) of its own in production.
+            ports.append(proc.call("start", timeout=600)["port"])
+            colds.append(scrape(ports[-1], count)[0])
+            print(f"{label}: {count:,} members, cold scrape {colds[-1]:.1f}s", file=sys.stderr, flush=True)
+        scrapes: list[list[float]] = [[] for _ in procs]
+        sizes: list[tuple[int, int]] = [(0, 0)] * len(procs)
+        for _ in range(options.rounds):
+            for k, (port, count) in enumerate(zip(ports, members, strict=True)):
+                seconds, wire, text = scrape(port, count)
+                print(f"{label}: {count:,} members, scrape {seconds:.2f}s", file=sys.stderr, flush=True)
+                scrapes[k].append(seconds)
+                sizes[k] = (wire, text)
+        after = [p.call("usage") for p in procs]
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    return [
+        Exported(
+            label if len(shards) == 1 else f"{label}, shard {index} of {total}",
+            members[k],
+            len(owned[k]),
+            colds[k],
+            scrapes[k],
+            sizes[k][0],
+            sizes[k][1],
+            before[k]["rss_bytes"],
+            after[k]["max_rss_bytes"],
+        )
+        for k, (index, total) in enumerate(shards)
+    ]
+
+
+# Members one fleet process plays: 1,666 clusters of 3. Each member costs the fleet a listening socket
+# and, between back-to-back scrapes, the exporter's idle keep-alive connection to it: 10,000 members
+# in one process would pass the 20,000 open files this machine allows a process.
+FLEET_MEMBERS_PER_PROCESS = 4998
+
+
+def _start_fleets(ctx: Any, data_dir: Path, members: int) -> tuple[list[Proc], list[list[str]]]:
+    """Fleet processes playing `members` members together, and the clusters' endpoints in order."""
+    counts = [FLEET_MEMBERS_PER_PROCESS] * (members // FLEET_MEMBERS_PER_PROCESS)
+    if rest := members % FLEET_MEMBERS_PER_PROCESS:
+        counts.append(rest)
+    fleets = [_spawn(ctx, "fleet", data_dir, count) for count in counts]
+    endpoints: list[list[str]] = []
+    try:
+        for fleet, count in zip(fleets, counts, strict=True):
+            if not fleet.conn.poll(600):
+                raise RuntimeError(f"a fleet process of {count} members did not start within 600s")
+            endpoints += _split(fleet.conn.recv(), count)
+    except BaseException:
+        for fleet in fleets:
+            fleet.stop()
+        raise
+    return fleets, endpoints
+
+
+def run_growth(options: GrowthOptions) -> list[Exported]:
+    """The growth curve of one process, then the largest fleet split over `options.shards`."""
+    ctx = multiprocessing.get_context("spawn")
+    results: list[Exported] = []
+    for n in options.members:
+        fleets, endpoints = _start_fleets(ctx, options.data_dir, n)
+        try:
+            results += _measure_exporters(ctx, f"{n:,} members, one process", endpoints, [(0, 1)], options)
+            if n == max(options.members) and options.shards > 1:
+                shards = [(i, options.shards) for i in range(options.shards)]
+                results += _measure_exporters(ctx, f"{n:,} members", endpoints, shards, options)
+        finally:
+            for fleet in fleets:
+                fleet.stop()
+    return results
+
+
+def report_growth(results: list[Exported], options: GrowthOptions) -> tuple[str, bool]:
+    """A Markdown table of the growth run, and whether every shard met the 2.5 s target."""
+    lines = [
+        f"Median of {options.rounds} steady-state scrapes after the cold one; at most "
+        f"{options.concurrency} connections in flight per process.",
+        f"Machine: {_machine()}; {_source_state()}; load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+        "",
+        "| exporter process | members | clusters | scrape, median | min – max | per member | cold scrape "
+        "| exposition | RSS after imports | peak RSS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    met = True
+    for r in results:
+        med = statistics.median(r.scrapes)
+        if "shard" in r.label and med >= SHARD_TARGET_SECONDS:
+            met = False
+        lines.append(
+            f"| {r.label} | {r.members:,} | {r.clusters:,} | {_ms(med)} | {_ms(min(r.scrapes))} – "
+            f"{_ms(max(r.scrapes))} | {med / r.members * 1e6:,.0f} µs | {_ms(r.cold)} | "
+            f"{r.text_bytes / 1e6:,.1f} MB | {_mib(r.rss_after_imports)} | {_mib(r.peak_rss)} |"
+        )
+    sharded = [r for r in results if "shard" in r.label]
+    if sharded:
+        worst = max(statistics.median(r.scrapes) for r in sharded)
+        lines += [
+            "",
+            f"Slowest shard: {_ms(worst)} (target: under {SHARD_TARGET_SECONDS:g} s each): "
+            f"{'met' if met else 'NOT met'}.",
+        ]
+    return "\n".join(lines), met
+
+
+SHARD_TARGET_SECONDS = 2.5
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -930,6 +1116,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--commit", help="measure exporter/ as committed at this git revision, ignoring work-tree edits"
     )
+    parser.add_argument(
+        "--growth", action="store_true", help="(a) alone at several fleet sizes, then the largest over shards"
+    )
+    parser.add_argument(
+        "--growth-members",
+        default="1000,3000,10000",
+        help="with --growth: fleet sizes, comma-separated (default 1000,3000,10000)",
+    )
+    parser.add_argument("--shards", type=int, default=4, help="with --growth: shards of the largest fleet")
     args = parser.parse_args(argv)
     if args.record:
         record(args.data)
@@ -942,6 +1137,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_and_report(args: argparse.Namespace) -> int:
     quick = args.quick
+    if args.growth:
+        growth = GrowthOptions(
+            members=[100, 300] if quick else [int(n) for n in args.growth_members.split(",")],
+            shards=args.shards,
+            concurrency=args.concurrency or _default_concurrency(),
+            rounds=args.rounds or (1 if quick else 5),
+            data_dir=args.data,
+        )
+        text, met = report_growth(run_growth(growth), growth)
+        print(text)
+        return 0 if met or quick else 1
     options = Options(
         members=args.members or (100 if quick else MEMBERS),
         concurrency=args.concurrency or _default_concurrency(),

@@ -4,7 +4,7 @@ Routing and deciding tests build snapshots in memory and hand them in; the real-
 tests/test_webhook.py prove the Refresher's wiring of the same protocol.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 
 from exporter.config.settings import ClusterConfig
@@ -40,7 +40,7 @@ class StaticSnapshots:
     def latest(self, name: str) -> ClusterSnapshot | None:
         return self._snapshots.get(name) if name in self._clusters else None
 
-    async def refresh(self, *, max_age_seconds: float) -> None:
+    async def refresh(self, *, max_age_seconds: float, names: Collection[str] | None = None) -> None:
         """A refresh makes new snapshots, taken now, as the Refresher's do (the webhook's cache keys)."""
         self.refreshes.append(max_age_seconds)
         now = utcnow()

@@ -24,6 +24,7 @@ from test_render import kubeconfig
 
 from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, exit_code_table, main
 from exporter.config.settings import ClusterConfig
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import Trigger
 from exporter.core.report import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
@@ -484,16 +485,14 @@ async def test_discovered_reads_the_statefulset_and_feeds_the_jobs(
     assert found.kubernetes is not None
     assert found.kubernetes.secret_layout == "self-signed"  # what the StatefulSet mounts
     assert same is plain
-    # The Job has no API access: it gets the discovered URLs on its command line.
+    # The Job has no API access: it is handed the cluster with the discovered URLs, as is a local run.
     args = jobs.build_job(found, image="i", trigger=Trigger(alertname="a"))["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
-    assert args[args.index("--endpoints") + 1] == ",".join(urls)
-    local = executors.LocalExecutor(
-        state_dir=tmp_path, config_file=tmp_path / "config.yaml", embedded_default=False, cooldown_seconds=60
-    )
-    assert local.child_command(found)[-4:] == ["--cluster", "tenant", "--endpoints", ",".join(urls)]
-    assert "--endpoints" not in local.child_command(plain)
+    assert cluster_from_json(args[args.index("--cluster-json") + 1]).endpoints == urls
+    local = executors.LocalExecutor(state_dir=tmp_path, cooldown_seconds=60)
+    command = local.child_command(found)
+    assert cluster_from_json(command[command.index("--cluster-json") + 1]) == found
     with pytest.raises(jobs.JobConfigError, match="not been discovered"):
         jobs.build_job(ClusterConfig.model_validate(KAMAJI), image="i", trigger=Trigger(alertname="a"))
 
@@ -542,7 +541,7 @@ def test_render_job_of_a_discovering_cluster_takes_the_endpoints(
     assert main([*render, "--cluster", "tenant", "--endpoints", urls, "--secret-layout", "self-signed"]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--endpoints") + 1] == "https://m-0:2379,https://m-1:2379"
+    assert cluster_from_json(args[args.index("--cluster-json") + 1]).endpoints == urls.split(",")
 
 
 # --- TLS: every error names the file, the setting or the flag (issue 17 items 2, 3) ---------------

@@ -25,6 +25,7 @@ from exporter.config.settings import (
     TlsConfig,
     load_settings,
 )
+from exporter.core.handoff import CLUSTER_JSON_FLAG, cluster_from_json
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
@@ -122,7 +123,7 @@ def test_the_sample_datastore_becomes_a_cluster_whose_job_mounts_its_secrets() -
     assert cluster.alerts.matchers == []  # routed by etcd_cluster="etcd"
     target = cluster.kubernetes
     assert target is not None
-    assert (target.namespace, target.variant.value, target.config_map) == ("kamaji-system", "plain", None)
+    assert (target.namespace, target.variant.value) == ("kamaji-system", "plain")
     assert (target.tls_secret, target.ca_secret) == ("root-client-certs", "etcd-certs")
     assert (target.ca_key, target.cert_key, target.key_key) == ("ca.crt", "tls.crt", "tls.key")
 
@@ -267,7 +268,7 @@ def test_discovery_is_switched_on_by_environment(monkeypatch: pytest.MonkeyPatch
 # --- the Job of a discovered cluster ---------------------------------------------------------------
 
 
-def test_the_job_runs_next_to_the_client_secret_with_the_cluster_as_flags() -> None:
+def test_the_job_runs_next_to_the_client_secret_and_is_handed_the_cluster() -> None:
     discovery = KamajiDataStores(defaults={"thresholds": {"min_free_bytes": "1Gi"}, "compact": True})
     cluster = translate(parse_datastore(SAMPLE), discovery, TLS).cluster
     job = jobs.build_job(cluster, image="i:1", trigger=Trigger(alertname="EtcdDefragRecommended"))
@@ -275,13 +276,9 @@ def test_the_job_runs_next_to_the_client_secret_with_the_cluster_as_flags() -> N
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = container["args"]
-    assert "--cluster" not in args
-    assert "--config" not in args
-    assert args[args.index("--endpoints") + 1] == ",".join(cluster.endpoints)
-    assert args[args.index("--rule") + 1] == "dbSizeFree >= 1073741824"
-    assert "--compact" in args
+    # The cluster as the service resolved it, defaults included (docs/run-handoff.md).
+    assert cluster_from_json(args[args.index(CLUSTER_JSON_FLAG) + 1]) == cluster
     assert args[-6:] == ["--cacert", jobs.CA_FILE, "--cert", jobs.CERT_FILE, "--key", jobs.KEY_FILE]
-    assert "env" not in container  # no ETCD_AUTODEFRAG_CONFIG: no ConfigMap in that namespace
     (tls,) = [v for v in pod["volumes"] if v["name"] == "tls"]
     assert tls["projected"]["sources"] == [
         {"secret": {"name": "etcd-certs", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
@@ -293,34 +290,6 @@ def test_the_job_runs_next_to_the_client_secret_with_the_cluster_as_flags() -> N
         },
     ]
     assert not [v for v in pod["volumes"] if "configMap" in v]
-
-
-@pytest.mark.parametrize(
-    ("settings", "flags"),
-    [
-        ({}, ["--rule", "dbSizeFree >= 104857600 && (dbSizeFree >= 0.5 * dbSize || dbQuotaUsage > 0.8)"]),
-        ({"rule": "dbSize > 1", "deadline_seconds": 900}, ["--rule", "dbSize > 1", "--deadline", "900"]),
-        (
-            {"quota_bytes": "2Gi", "settle_seconds": 0},
-            ["--quota-bytes", "2147483648", "--settle-seconds", "0"],
-        ),
-        ({"move_leader": True, "allow_unavailable_defrag": True}, ["--move-leader", "--allow-unavailable"]),
-        ({"discover_members": False}, ["--no-discover"]),
-    ],
-)
-def test_cluster_flags_carry_every_setting_that_differs(settings: dict[str, Any], flags: list[str]) -> None:
-    cluster = ClusterConfig(name="a", endpoints=["http://10.0.0.1:2379"], **settings)
-    found = jobs.cluster_flags(cluster)
-    assert found[:2] == ["--endpoints", "http://10.0.0.1:2379"]
-    for flag in flags:
-        assert flag in found
-    assert len(found) == 2 + len(flags) + (0 if "--rule" in flags else 2)
-
-
-def test_a_setting_without_a_flag_is_refused_for_a_job_without_config() -> None:
-    cluster = ClusterConfig(name="a", endpoints=["http://10.0.0.1:2379"], health_timeout_seconds=5)
-    with pytest.raises(jobs.JobConfigError, match="health_timeout_seconds cannot be given to a Job"):
-        jobs.cluster_flags(cluster)
 
 
 # --- the TLS files ---------------------------------------------------------------------------------
@@ -407,7 +376,7 @@ async def test_a_datastore_no_job_can_run_is_refused_with_its_reason_and_others_
     unmountable["metadata"]["name"] = "inline"
     discovery = discovery_of(SAMPLE, unmountable)
     executor = RecordingExecutor()
-    jobs_only = DataStoreJobs(executor, discovery, jobs=True)
+    jobs_only = DataStoreJobs(executor, discovery)
     trigger = Trigger(alertname="EtcdDefragRecommended")
     with pytest.raises(ExecutorRejected, match="DataStore inline: no defrag Job can run it: its TLS"):
         await jobs_only.launch(discovery.translations["inline"].cluster, trigger)
@@ -416,11 +385,6 @@ async def test_a_datastore_no_job_can_run_is_refused_with_its_reason_and_others_
     configured = ClusterConfig(name="inline", endpoints=["http://127.0.0.1:2379"])
     await jobs_only.launch(configured, trigger)
     assert executor.launched == ["etcd", "inline"]
-    local = DataStoreJobs(executor, discovery, jobs=False)
-    with pytest.raises(ExecutorRejected, match="by a Kubernetes Job only"):
-        await local.launch(discovery.translations["etcd"].cluster, trigger)
-    await local.launch(configured, trigger)
-    assert executor.launched == ["etcd", "inline", "inline"]
 
 
 # --- the watch, against a scripted API server over loopback HTTP --------------------------------------

@@ -21,6 +21,7 @@ from kube_control_plane import ControlPlane, StandInKubelet, binary_dir, free_po
 from prometheus_client.parser import text_string_to_metric_families
 from test_kube_real import IMAGE, RESTRICTED, Service, report, tls_of, wait_condition
 
+from exporter.core.handoff import CLUSTER_JSON_FLAG, cluster_from_json
 from exporter.kubernetes import api as kube
 
 pytestmark = pytest.mark.kube
@@ -286,7 +287,8 @@ def test_datastores_added_rotated_changed_and_deleted_while_the_service_runs(
         "root-client-certs",
     ]
     args = pod_spec["containers"][0]["args"]
-    assert args[args.index("--endpoints") + 1] == f"https://{host_port(etcd.endpoints[1])}"
+    handed = cluster_from_json(args[args.index(CLUSTER_JSON_FLAG) + 1])
+    assert handed.endpoints == [f"https://{host_port(etcd.endpoints[1])}"]
     pod = kubelet.wait_pod(ETCD_NAMESPACE, f"etcd-autodefrag-{NAME}")
     kubelet.run(pod)
     # A restarted service finds the DataStore again, watches its Jobs' namespace at once (no

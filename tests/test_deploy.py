@@ -27,10 +27,12 @@ from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
 from exporter import __version__
-from exporter.config.settings import ENV_PREFIX, KubernetesTarget, Settings, load_settings
+from exporter.config.settings import ENV_PREFIX, Settings, load_settings
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import Trigger
 from exporter.kubernetes.api import RBAC_RULES, discover
-from exporter.kubernetes.jobs import CONFIG_FILE, DEFAULT_IMAGE, JOB_SELECTOR, NONROOT_ID, TLS_DIR, build_job
+from exporter.kubernetes.jobs import DEFAULT_IMAGE, JOB_SELECTOR, NONROOT_ID, TLS_DIR, build_job
+from exporter.kubernetes.variants import JOB_RBAC_RULES, spec_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -121,8 +123,10 @@ def volume(objects: list[Json], name: str) -> Json:
 
 
 def service_config(objects: list[Json]) -> str:
-    """config.yaml of the ConfigMap the Deployment mounts at exporter.kubernetes.jobs.CONFIG_FILE."""
-    (mount,) = [m for m in container(objects)["volumeMounts"] if m["mountPath"] == CONFIG_FILE]
+    """config.yaml of the ConfigMap the Deployment mounts where `serve --config` reads it."""
+    args = container(objects)["args"]
+    path = args[args.index("--config") + 1]
+    (mount,) = [m for m in container(objects)["volumeMounts"] if m["mountPath"] == path]
     config_map = volume(objects, mount["name"])["configMap"]["name"]
     data: str = one(objects, "ConfigMap", config_map, NAMESPACE)["data"][mount["subPath"]]
     return data
@@ -172,6 +176,14 @@ def permissions(rules: list[Json]) -> set[tuple[str, str, str]]:
     return granted
 
 
+def scrape_job(service: Json, monitor: Json) -> str:
+    """The `job` label of the targets a ServiceMonitor finds behind a Service (prometheus-operator:
+    the value of the Service's label named by jobLabel, else the Service's name)."""
+    label = monitor["spec"].get("jobLabel")
+    job: str = service["metadata"]["labels"][label] if label else service["metadata"]["name"]
+    return job
+
+
 def load_generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("deploy_generate", DEPLOY / "generate.py")
     assert spec is not None
@@ -184,20 +196,43 @@ def load_generator() -> ModuleType:
 # --- the generated copies ----------------------------------------------------------------------
 
 
-def test_generated_copies_match_alerts_and_grafana() -> None:
+def test_the_charts_copies_and_the_values_table_match_their_sources() -> None:
     generator = load_generator()
+    stale = [str(path.relative_to(ROOT)) for path in generator.stale_copies()]
+    assert not stale, f"{', '.join(stale)} out of date: run .venv/bin/python deploy/generate.py"
+
+
+def test_base_and_overlays_are_what_the_chart_renders() -> None:
+    """deploy/base and deploy/overlays/* are generated from the chart: no hand edit survives."""
+    generator = load_generator()
+    if reason := generator.helm_unavailable_reason():
+        pytest.skip(reason)
     stale = [str(path.relative_to(ROOT)) for path in generator.stale()]
     assert not stale, f"{', '.join(stale)} out of date: run .venv/bin/python deploy/generate.py"
 
 
 def test_generate_check_mode_reports_a_drifted_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     generator = load_generator()
-    drifted = tmp_path / "prometheusrule.yaml"
-    drifted.write_text(generator.render_prometheus_rule().replace("> 0.8", "> 0.7"))
-    monkeypatch.setattr(generator, "PROMETHEUS_RULE", drifted)
-    monkeypatch.setattr(generator, "DASHBOARD_COPY", tmp_path / "missing.json")
-    assert generator.stale() == [drifted, tmp_path / "missing.json"]
+    drifted = tmp_path / "etcd-autodefrag-rules.yaml"
+    drifted.write_text(RULES.read_text().replace("> 0.8", "> 0.7"))
+    monkeypatch.setattr(generator, "CHART_RULES", drifted)
+    monkeypatch.setattr(generator, "CHART_DASHBOARD", tmp_path / "missing.json")
+    assert generator.stale_copies() == [drifted, tmp_path / "missing.json"]
+    monkeypatch.setattr(generator, "kustomize_outputs", dict)
+    monkeypatch.setattr(generator, "generated_directories", list)
     assert generator.main(["deploy/generate.py", "--check"]) == 1
+
+
+def test_a_file_left_in_a_generated_directory_is_stale(tmp_path: Path) -> None:
+    """A hand-written patch added beside the generated ones is reported, and removed by a write."""
+    generator = load_generator()
+    (tmp_path / "values.yaml").write_text("variant: plain\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: []\n")
+    (tmp_path / "my-patch.yaml").write_text("kind: Deployment\n")
+    outputs = {tmp_path / "kustomization.yaml": "resources: []\n"}
+    assert generator.stale_in(outputs, [tmp_path]) == [tmp_path / "my-patch.yaml"]
+    generator.write(outputs, [tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kustomization.yaml", "values.yaml"]
 
 
 # --- every kustomization -------------------------------------------------------------------------
@@ -239,9 +274,7 @@ def test_service_monitor_scrapes_the_service_as_the_job_the_alerts_select(name: 
     objects = built(name)
     service = one(objects, "Service", namespace=NAMESPACE)
     monitor = one(objects, "ServiceMonitor", namespace=NAMESPACE)
-    # Under a ServiceMonitor without jobLabel, the job label is the Service's name.
-    assert service["metadata"]["name"] == SERVICE_JOB
-    assert "jobLabel" not in monitor["spec"]
+    assert scrape_job(service, monitor) == SERVICE_JOB
     assert monitor["apiVersion"] == f"{CRD_GROUP}/v1"
     assert monitor["metadata"]["labels"]["release"] == RELEASE
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
@@ -393,7 +426,8 @@ async def test_overlays_configure_clusters_whose_jobs_can_run(
     kube_api: ApiClient,
 ) -> None:
     """For each cluster, on the install: what the service reads at start-up gives a valid Job that
-    can start (its Secrets exist), and its ConfigMap and a Role await it in its namespace."""
+    can start (its Secrets exist) and runs the cluster the service resolved, and a Role awaits it in
+    its namespace."""
     assert {o for o, _, _ in INSTALLS} == {p.name for p in OVERLAYS}, "an overlay without an install"
     if name == "kamaji":
         fake_kube.add_statefulset("kamaji-system", "kamaji-etcd", replicas=3, layout=install)
@@ -402,7 +436,6 @@ async def test_overlays_configure_clusters_whose_jobs_can_run(
         for i in (11, 12, 13):
             fake_kube.add_pod(kubeadm_static_pod(f"cp-{i}", f"{prefix}{i}"))
     objects = built(name)
-    config = service_config(objects)
     settings = settings_of(objects, tmp_path, monkeypatch)
     assert settings.clusters, f"overlay {name} configures no cluster"
     account = pod_spec(objects)["serviceAccountName"]
@@ -416,15 +449,15 @@ async def test_overlays_configure_clusters_whose_jobs_can_run(
         assert target is not None
         pod = job["spec"]["template"]["spec"]
         assert fake_kube.missing_secrets(target.namespace, pod) == [], "the Job's Pod could not start"
-        if cluster.discovers_endpoints:  # the Job has no API access: it gets what the service read
-            args = pod["containers"][0]["args"]
-            assert args[args.index("--endpoints") + 1] == ",".join(endpoints)
+        # The Job has no API access and reads no config: it is handed what the service resolved.
+        args = pod["containers"][0]["args"]
+        assert cluster_from_json(args[args.index("--cluster-json") + 1]) == cluster
+        assert not [v for v in pod["volumes"] if "configMap" in v]
         # What it read is allowed by the Role in that namespace (the fake fails on anything else).
         role = one(objects, "Role", NAME, target.namespace)
         assert {r.rbac() for r in fake_kube.requests} <= permissions(role["rules"])
-        # The Job mounts ConfigMap `config_map` of its own namespace and reads the very same file.
-        job_config = one(objects, "ConfigMap", target.config_map, target.namespace)
-        assert job_config["data"] == {"config.yaml": config}
+        # No copy of the config waits in the Job's namespace to drift from the service's.
+        assert not find(objects, "ConfigMap", namespace=target.namespace)
         binding = one(objects, "RoleBinding", NAME, target.namespace)
         assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME}
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
@@ -435,30 +468,29 @@ async def test_overlays_configure_clusters_whose_jobs_can_run(
 def test_roles_grant_what_the_code_calls_and_nothing_more(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each Role grants, in its namespace, what the Jobs there need plus the reads the variants of the
+    clusters there make there (exporter/kubernetes/variants.py): no more, no less."""
     objects = built(name)
     settings = settings_of(objects, tmp_path, monkeypatch)
-    allowed = permissions(RBAC_RULES)
-    kamaji_namespaces = {
-        c.kubernetes.namespace
-        for c in settings.clusters
-        if c.kubernetes is not None and c.kubernetes.variant is KubernetesTarget.Variant.KAMAJI
-    }
+    expected: dict[str, set[tuple[str, str, str]]] = {}
+    for cluster in settings.clusters:
+        assert cluster.kubernetes is not None
+        spec = spec_of(cluster.kubernetes.variant)
+        expected.setdefault(cluster.kubernetes.namespace, set()).update(JOB_PERMISSIONS)
+        reads = spec.api_namespace or cluster.kubernetes.namespace
+        expected.setdefault(reads, set()).update(permissions(list(spec.api_rules)))
     roles = find(objects, "Role")
-    assert roles
+    assert {role["metadata"]["namespace"] for role in roles} == set(expected)
     for role in roles:
-        granted = permissions(role["rules"])
         namespace = role["metadata"]["namespace"]
-        assert granted <= allowed, f"Role in {namespace} grants more than RBAC_RULES: {granted - allowed}"
-        assert granted >= JOB_PERMISSIONS, f"Role in {namespace} lacks {JOB_PERMISSIONS - granted}"
-        if namespace in kamaji_namespaces:
-            assert granted == allowed  # exactly exporter.kubernetes.api.RBAC_RULES
-        else:
-            assert not granted & KAMAJI_DISCOVERY
+        assert permissions(role["rules"]) == expected[namespace], f"Role in {namespace}"
+        assert permissions(role["rules"]) <= permissions(RBAC_RULES)
 
 
 def test_the_job_permissions_are_in_rbac_rules() -> None:
     """JOB_PERMISSIONS above stays a part of what the code declares it calls."""
     assert permissions(RBAC_RULES) == JOB_PERMISSIONS | KAMAJI_DISCOVERY
+    assert permissions(list(JOB_RBAC_RULES)) == JOB_PERMISSIONS
 
 
 @needs_kubectl
@@ -588,9 +620,14 @@ def test_the_docs_say_where_to_set_the_image_and_what_happens_otherwise() -> Non
     install = (ROOT / "docs" / "install.md").read_text()
     assert "ImagePullBackOff" in install
     assert f'Failed to pull image "{IMAGE_PLACEHOLDER}:{__version__}"' in install
-    quick_start = (ROOT / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("```", 1)[0]
-    assert "set\n`images:` in `deploy/base/kustomization.yaml` first" in quick_start
-    assert "ImagePullBackOff" in quick_start
+    section = (ROOT / "README.md").read_text().split("## Deploy on Kubernetes", 1)[1].split("\n## ", 1)[0]
+    # Before the first command: build and push the image; Helm then names it, kustomize's `images:`.
+    assert "build and push it first" in " ".join(section.split("```", 1)[0].split())
+    helm, kustomize = section.split("Without Helm", 1)
+    assert "--set image.repository=" in helm
+    words = " ".join(kustomize.split())
+    assert "set `images:` in `deploy/base/kustomization.yaml` first" in words
+    assert "ImagePullBackOff" in words
     # The base's comment, next to the setting, says it too.
     assert "ImagePullBackOff" in (BASE / "kustomization.yaml").read_text()
 

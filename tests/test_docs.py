@@ -158,3 +158,16 @@ def test_every_relative_link_resolves_to_a_file_and_anchor(path: Path) -> None:
         elif anchor and resolved.suffix == ".md" and anchor not in github_anchors(resolved.read_text()):
             broken.append(f"{target}: no heading with that anchor in {resolved.name}")
     assert broken == []
+
+
+def test_architecture_names_every_module() -> None:
+    """docs/architecture.md's module table lists every module of exporter/ and nothing that is gone."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"`(exporter/[a-z_/]+\.py)`", text))
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "exporter").rglob("*.py")
+        if path.name != "__init__.py" or path.parent.name == "exporter"
+    }
+    assert modules - listed == set(), "add these to docs/architecture.md"
+    assert listed - modules == set(), "these are gone: remove them from docs/architecture.md"

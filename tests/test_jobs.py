@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 import exporter.kubernetes.jobs
 from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget, load_settings
+from exporter.core.handoff import cluster_from_json, cluster_json
 from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.core.report import MemberOutcome, MemberReport, RunReport, RunResult
 from exporter.kubernetes.jobs import (
@@ -117,9 +118,8 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_builds_a_valid_job(variant: str) -> None:
     kubernetes, endpoints, tls_flags = VARIANTS[variant]
-    job = build_job(
-        cluster(kubernetes, endpoints=endpoints), image="registry.example/ead:1.2.3", trigger=TRIGGER
-    )
+    configured = cluster(kubernetes, endpoints=endpoints)
+    job = build_job(configured, image="registry.example/ead:1.2.3", trigger=TRIGGER)
     validate(job)
     assert job["metadata"]["name"] == "etcd-autodefrag-tenant-a"
     assert job["metadata"]["namespace"] == kubernetes["namespace"]
@@ -134,9 +134,19 @@ def test_every_variant_builds_a_valid_job(variant: str) -> None:
     c = container(job)
     assert c["image"] == "registry.example/ead:1.2.3"
     assert c["command"] == ["etcd-autodefrag"]
-    run = ["defrag", "--cluster", "tenant-a", "--output", "json"]
-    assert c["args"] == [*run, "--report-file", "/dev/termination-log", *tls_flags]
-    assert c["env"] == [{"name": "ETCD_AUTODEFRAG_CONFIG", "value": "/etc/etcd-autodefrag/config.yaml"}]
+    # The cluster as data (exporter/core/handoff.py): the Job reads no config file.
+    run = [
+        "defrag",
+        "--cluster-json",
+        cluster_json(configured),
+        "--log-format",
+        "text",
+        "--log-level",
+        "INFO",
+    ]
+    assert c["args"] == [*run, "--output", "json", "--report-file", "/dev/termination-log", *tls_flags]
+    assert cluster_from_json(c["args"][2]) == configured
+    assert "env" not in c
     assert c["terminationMessagePath"] == "/dev/termination-log"
     assert c["terminationMessagePolicy"] == "File"
     assert c["securityContext"] == {
@@ -146,12 +156,8 @@ def test_every_variant_builds_a_valid_job(variant: str) -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert c["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
-    assert mounts(job)["/etc/etcd-autodefrag/config.yaml"] == "config"
     assert mounts(job)["/tmp"] == "tmp"
-    assert volumes(job)["config"]["configMap"] == {
-        "name": "etcd-autodefrag",
-        "items": [{"key": "config.yaml", "path": "config.yaml"}],
-    }
+    assert not [v for v in pod["volumes"] if "configMap" in v]
     assert "emptyDir" in volumes(job)["tmp"]
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "etcd-autodefrag"
@@ -261,7 +267,6 @@ def test_cluster_settings_reach_the_job() -> None:
     kubernetes = {
         **VARIANTS["talos"][0],
         "image": "mirror.example/ead:pinned",
-        "config_map": "ead-config",
         "cooldown_seconds": 600,
         "active_deadline_seconds": 4000,
         "service_account": "etcd-defrag",
@@ -275,7 +280,6 @@ def test_cluster_settings_reach_the_job() -> None:
     job = build_job(cluster(kubernetes), image="default:1", trigger=TRIGGER, cooldown_seconds=99)
     validate(job)
     assert container(job)["image"] == "mirror.example/ead:pinned"
-    assert volumes(job)["config"]["configMap"]["name"] == "ead-config"
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
     assert job["spec"]["activeDeadlineSeconds"] == 4000
     assert pod_spec(job)["serviceAccountName"] == "etcd-defrag"

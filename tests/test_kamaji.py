@@ -14,6 +14,7 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
@@ -180,7 +181,7 @@ async def test_an_explicit_layout_is_kept_and_the_domain_and_port_are_used(
     args = jobs.build_job(found, image="i:1", trigger=TRIGGER)["spec"]["template"]["spec"]["containers"][0][
         "args"
     ]
-    assert args[args.index("--endpoints") + 1] == ",".join(found.endpoints)
+    assert cluster_from_json(args[args.index("--cluster-json") + 1]).endpoints == found.endpoints
 
 
 async def test_fixed_endpoints_still_read_the_layout(fake_kube: FakeKube, kube_api: ApiClient) -> None:

@@ -13,6 +13,7 @@ from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
 from exporter.config.settings import ClusterConfig, ConfigError
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.core.report import MemberOutcome, MemberReport, RunOutcome, RunReport, RunResult
 from exporter.kubernetes.api import (
@@ -78,11 +79,9 @@ async def test_create_then_409_says_running_then_cooling_down(
         LaunchOutcome.CREATED,
     )
     stored = fake_kube.job(NAMESPACE, "etcd-autodefrag-tenant-a")
-    assert stored["spec"]["template"]["spec"]["containers"][0]["args"][:3] == [
-        "defrag",
-        "--cluster",
-        "tenant-a",
-    ]
+    args = stored["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["defrag", "--cluster-json"]
+    assert cluster_from_json(args[2]).name == "tenant-a"
 
     second = await create_job(kube_api, job, timeout=TIMEOUT)
     assert not second.created

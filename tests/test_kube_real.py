@@ -33,6 +33,7 @@ from kube_control_plane import ControlPlane, StandInKubelet, free_port, wait_unt
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config.settings import ClusterConfig
+from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.jobs import build_job
@@ -1109,11 +1110,12 @@ def test_discovery_from_a_statefulset_and_static_pods_and_a_scale_on_sighup(
         )
         assert found.endswith(", ".join(f"https://kamaji-etcd-{i}.{host}" for i in range(5))), found
 
-        # The Job of a discovered cluster gets the URLs the service read (it has no API access).
+        # The Job of a discovered cluster is handed the URLs the service read (it has no API access).
         launch(service, "kubeadm-found")
         job = plane.request("GET", job_path("kube-system", "kubeadm-found"))
         args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert args[args.index("--endpoints") + 1] == ",".join(tls_etcd_cluster.endpoints)
+        handed = cluster_from_json(args[args.index("--cluster-json") + 1])
+        assert handed.endpoints == tls_etcd_cluster.endpoints
         pod = kubelet.wait_pod("kube-system", "etcd-autodefrag-kubeadm-found")
         kubelet.run(pod)
         kubelet.finish(pod, exit_code=0, message=report("success"))

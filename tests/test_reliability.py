@@ -102,6 +102,7 @@ from test_webhook import settings as service_settings
 from exporter import logs
 from exporter.config.settings import ClusterConfig
 from exporter.core import clock
+from exporter.core.handoff import cluster_from_json
 from exporter.core.report import RunResult
 from exporter.defrag.engine import DefragEngine
 from exporter.etcd.client import EtcdClient
@@ -363,8 +364,6 @@ async def test_a_member_killed_mid_run_stops_the_run_exit_1_and_counts_a_failure
     exit_file = tmp_path / "exit-code"
     executor = LocalExecutor(
         state_dir=tmp_path / "state",
-        config_file=config,
-        embedded_default=False,
         cooldown_seconds=3600,
         # The real engine, with its exit status kept: `sh -c '... "$@"' sh ARGS` runs it with the
         # executor's arguments and writes the code the service itself does not keep.
@@ -986,7 +985,8 @@ async def test_alert_labels_cannot_choose_a_cluster_namespace_image_or_command(
     pod = job["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["image"] == IMAGE
-    assert container["args"][:3] == ["defrag", "--cluster", "c0"]
+    assert container["args"][:2] == ["defrag", "--cluster-json"]
+    assert cluster_from_json(container["args"][2]).name == "c0"
     manifest_text = json.dumps(job)
     for value in ("kube-system", "evil", "attacker", "passwd", "rm -rf", "tenant-b-prod"):
         assert value not in manifest_text, value  # annotations record the trigger, never label values

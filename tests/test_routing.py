@@ -24,6 +24,7 @@ from exporter.core.routing import (
     decide,
     decide_all,
     route,
+    snapshot_wanted,
 )
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -441,3 +442,37 @@ def test_cluster_index_keeps_configuration_order_for_ambiguous_alerts() -> None:
     assert index.route({"etcd_cluster": "a", "job": "kube-etcd"}) == [first, second, third]
     assert index.route({"etcd_cluster": "b"}) == []
     assert index.by_name["second"] is second
+
+
+# The webhook reads a fresh snapshot (of another shard's cluster, docs/sharding.md) only for these.
+@pytest.mark.parametrize(
+    ("alerts", "wanted"),
+    [
+        ([alert(etcd_cluster="a")], {"a"}),
+        ([alert(etcd_cluster="a"), alert(etcd_cluster="b"), alert(etcd_cluster="a")], {"a", "b"}),
+        ([alert(status="resolved", etcd_cluster="a")], set()),
+        ([alert("SomethingElse", etcd_cluster="a")], set()),  # not an acting alert
+        ([alert(etcd_cluster="nowhere")], set()),  # unrouted
+        ([alert(etcd_cluster="p")], set()),  # paused
+        ([alert(job="shared")], set()),  # ambiguous: routed to c and d
+    ],
+)
+def test_snapshot_wanted(alerts: list[AlertmanagerAlert], wanted: set[str]) -> None:
+    index = ClusterIndex(
+        [
+            cluster("a"),
+            cluster("b"),
+            cluster("p", paused=True),
+            cluster("c", 'job="shared"'),
+            cluster("d", 'job="shared"'),
+        ]
+    )
+    assert snapshot_wanted(alerts=alerts, clusters=index, policy=POLICY) == wanted
+    # Exactly the clusters `decide` would look at a snapshot for: it says so when there is none.
+    looked = {
+        d.cluster
+        for a in alerts
+        if (d := decide(alert=a, clusters=index, snapshots={}, runs={}, now=NOW, policy=POLICY)).decision
+        is Decision.SKIP_NO_SNAPSHOT
+    }
+    assert looked == wanted

@@ -145,8 +145,6 @@ async def test_a_deferred_run_starts_no_cooldown(etcd: EtcdCluster, serve: Serve
     config.write_text(yaml.safe_dump({"clusters": [cluster]}))
     executor = LocalExecutor(
         state_dir=tmp_path / "state",
-        config_file=config,
-        embedded_default=False,
         cooldown_seconds=3600,
         reconcile_interval_seconds=0.05,
     )

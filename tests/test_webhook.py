@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -34,6 +35,7 @@ from pydantic import SecretStr
 from snapshot_source import StaticSnapshots, healthy_snapshot
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings, load_settings
+from exporter.core.handoff import cluster_from_json, cluster_json
 from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
 from exporter.core.report import MemberReport, RunReport, RunResult
 from exporter.kubernetes.api import kube_api_client
@@ -46,6 +48,7 @@ from exporter.launch.executors import (
     child_environment,
     local_executor,
 )
+from exporter.service import auth
 from exporter.service import webhook as webhook_module
 from exporter.service.app import create_app
 
@@ -153,7 +156,7 @@ class Child:
 
     @property
     def cluster(self) -> str:
-        return self.argv[self.argv.index("--cluster") + 1]
+        return cluster_from_json(self.argv[self.argv.index("--cluster-json") + 1]).name
 
     def finish(self, report: dict[str, Any] | None = None, *, exit_code: int = 0) -> None:
         stdout = json.dumps(report) + "\n" if report is not None else ""
@@ -539,10 +542,10 @@ async def test_a_non_ascii_token_is_compared_as_utf8_bytes(fleet: Fleet, serve: 
 
 
 def test_authorized_never_raises_on_any_string() -> None:
-    credentials = webhook_module.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
+    credentials = auth.Credentials(token=SecretStr(TOKEN), basic=("am", SecretStr("pw")))
     for header in ["Bearer \udcff", "Bearer \ud800", "Basic \udcff", "\x00", "Bearer " + TOKEN + "\udcff"]:
-        assert webhook_module.authorized(header, credentials) is False
-    assert webhook_module.authorized(f"Bearer {TOKEN}", credentials) is True
+        assert auth.authorized(header, credentials) is False
+    assert auth.authorized(f"Bearer {TOKEN}", credentials) is True
 
 
 async def test_token_from_a_file_and_from_the_environment(
@@ -1009,13 +1012,9 @@ async def test_1000_concurrent_posts_for_10_clusters_launch_10_runs(
 # --- the local executor --------------------------------------------------------------------------
 
 
-def local(
-    state_dir: Path, fake: FakeDefrag, *, cooldown: float = 3600, config: Path | None = None
-) -> LocalExecutor:
+def local(state_dir: Path, fake: FakeDefrag, *, cooldown: float = 3600) -> LocalExecutor:
     return LocalExecutor(
         state_dir=state_dir,
-        config_file=config,
-        embedded_default=False,
         cooldown_seconds=cooldown,
         command=fake.command,
         reconcile_interval_seconds=0.05,
@@ -1046,10 +1045,8 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
     assert "after its last run (dry_run)" in reason(body, "skip_cooldown")
     dry = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DRY-RUN: would run ")]
     assert len(dry) == 2
-    assert (
-        f"-m exporter defrag --output json --log-format text --log-level INFO --config {config} --cluster c0"
-        in dry[0]
-    )
+    handed = shlex.join(["--cluster-json", cluster_json(clusters(fleet, 2)[0])])
+    assert f"-m exporter defrag {handed} --log-format text --log-level INFO --output json" in dry[0]
     assert not state_dir.exists()  # not even a lock file: a dry run's bookkeeping stays in memory
     metrics = await scrape(client)
     assert metrics.value("etcd_autodefrag_alerts_total", outcome="dry_run") == 2
@@ -1077,14 +1074,17 @@ async def test_a_dry_run_never_holds_back_a_real_one(
 async def test_local_run_end_to_end_with_the_stand_in(
     fleet: Fleet, serve: Serve, tmp_path: Path, fake_defrag: FakeDefrag
 ) -> None:
-    config = tmp_path / "config.yaml"
-    executor = local(tmp_path / "state", fake_defrag, config=config)
-    client = await serve(clusters(fleet, 2), executor)
+    executor = local(tmp_path / "state", fake_defrag)
+    configured = clusters(fleet, 2)
+    client = await serve(configured, executor)
     status, body = await post(client, notification(alert("c1")))
     assert (status, outcomes(body)) == (200, ["launch"])
     child = await fake_defrag.next()
-    assert child.argv[:2] == ["defrag", "--output"]
-    assert child.argv[-4:] == ["--config", str(config.absolute()), "--cluster", "c1"]
+    # Handed the cluster the service decided on, as data (docs/run-handoff.md): no config file.
+    assert child.argv[:2] == ["defrag", "--cluster-json"]
+    assert cluster_from_json(child.argv[2]) == configured[1]
+    assert "--config" not in child.argv
+    assert child.argv[-2:] == ["--output", "json"]
     assert (await scrape(client)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c1") == 1
     assert (await scrape(client)).value("etcd_autodefrag_runs_in_flight", etcd_cluster="c0") == 0
     # While it runs, the same alert is acknowledged without a second run.
@@ -1215,7 +1215,7 @@ from exporter.config.settings import ClusterConfig
 
 async def main():
     executor = LocalExecutor(
-        state_dir=Path(sys.argv[1]), config_file=None, embedded_default=False, cooldown_seconds=0,
+        state_dir=Path(sys.argv[1]), cooldown_seconds=0,
         command=[sys.executable, "-c", "raise SystemExit(7)"],
     )
     cluster = ClusterConfig(name="c0", endpoints=["http://127.0.0.1:2379"])
@@ -1278,12 +1278,7 @@ async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Se
         "    settle_seconds: 0\n"  # started seconds ago: no rollout gate
     )
     configured = load_settings(config).clusters
-    executor = LocalExecutor(
-        state_dir=tmp_path / "state",
-        config_file=config,
-        embedded_default=False,
-        cooldown_seconds=3600,
-    )
+    executor = LocalExecutor(state_dir=tmp_path / "state", cooldown_seconds=3600)
     client = await serve(configured, executor)
     status, body = await post(client, notification(alert("e2e", name="EtcdNoSpaceAlarm")))
     assert (status, outcomes(body)) == (200, ["launch"])
@@ -1306,15 +1301,14 @@ async def test_real_defrag_end_to_end(fresh_etcd_cluster: EtcdCluster, serve: Se
 
 
 def test_child_command_for_the_embedded_default(tmp_path: Path) -> None:
-    """Without configured clusters, the child runs `defrag` on the default's URL (it needs a target)."""
-    from exporter.config.settings import DEFAULT_ENDPOINT, default_cluster
+    """Without configured clusters, the child is handed the embedded default as any other cluster,
+    with the service's log settings."""
+    from exporter.config.settings import default_cluster
 
-    executor = local_executor(Settings(executor={"state_dir": tmp_path}), config_file=None)
-    assert executor.child_command(default_cluster())[-2:] == ["--endpoints", DEFAULT_ENDPOINT]
-    configured = local_executor(
-        Settings(clusters=[default_cluster()], executor={"state_dir": tmp_path}), config_file=None
-    )
-    assert configured.child_command(default_cluster())[-2:] == ["--cluster", "local"]
+    settings = Settings(log_format="json", log_level="debug", executor={"state_dir": tmp_path})
+    command = local_executor(settings).child_command(default_cluster())
+    assert cluster_from_json(command[command.index("--cluster-json") + 1]) == default_cluster()
+    assert command[command.index("--log-format") + 1 :][:3] == ["json", "--log-level", "DEBUG"]
 
 
 def test_tokens_never_in_logs_or_reprs(caplog: pytest.LogCaptureFixture) -> None:

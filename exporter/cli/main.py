@@ -6,13 +6,10 @@ One contract for every command (docs/cli.md): the exit codes of ExitCode, printe
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
-import socket
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -34,9 +31,9 @@ from exporter.config.settings import (
     ConfigError,
     PositiveSeconds,
     Settings,
-    default_cluster,
     load_settings,
 )
+from exporter.core.handoff import CLUSTER_JSON_FLAG, RunSettings, cluster_from_json
 from exporter.core.launches import Trigger
 from exporter.core.policy import (
     QuorumCost,
@@ -56,7 +53,8 @@ from exporter.etcd.connect import Connection, TlsFileError, connection
 from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes import cronjob as render_mod
 from exporter.kubernetes import jobs, kamaji
-from exporter.kubernetes.discovery import DiscoveryError, discovered
+from exporter.kubernetes.discovery import DiscoveryError
+from exporter.service import startup
 
 log = logging.getLogger("etcd_autodefrag")
 
@@ -223,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--key c.key --dry-run"
         ),
     )
+    defrag.add_argument(
+        CLUSTER_JSON_FLAG,
+        metavar="JSON",
+        help="the cluster as JSON, as the service hands it to a run it launches (docs/run-handoff.md); "
+        "instead of --cluster, and no config file is read",
+    )
     defrag.add_argument("--dry-run", action="store_true", help="check and evaluate, change nothing")
     defrag.add_argument("--compact", action="store_true", help="compact to the current revision first")
     defrag.add_argument("--move-leader", action="store_true", help="hand leadership away first")
@@ -289,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         metavar="HOST:PORT",
         help="address to listen on (default: " + str(Settings.model_fields["listen_address"].default) + ")",
+    )
+    # kube-state-metrics' flags: each replica observes the clusters whose name hashes to its shard.
+    serve.add_argument(
+        "--shard",
+        type=int,
+        metavar="I",
+        help="observe only shard I (0-based) of the clusters; default: the ordinal in env POD_NAME "
+        "when --total-shards > 1 (docs/sharding.md)",
+    )
+    serve.add_argument(
+        "--total-shards", type=int, metavar="N", help="split the clusters over N replicas (default: 1)"
     )
     add_render_parser(sub)
     return parser
@@ -502,7 +517,15 @@ def cluster_from_args(args: argparse.Namespace, settings: Settings) -> ClusterCo
     if getattr(args, "allow_unavailable", False):
         overrides["allow_unavailable_defrag"] = True
 
-    if args.cluster:
+    handed = getattr(args, "cluster_json", None)
+    if handed is not None:
+        if args.cluster:
+            raise UsageError(f"--cluster and {CLUSTER_JSON_FLAG}: give one")
+        try:
+            base = cluster_from_json(handed).model_dump()
+        except ValueError as exc:
+            raise UsageError(f"{CLUSTER_JSON_FLAG}: {exc}") from None
+    elif args.cluster:
         base = settings.cluster(args.cluster).model_dump()
     elif args.endpoints is not None:
         base = {"name": "cli", "endpoints": overrides["endpoints"]}
@@ -664,124 +687,17 @@ def _num(value: int | None) -> str:
     return str(value) if value is not None else "-"
 
 
-def needs_restart(running: Settings, fresh: Settings) -> list[str]:
-    """The settings other than `clusters` that differ: a reload does not apply them."""
-    return [
-        name
-        for name in type(running).model_fields
-        if name != "clusters" and getattr(running, name) != getattr(fresh, name)
-    ]
-
-
 def serve(settings: Settings, config_file: Path | None, overrides: dict[str, Any] | None = None) -> int:
-    """Run the service until SIGTERM/SIGINT; SIGHUP re-reads the cluster list from the config file.
-
-    `overrides` are the command-line values that beat the file (`--listen`), applied on reload too.
-    """
-    from aiohttp import web
-
-    from exporter.service.app import create_app, reconfigure
-
-    clusters = settings.clusters
-    discovering = settings.discover.kamaji_datastores.enabled
-    if discovering:
-        log.info(
-            "following Kamaji DataStores%s: every etcd DataStore becomes a cluster",
-            f" with labels {settings.discover.kamaji_datastores.label_selector}"
-            if settings.discover.kamaji_datastores.label_selector
-            else "",
-        )
-    elif not clusters:
-        clusters = [default_cluster()]
-        log.info(
-            "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
-            DEFAULT_ENDPOINT,
-        )
-    for cluster in clusters:
-        connect_or_usage_error(cluster)  # ConfigError (exit 2) naming the cluster, the setting and the file
+    """`serve`: run the service (exporter.service.startup) and turn its start-up failures into exit codes."""
     try:
-        clusters = asyncio.run(discovered(clusters))
+        startup.run(settings, config_file, overrides)
     except DiscoveryError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.FAILED
-    # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file)
-    reloading: set[asyncio.Task[None]] = set()
-
-    async def reload_on_sighup(app: web.Application) -> None:
-        async def reload() -> None:
-            try:
-                fresh = load_settings(config_file, **(overrides or {}))
-                clusters = await discovered(fresh.clusters or ([] if discovering else [default_cluster()]))
-                for cluster in clusters:
-                    connect_or_usage_error(cluster)
-            except (ConfigError, DiscoveryError) as exc:
-                log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
-                return
-            reconfigure(app, clusters)
-            log.info("SIGHUP: reloaded %d clusters from %s", len(fresh.clusters), config_file)
-            if changed := needs_restart(settings, fresh):
-                log.warning(
-                    "SIGHUP: %s changed in %s but only the cluster list is reloaded: restart the "
-                    "service to apply them",
-                    ", ".join(changed),
-                    config_file,
-                )
-
-        def start_reload() -> None:
-            task = asyncio.get_running_loop().create_task(reload())
-            reloading.add(task)
-            task.add_done_callback(reloading.discard)
-
-        if config_file is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, start_reload)
-
-    app.on_startup.append(reload_on_sighup)
-    # Bind before saying "serving": a port in use is then the only thing "cannot listen" can mean,
-    # and any other failure at start-up keeps its own message.
-    try:
-        sockets = bind(settings.listen_host, settings.listen_port)
-    except OSError as exc:
-        print(
-            f"etcd-autodefrag: cannot listen on {settings.listen_address}: {exc.strerror or exc}",
-            file=sys.stderr,
-        )
+    except startup.CannotListen as exc:
+        print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE
-    log.info(
-        "serving /metrics and the webhook /webhook/alertmanager for %d clusters (%s)%s on http://%s:%d",
-        len(clusters),
-        ", ".join(c.name for c in clusters),
-        " and the Kamaji DataStores" if discovering else "",
-        settings.listen_host,
-        settings.listen_port,
-    )
-    with contextlib.ExitStack() as bound:
-        for sock in sockets:
-            bound.enter_context(sock)
-        # One site per socket; any start-up error of the app itself keeps its own words.
-        web.run_app(app, sock=sockets, print=None, access_log=None)
     return ExitCode.OK
-
-
-def bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for host:port (both families for a name like `localhost`), as aiohttp would."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):  # once each, in order
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 # --- render -----------------------------------------------------------------------------------------
@@ -848,6 +764,7 @@ def render_job(args: argparse.Namespace) -> dict[str, Any]:
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
         trigger=Trigger(alertname=args.alertname, dry_run=args.dry_run),
         cooldown_seconds=settings.executor.cooldown_seconds,
+        run_settings=RunSettings.from_settings(settings),
     )
 
 
@@ -940,9 +857,21 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "render":
         logs.configure(level="WARNING")  # render prints what it did; only problems are logged
         return render(args)
-    overrides = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    overrides: dict[str, Any] = {"listen_address": args.listen} if getattr(args, "listen", None) else {}
+    # A run handed its cluster reads no config file: what runs is what the service decided.
+    config = None if getattr(args, "cluster_json", None) is not None else args.config
+    sharding = {
+        key: value
+        for key, value in (
+            ("shard", getattr(args, "shard", None)),
+            ("total_shards", getattr(args, "total_shards", None)),
+        )
+        if value is not None
+    }
+    if sharding:
+        overrides["sharding"] = sharding  # merged with the environment's and the file's sharding
     try:
-        settings = load_settings(args.config, **overrides)
+        settings = load_settings(config, **overrides)
     except ConfigError as exc:
         print(f"etcd-autodefrag: {exc}", file=sys.stderr)
         return ExitCode.USAGE

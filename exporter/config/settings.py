@@ -34,8 +34,10 @@ from pydantic_settings import (
 )
 
 from exporter.core.matchers import MatcherSyntaxError, parse_matcher
+from exporter.core.names import is_dns_label, is_dns_subdomain
 from exporter.core.rule import RuleSyntaxError, parse_rule
 from exporter.core.units import BYTE_SIZE_HELP, parse_byte_size
+from exporter.kubernetes import variants as _variants
 from exporter.kubernetes.kamaji import (
     DEFAULT_CLIENT_PORT,
     DEFAULT_CLUSTER_DOMAIN,
@@ -43,6 +45,7 @@ from exporter.kubernetes.kamaji import (
     SecretLayout,
     client_secrets,
 )
+from exporter.kubernetes.variants import Members, TlsSource, Variant, spec_of, variants_where
 
 ENV_PREFIX = "ETCD_AUTODEFRAG_"
 DEFAULT_CLUSTER_NAME = "local"
@@ -51,7 +54,6 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"
 # 9479: clear of etcd's own 2379 (client), 2380 (peer) and 2381 (kubeadm metrics) ports.
 DEFAULT_LISTEN_PORT = 9479
 # Names end up in Kubernetes object names and label values (`etcd-defrag-<name>`, at most 63 chars).
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _NAME_MAX = 40
 
 # A rolling update restarts one member after the other: kamaji-etcd's StatefulSet waits for each Pod to
@@ -153,8 +155,8 @@ class KubernetesTarget(_Model):
 
     Whatever the variant, the Job finds the etcd client TLS files at one fixed place,
     `/etc/etcd-autodefrag/tls/{ca.crt,tls.crt,tls.key}`, and passes them with `--cacert/--cert/--key`,
-    which override the cluster's `tls` paths: the config file in the ConfigMap (mounted at
-    `/etc/etcd-autodefrag/config.yaml`) may keep the paths the service itself uses.
+    which override the cluster's `tls` paths: the cluster the Job is handed (docs/run-handoff.md)
+    may keep the paths the service itself uses.
 
     Where the files come from:
     - kamaji: the kamaji-etcd chart's Secrets, by `secret_layout` (exporter/kubernetes/kamaji.py):
@@ -168,13 +170,8 @@ class KubernetesTarget(_Model):
       healthcheck-client.key}` (hostPath; the pod runs on a control-plane node, on the host network).
     """
 
-    class Variant(StrEnum):
-        """How etcd is deployed, which says where the Job finds the client certificate."""
-
-        KAMAJI = "kamaji"
-        TALOS = "talos"
-        KUBEADM = "kubeadm"
-        PLAIN = "plain"
+    # What each variant means lives in exporter/kubernetes/variants.py; the name is kept here too.
+    Variant: ClassVar[type[Variant]] = Variant
 
     # Keys we set ourselves: the Job watch selects on them, so a user value would hide the Job.
     RESERVED_LABELS: ClassVar[frozenset[str]] = frozenset(
@@ -182,9 +179,6 @@ class KubernetesTarget(_Model):
     )
     RESERVED_PREFIX: ClassVar[str] = "etcd-autodefrag.io/"
     # Kubernetes' own syntax rules (apimachinery validation), so a typo fails at start-up, not at launch.
-    _SUBDOMAIN: ClassVar[re.Pattern[str]] = re.compile(
-        r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-    )
     _SECRET_KEY: ClassVar[re.Pattern[str]] = re.compile(r"^[-._a-zA-Z0-9]+$")
     _QUALIFIED_NAME: ClassVar[re.Pattern[str]] = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
     _LABEL_VALUE: ClassVar[re.Pattern[str]] = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -192,16 +186,16 @@ class KubernetesTarget(_Model):
         r"^\+?[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
     )
 
-    namespace: str = Field(description="Namespace the Job runs in (the ConfigMap and Secrets live there).")
-    variant: Variant = Field(
-        default=Variant.PLAIN,
+    namespace: str = Field(description="Namespace the Job runs in (its Secrets live there).")
+    variant: _variants.Variant = Field(
+        default=_variants.Variant.PLAIN,
         description="How etcd is run: plain, talos, kamaji or kubeadm (where the TLS and members come from).",
     )
     image: str | None = Field(default=None, description="Overrides the service-wide Job image.")
-    config_map: str | None = Field(
+    config_map: str = Field(
         default="etcd-autodefrag",
-        description="ConfigMap with our config file under key config.yaml; null: the Job mounts no "
-        "config and gets the cluster's settings as flags (discovered Kamaji DataStores).",
+        description="Ignored (kept so that old configs load): a Job is handed its cluster in its args "
+        "and reads no ConfigMap (docs/run-handoff.md).",
     )
     etcd_name: str | None = Field(default=None, description="kamaji: name of the etcd StatefulSet.")
     discover_endpoints: bool = Field(
@@ -262,21 +256,21 @@ class KubernetesTarget(_Model):
     @field_validator("namespace")
     @classmethod
     def _valid_namespace(cls, namespace: str) -> str:
-        if len(namespace) > 63 or not _NAME.match(namespace):
+        if not is_dns_label(namespace):
             raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'); got {namespace!r}")
         return namespace
 
     @field_validator("config_map", "etcd_name", "tls_secret", "ca_secret", "service_account")
     @classmethod
     def _valid_object_name(cls, name: str | None) -> str | None:
-        if name is not None and (len(name) > 200 or not cls._SUBDOMAIN.match(name)):
+        if name is not None and not is_dns_subdomain(name, max_chars=200):
             raise ValueError(f"must be a Kubernetes object name (lowercase, digits, '-', '.'); got {name!r}")
         return name
 
     @field_validator("cluster_domain")
     @classmethod
     def _valid_domain(cls, domain: str) -> str:
-        if len(domain) > 253 or not cls._SUBDOMAIN.match(domain):
+        if not is_dns_subdomain(domain):
             raise ValueError(f"must be a DNS domain like cluster.local; got {domain!r}")
         return domain
 
@@ -326,11 +320,7 @@ class KubernetesTarget(_Model):
     @classmethod
     def _check_key(cls, key: str) -> None:
         prefix, _, name = key.rpartition("/")
-        if (
-            (prefix and not cls._SUBDOMAIN.match(prefix))
-            or len(name) > 63
-            or not cls._QUALIFIED_NAME.match(name)
-        ):
+        if (prefix and not is_dns_subdomain(prefix)) or len(name) > 63 or not cls._QUALIFIED_NAME.match(name):
             raise ValueError(f"{key!r} is not a label or annotation key like example.com/name")
         if key in cls.RESERVED_LABELS or key.startswith(cls.RESERVED_PREFIX):
             raise ValueError(f"{key!r} is set by etcd-autodefrag itself")
@@ -338,36 +328,41 @@ class KubernetesTarget(_Model):
     @model_validator(mode="after")
     def _variant_fields(self) -> Self:
         variant = self.variant
-        if variant is self.Variant.KAMAJI and self.etcd_name is None:
-            raise ValueError("variant kamaji needs etcd_name (the etcd StatefulSet, e.g. kamaji-etcd)")
-        if variant is not self.Variant.KAMAJI and self.etcd_name is not None:
-            raise ValueError(f"etcd_name is only used by variant kamaji, not {variant.value}")
-        if variant in (self.Variant.KAMAJI, self.Variant.KUBEADM) and self.tls_secret is not None:
-            raise ValueError(f"tls_secret is only used by variants talos and plain, not {variant.value}")
+        spec = spec_of(variant)
+        statefulset = spec.members is Members.STATEFULSET  # the kamaji-etcd fields name it
+        kamaji_etcd = variants_where(lambda s: s.members is Members.STATEFULSET)
+        if statefulset and self.etcd_name is None:
+            raise ValueError(
+                f"variant {variant.value} needs etcd_name (the etcd StatefulSet, e.g. kamaji-etcd)"
+            )
+        if not statefulset and self.etcd_name is not None:
+            raise ValueError(f"etcd_name is only used by {kamaji_etcd}, not {variant.value}")
+        if spec.tls is not TlsSource.TLS_SECRET and self.tls_secret is not None:
+            which = variants_where(lambda s: s.tls is TlsSource.TLS_SECRET)
+            raise ValueError(f"tls_secret is only used by {which}, not {variant.value}")
         if (self.cert_key is None) != (self.key_key is None):
             raise ValueError("cert_key and key_key must both be set or both be null")
         if self.ca_secret is not None and self.tls_secret is None:
             raise ValueError("ca_secret is used with tls_secret (variants talos and plain)")
-        if self.discover_endpoints and variant not in (self.Variant.KAMAJI, self.Variant.KUBEADM):
-            raise ValueError(
-                f"discover_endpoints works with variants kamaji and kubeadm, not {variant.value}: "
-                "give endpoints"
-            )
-        if self.etcd_service is not None and variant is not self.Variant.KAMAJI:
-            raise ValueError(f"etcd_service is only used by variant kamaji, not {variant.value}")
+        if self.discover_endpoints and not spec.discovers_endpoints:
+            which = variants_where(lambda s: s.discovers_endpoints)
+            raise ValueError(f"discover_endpoints works with {which}, not {variant.value}: give endpoints")
+        if self.etcd_service is not None and not statefulset:
+            raise ValueError(f"etcd_service is only used by {kamaji_etcd}, not {variant.value}")
         kamaji_only = {
-            "secret_layout": self.secret_layout is not SecretLayout.AUTO,
-            "cluster_domain": self.cluster_domain != DEFAULT_CLUSTER_DOMAIN,
-            "client_port": self.client_port != DEFAULT_CLIENT_PORT,
+            "secret_layout": spec.tls is not TlsSource.KAMAJI_SECRETS
+            and self.secret_layout is not SecretLayout.AUTO,
+            "cluster_domain": not statefulset and self.cluster_domain != DEFAULT_CLUSTER_DOMAIN,
+            "client_port": not statefulset and self.client_port != DEFAULT_CLIENT_PORT,
         }
-        if variant is not self.Variant.KAMAJI and (given := [k for k, v in kamaji_only.items() if v]):
-            raise ValueError(f"{', '.join(given)}: only used by variant kamaji, not {variant.value}")
+        if given := [k for k, v in kamaji_only.items() if v]:
+            raise ValueError(f"{', '.join(given)}: only used by {kamaji_etcd}, not {variant.value}")
         return self
 
     @property
     def kamaji_secrets(self) -> ClientSecrets:
         """kamaji: the Secrets a defrag Pod mounts; ValueError while secret_layout is still auto."""
-        if self.variant is not self.Variant.KAMAJI or self.etcd_name is None:
+        if spec_of(self.variant).tls is not TlsSource.KAMAJI_SECRETS or self.etcd_name is None:
             raise ValueError(f"variant {self.variant.value} has no kamaji-etcd Secrets")
         return client_secrets(self.secret_layout, self.etcd_name)
 
@@ -375,7 +370,7 @@ class KubernetesTarget(_Model):
         """What makes this target unusable for a cluster with these endpoints and deadline ([] = fine)."""
         found = []
         plain = [e for e in endpoints if not e.startswith("https://")]
-        needs_tls = self.variant in (self.Variant.KAMAJI, self.Variant.KUBEADM) or self.tls_secret
+        needs_tls = spec_of(self.variant).tls.always_mounted or self.tls_secret
         if needs_tls and plain:
             what = f"variant {self.variant.value}" if not self.tls_secret else "kubernetes.tls_secret"
             found.append(f"{what} mounts client TLS, but endpoint {plain[0]!r} is plain http")
@@ -495,7 +490,7 @@ class ClusterConfig(_Model):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if len(name) > _NAME_MAX or not _NAME.match(name):
+        if not is_dns_label(name, max_chars=_NAME_MAX):
             raise ValueError(
                 f"must be lowercase letters, digits and '-', start and end with a letter or digit, "
                 f"at most {_NAME_MAX} characters (it names Kubernetes objects); got {name!r}"
@@ -540,7 +535,7 @@ class ClusterConfig(_Model):
         target = self.kubernetes
         return self.discovers_endpoints or (
             target is not None
-            and target.variant is KubernetesTarget.Variant.KAMAJI
+            and spec_of(target.variant).tls is TlsSource.KAMAJI_SECRETS
             and target.secret_layout is SecretLayout.AUTO
         )
 
@@ -695,34 +690,25 @@ class ExecutorSettings(_Model):
     )
 
 
-# What a discovered DataStore's cluster takes from `discover.kamaji_datastores.defaults`: every
-# setting its defrag Job can be given on the command line (the Job runs in the namespace of the
-# DataStore's client certificate, where our ConfigMap is not: exporter/kubernetes/jobs.py), and
-# `paused`. Not `alerts`: the same matchers for every DataStore would route each alert to all of
-# them, so a discovered cluster is routed by `etcd_cluster="<name>"`.
-DATASTORE_DEFAULTS = (
-    "rule",
-    "thresholds",
-    "quota_bytes",
-    "request_timeout_seconds",
-    "member_timeout_seconds",
-    "deadline_seconds",
-    "compact",
-    "move_leader",
-    "continue_on_error",
-    "allow_unavailable_defrag",
-    "settle_seconds",
-    "paused",
-    "kubernetes",
-)
-DATASTORE_KUBERNETES_DEFAULTS = (
-    "image",
-    "service_account",
-    "resources",
-    "labels",
-    "annotations",
-    "cooldown_seconds",
-    "active_deadline_seconds",
+# What a discovered DataStore's cluster does not take from `discover.kamaji_datastores.defaults`:
+# what the DataStore itself says (name, endpoints, TLS, where its Job runs and what it mounts), and
+# `alerts`: the same matchers for every DataStore would route each alert to all of them, so a
+# discovered cluster is routed by `etcd_cluster="<name>"`. Everything else is a default.
+DATASTORE_OWN = ("name", "endpoints", "tls", "alerts")
+DATASTORE_OWN_KUBERNETES = (
+    "namespace",
+    "variant",
+    "etcd_name",
+    "discover_endpoints",
+    "etcd_service",
+    "secret_layout",
+    "cluster_domain",
+    "client_port",
+    "tls_secret",
+    "ca_secret",
+    "ca_key",
+    "cert_key",
+    "key_key",
 )
 
 
@@ -742,27 +728,27 @@ class KamajiDataStores(_Model):
     )
     defaults: dict[str, Any] = Field(
         default_factory=dict,
-        description="Settings of every discovered cluster, as in clusters[]: "
-        + ", ".join(DATASTORE_DEFAULTS[:-1])
-        + ", and kubernetes.{"
-        + ", ".join(DATASTORE_KUBERNETES_DEFAULTS)
-        + "}.",
+        description="Settings of every discovered cluster, as in clusters[] (rule, thresholds, timeouts, "
+        "paused, kubernetes.image, kubernetes.cooldown_seconds, ...), but not "
+        + ", ".join(DATASTORE_OWN)
+        + " or kubernetes.{"
+        + ", ".join(DATASTORE_OWN_KUBERNETES)
+        + "}, which each DataStore says itself.",
     )
 
     @field_validator("defaults")
     @classmethod
     def _valid_defaults(cls, defaults: dict[str, Any]) -> dict[str, Any]:
-        unknown = [f"{k}" for k in defaults if k not in DATASTORE_DEFAULTS]
+        own = [f"{k}" for k in defaults if k in DATASTORE_OWN]
         kubernetes = defaults.get("kubernetes") or {}
         if not isinstance(kubernetes, dict):
             raise ValueError("kubernetes must be a mapping")
-        unknown += [f"kubernetes.{k}" for k in kubernetes if k not in DATASTORE_KUBERNETES_DEFAULTS]
-        if unknown:
-            settable = ", ".join(DATASTORE_DEFAULTS[:-1])
-            settable += ", kubernetes.{" + ", ".join(DATASTORE_KUBERNETES_DEFAULTS) + "}"
+        own += [f"kubernetes.{k}" for k in kubernetes if k in DATASTORE_OWN_KUBERNETES]
+        if own:
             raise ValueError(
-                f"{', '.join(unknown)}: not settable for discovered DataStores (the Job gets its settings "
-                f"as flags and runs where the client certificate's Secret is); settable: {settable}"
+                f"{', '.join(own)}: not settable for discovered DataStores: each DataStore gives its "
+                "own endpoints and TLS, its Job runs where its client certificate's Secret is, and it "
+                'is routed by etcd_cluster="<name>"'
             )
         # Checked as a cluster's would be, on a stand-in DataStore, so that a bad default stops
         # start-up instead of every DataStore later.
@@ -796,14 +782,8 @@ class KamajiDataStores(_Model):
         data: dict[str, Any] = {**defaults, "name": name, "endpoints": endpoints, "tls": tls}
         data.pop("kubernetes", None)
         if kubernetes is not None:
-            # The plain variant with the DataStore's own Secrets, and no ConfigMap: the Job gets
-            # the cluster on its command line (exporter/kubernetes/jobs.py).
-            data["kubernetes"] = {
-                **(defaults.get("kubernetes") or {}),
-                "variant": "plain",
-                "config_map": None,
-                **kubernetes,
-            }
+            # The plain variant with the DataStore's own Secrets (exporter/kubernetes/datastores.py).
+            data["kubernetes"] = {**(defaults.get("kubernetes") or {}), "variant": "plain", **kubernetes}
         return ClusterConfig.model_validate(data)
 
 
@@ -814,6 +794,32 @@ class DiscoverSettings(_Model):
         default_factory=KamajiDataStores,
         description="Every Kamaji DataStore with driver etcd as a cluster (docs/kamaji.md).",
     )
+
+
+class ShardingSettings(_Model):
+    """Split the clusters over replicas by a stable hash of their names (docs/sharding.md).
+
+    Each replica refreshes and exports only its shard's clusters; every replica still answers the
+    webhook for every cluster. kube-state-metrics' convention: `--shard I --total-shards N`.
+    """
+
+    total_shards: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=1, description="How many replicas share the clusters; 1 means no sharding."
+    )
+    shard: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="This replica's shard, 0 to total_shards - 1. Unset with total_shards > 1: the "
+        "trailing ordinal of env POD_NAME (a StatefulSet pod `etcd-autodefrag-3` is shard 3).",
+    )
+
+    @model_validator(mode="after")
+    def _in_range(self) -> Self:
+        if self.shard is not None and self.shard >= self.total_shards:
+            raise ValueError(
+                f"shard {self.shard} is out of range for total_shards {self.total_shards} "
+                f"(0 to {self.total_shards - 1})"
+            )
+        return self
 
 
 class Settings(BaseSettings):
@@ -864,6 +870,10 @@ class Settings(BaseSettings):
     discover: DiscoverSettings = Field(
         default_factory=DiscoverSettings,
         description="Clusters found in the Kubernetes API, besides `clusters`.",
+    )
+    sharding: ShardingSettings = Field(
+        default_factory=ShardingSettings,
+        description="Split the clusters over replicas: each observes one shard (docs/sharding.md).",
     )
 
     @field_validator("listen_address")

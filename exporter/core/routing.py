@@ -8,12 +8,13 @@ alerts are told by its matchers (core/matchers.py, Alertmanager's grammar).
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
 
 from exporter.config.settings import ClusterConfig, WebhookSettings
 from exporter.core.alertmanager import AlertmanagerAlert, AlertStatus
+from exporter.core.cooldown import cluster_cooldown
 from exporter.core.launches import RunState
 from exporter.core.matchers import Matcher, MatchOp, matches_all, parse_matchers
 from exporter.core.policy import quorum_gate
@@ -157,16 +158,6 @@ class AlertDecision:
         return self.decision is Decision.LAUNCH
 
 
-def cooldown_seconds(cluster: ClusterConfig, default: float) -> float:
-    """The cluster's cooldown: its Job's own (`kubernetes.cooldown_seconds`) when set, else the default."""
-    target = cluster.kubernetes
-    return (
-        float(target.cooldown_seconds)
-        if target is not None and target.cooldown_seconds is not None
-        else default
-    )
-
-
 def decide(
     *,
     alert: AlertmanagerAlert,
@@ -217,15 +208,9 @@ def decide(
     if run.running:
         since = f" since {run.started_at.isoformat(timespec='seconds')}" if run.started_at else ""
         return result(Decision.SKIP_ALREADY_RUNNING, f"a run on cluster {name} is in flight{since}", name)
-    if run.finished_at is not None:
-        until = run.finished_at + timedelta(seconds=cooldown_seconds(cluster, policy.cooldown_seconds))
-        if now < until:
-            return result(
-                Decision.SKIP_COOLDOWN,
-                f"cluster {name} cools down until {until.isoformat(timespec='seconds')} "
-                f"after its last run ({run.result or 'unknown result'})",
-                name,
-            )
+    cooldown = cluster_cooldown(cluster, run, default_seconds=policy.cooldown_seconds, now=now)
+    if cooldown.active:
+        return result(Decision.SKIP_COOLDOWN, f"cluster {name} cools down {cooldown.reason}", name)
     health = snapshots.get(name)
     if health is None:
         return result(Decision.SKIP_NO_SNAPSHOT, f"cluster {name} has not been observed yet", name)
@@ -249,6 +234,21 @@ def decide(
         if not gate.proceed:
             return result(Decision.SKIP_UNAVAILABLE, f"cluster {name}: {gate.reason}", name)
     return result(Decision.LAUNCH, f"alert {alert.name} fired for cluster {name}", name)
+
+
+def snapshot_wanted(
+    *, alerts: Sequence[AlertmanagerAlert], clusters: ClusterIndex, policy: Policy
+) -> set[str]:
+    """The clusters whose health `decide` may look at for these alerts: those a firing, acting alert
+    routes to alone and that are not paused. The webhook reads a fresh snapshot of these only."""
+    wanted = set()
+    for alert in alerts:
+        if alert.status is AlertStatus.RESOLVED or not policy.acting.acts(alert.labels):
+            continue
+        matched = clusters.route(alert.labels)
+        if len(matched) == 1 and not matched[0].paused:
+            wanted.add(matched[0].name)
+    return wanted
 
 
 def iter_decisions(

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, assert_never
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
@@ -58,6 +58,7 @@ from exporter.kubernetes.jobs import (
     running_job,
 )
 from exporter.kubernetes.kamaji import SecretLayout, detect_layout, member_endpoints
+from exporter.kubernetes.variants import KUBEADM_NAMESPACE, Members, TlsSource, service_rbac_rules, spec_of
 
 __all__ = [
     "DATASTORE_CLUSTER_RBAC_RULES",
@@ -98,12 +99,8 @@ MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is restarted after a backoff
 
 # Every call below, as Role rules. Jobs, their pods and Events live in each cluster's
 # `kubernetes.namespace`; statefulsets in the kamaji etcd's namespace; the kubeadm pods in kube-system.
-RBAC_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
-]
+# The union over every variant (exporter/kubernetes/variants.py says which needs what, and where).
+RBAC_RULES: list[dict[str, list[str]]] = service_rbac_rules()
 # Kamaji DataStore discovery (discover.kamaji_datastores; docs/kamaji.md has the manifests): a
 # ClusterRole on the cluster-scoped DataStores, and in each namespace that holds Secrets the
 # DataStores reference a Role with `get` on Secrets (RBAC cannot name Secrets that do not exist yet,
@@ -551,7 +548,7 @@ async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) 
     """Client URLs of kubeadm's etcd, from its static pods in kube-system."""
     core = k8s.CoreV1Api(api_client)
     pods = await _call(
-        core.list_namespaced_pod, "kube-system", label_selector=KUBEADM_ETCD_SELECTOR, timeout=timeout
+        core.list_namespaced_pod, KUBEADM_NAMESPACE, label_selector=KUBEADM_ETCD_SELECTOR, timeout=timeout
     )
     return kubeadm_endpoints(pods)
 
@@ -559,19 +556,11 @@ async def discover_kubeadm(api_client: k8s.ApiClient, *, timeout: float = 10.0) 
 async def discover_endpoints(
     cluster: ClusterConfig, api_client: k8s.ApiClient, *, timeout: float = 10.0
 ) -> list[str]:
-    """The members' client URLs of a cluster with `kubernetes.discover_endpoints` (kamaji or kubeadm)."""
+    """The client URLs of a cluster with `kubernetes.discover_endpoints`, as its variant lists them."""
     target = cluster.kubernetes
     if target is None or not target.discover_endpoints:
         raise ValueError(f"cluster {cluster.name} does not discover its endpoints")
-    if target.variant is KubernetesTarget.Variant.KAMAJI:
-        assert target.etcd_name is not None  # the settings require it for kamaji
-        statefulset = await read_statefulset(api_client, target.namespace, target.etcd_name, timeout=timeout)
-        found = _kamaji_members(target, statefulset)
-    else:
-        found = await discover_kubeadm(api_client, timeout=timeout)
-    if not found:
-        raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
-    return found
+    return (await _read_members(cluster, target, api_client, timeout=timeout)).endpoints
 
 
 async def discover(
@@ -587,17 +576,12 @@ async def discover(
     target = cluster.kubernetes
     if target is None or not cluster.reads_kubernetes_api:
         return cluster
-    if target.variant is not KubernetesTarget.Variant.KAMAJI:
-        return cluster.with_endpoints(await discover_endpoints(cluster, api_client, timeout=timeout))
-    assert target.etcd_name is not None  # the settings require it for kamaji
-    statefulset = await read_statefulset(api_client, target.namespace, target.etcd_name, timeout=timeout)
+    found = await _read_members(cluster, target, api_client, timeout=timeout)
     if target.discover_endpoints:
-        found = _kamaji_members(target, statefulset)
-        if not found:
-            raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
-        cluster = cluster.with_endpoints(found)
-    if target.secret_layout is SecretLayout.AUTO:
-        layout = detect_layout(statefulset)
+        cluster = cluster.with_endpoints(found.endpoints)
+    if spec_of(target.variant).tls is TlsSource.KAMAJI_SECRETS and target.secret_layout is SecretLayout.AUTO:
+        assert found.statefulset is not None  # kamaji-etcd's Secrets are named after its StatefulSet
+        layout = detect_layout(found.statefulset)
         if layout is None:
             raise ValueError(
                 f"StatefulSet {target.namespace}/{target.etcd_name} mounts neither {target.etcd_name}-certs "
@@ -606,6 +590,39 @@ async def discover(
             )
         cluster = cluster.with_secret_layout(layout)
     return cluster
+
+
+@dataclass(frozen=True)
+class _Members:
+    endpoints: list[str]
+    statefulset: Json | None = None  # the StatefulSet read for them (kamaji), for its Secret layout
+
+
+async def _read_members(
+    cluster: ClusterConfig, target: KubernetesTarget, api_client: k8s.ApiClient, *, timeout: float
+) -> _Members:
+    """One read of where the variant's members run (exporter/kubernetes/variants.py)."""
+    members = spec_of(target.variant).members
+    match members:
+        case Members.STATEFULSET:
+            assert target.etcd_name is not None  # the settings require it for a StatefulSet
+            statefulset = await read_statefulset(
+                api_client, target.namespace, target.etcd_name, timeout=timeout
+            )
+            found = _Members(_kamaji_members(target, statefulset), statefulset)
+        case Members.STATIC_PODS:
+            found = _Members(await discover_kubeadm(api_client, timeout=timeout))
+        case Members.CONFIGURED:
+            # The settings refuse discover_endpoints for such a variant; say so rather than guess.
+            raise ValueError(
+                f"cluster {cluster.name}: variant {target.variant.value} runs etcd where the Kubernetes "
+                "API does not list it: give endpoints"
+            )
+        case _ as unreachable:
+            assert_never(unreachable)
+    if target.discover_endpoints and not found.endpoints:
+        raise KubeRejected(f"cluster {cluster.name}: the Kubernetes API lists no etcd member", status=404)
+    return found
 
 
 def _kamaji_members(target: KubernetesTarget, statefulset: Json) -> list[str]:

@@ -35,6 +35,7 @@ from exporter.config.settings import (
     KubernetesTarget,
     format_validation_error,
 )
+from exporter.core.names import is_dns_label, is_dns_subdomain
 from exporter.core.policy import thresholds_expression
 from exporter.core.rule import parse_rule
 from exporter.kubernetes.jobs import (
@@ -55,9 +56,9 @@ from exporter.kubernetes.kamaji import (
     member_endpoints,
     statefulset_replicas,
 )
+from exporter.kubernetes.variants import Variant
 
 Json = dict[str, Any]
-Variant = KubernetesTarget.Variant
 
 # kamaji-etcd's scripts/defrag.sh: `[-e etcd_name] [-s etcd_service] [-n etcd_namespace] [-j schedule]`.
 DEFRAG_SH_DEFAULTS = {
@@ -71,6 +72,7 @@ DEFAULT_REPLICAS = 3
 # The Talos CronJob this replaces lives in kube-system as `etcd-defrag`, next to its Secret.
 TALOS_NAMESPACE = "kube-system"
 TALOS_NAME = "etcd-defrag"
+# The variants whose scheduled defrag this replaces (kamaji-etcd's defrag.sh, the Talos CronJob).
 VARIANTS = (Variant.KAMAJI.value, Variant.TALOS.value)
 # Not `defrag`: the service watches Jobs labelled component=defrag (jobs.JOB_SELECTOR) as its own runs.
 COMPONENT = "scheduled-defrag"
@@ -78,8 +80,6 @@ COMPONENT = "scheduled-defrag"
 # without a limit the controller gives up on a CronJob that missed more than 100 schedules.
 STARTING_DEADLINE_SECONDS = 3600
 CRONJOB_NAME_MAX = 52  # the CronJob controller appends an 11-character suffix to name each Job
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class RenderError(ValueError):
@@ -226,7 +226,7 @@ def plan_cronjob(flags: CronJobFlags, *, statefulset: Json | None = None) -> Cro
     else:
         notes.append(f"rule: {parse_rule(flags.rule) if flags.rule == '' else flags.rule} (--rule)")
     check_schedule(schedule)
-    if len(name) > CRONJOB_NAME_MAX or not _DNS_LABEL.match(name):
+    if not is_dns_label(name, max_chars=CRONJOB_NAME_MAX):
         derived = " (derived from -e: give a shorter --name)" if flags.name is None else ""
         raise RenderError(
             f"--name: {name!r}{derived} cannot name a CronJob: lowercase letters, digits and '-', at "
@@ -289,7 +289,7 @@ def _kamaji_endpoints(
     domain = notes.pick("--cluster-domain", flags.cluster_domain, DEFAULT_CLUSTER_DOMAIN, "cluster domain")
     port = notes.pick("--client-port", flags.client_port, DEFAULT_CLIENT_PORT, "client port")
     _check_dns_label("-s", service, "it is part of each member's host name")
-    if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
+    if not is_dns_subdomain(domain):
         raise RenderError(f"--cluster-domain: {domain!r} is not a DNS domain like cluster.local")
     if not 1 <= port <= 65535:
         raise RenderError(f"--client-port: must be from 1 to 65535; got {port}")
@@ -313,7 +313,7 @@ def _kamaji_endpoints(
 
 
 def _check_dns_label(flag: str, value: str, why: str) -> None:
-    if len(value) > 63 or not _DNS_LABEL.match(value):
+    if not is_dns_label(value):
         raise RenderError(f"{flag}: {value!r} must be a DNS label (lowercase letters, digits, '-'): {why}")
 
 
@@ -358,9 +358,7 @@ def build_cronjob(plan: CronJobPlan) -> Json:
         args += ["--rule", cluster.rule]
     # Text on stdout for `kubectl logs`; the JSON report goes to the termination message.
     args += ["--output", "text", "--report-file", TERMINATION_LOG]
-    template = defrag_pod_template(
-        plan.target, image=plan.image, args=args, labels=labels, mount_config=False
-    )
+    template = defrag_pod_template(plan.target, image=plan.image, args=args, labels=labels)
     return {
         "apiVersion": "batch/v1",
         "kind": "CronJob",

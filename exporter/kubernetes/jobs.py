@@ -6,19 +6,22 @@ lets exactly one exist at a time, across service restarts and replicas: a second
 that long after it ended, and only then can the next one be created.
 https://kubernetes.io/docs/concepts/workloads/controllers/ttlafterfinished/
 
-Files in the container, the same for every variant:
+The Job is handed its cluster as the service resolved it, in its args (`defrag --cluster-json`,
+exporter/core/handoff.py): it reads no config file and needs no ConfigMap (docs/run-handoff.md).
 
-    /etc/etcd-autodefrag/config.yaml   key config.yaml of the ConfigMap (ETCD_AUTODEFRAG_CONFIG)
+Files in the container, the same for every variant (exporter/kubernetes/variants.py says where the
+TLS files come from and where the pod runs):
+
     /etc/etcd-autodefrag/tls/ca.crt    CA bundle          -> --cacert
     /etc/etcd-autodefrag/tls/tls.crt   client certificate -> --cert
     /etc/etcd-autodefrag/tls/tls.key   client key         -> --key
     /tmp                               emptyDir (the root file system is read-only; the host lock lives here)
     /dev/termination-log               the JSON report (--report-file), read back by kube.watch_jobs
 
-The flags override the cluster's `tls` paths from the config file, so the ConfigMap can hold the
-very file the service uses. One function, `defrag_pod_template`, builds this pod for the webhook's
-Job and for the CronJob of `etcd-autodefrag render cronjob` (exporter/kubernetes/cronjob.py), which passes the
-endpoints and rule as flags and so mounts no config. The report goes out through the container's
+The flags override the cluster's `tls` paths (the service's own files), keeping its server name.
+One function, `defrag_pod_template`, builds this pod for the webhook's Job and for the CronJob of
+`etcd-autodefrag render cronjob` (exporter/kubernetes/cronjob.py), which passes the endpoints and
+rule as flags. The report goes out through the container's
 termination message
 (https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/), which
 Kubernetes caps at 4096 bytes; `RunReport.summary_json` keeps it under that.
@@ -43,13 +46,17 @@ from typing import Any, Literal, assert_never
 from urllib.parse import urlsplit
 
 from exporter import __version__
-from exporter.config.settings import DEFAULT_THRESHOLDS, ClusterConfig, KubernetesTarget
+from exporter.config.settings import ClusterConfig, ExecutorSettings, KubernetesTarget
+from exporter.core.cooldown import cooldown_seconds as cluster_cooldown_seconds
+from exporter.core.handoff import DEFAULT_RUN_SETTINGS, RunSettings, run_args
 from exporter.core.launches import LaunchOutcome, LaunchResult, Trigger
-from exporter.core.policy import thresholds_expression
+from exporter.core.names import is_dns_label
 from exporter.kubernetes.kamaji import SecretLayout
+from exporter.kubernetes.variants import TlsSource, spec_of
 
 DEFAULT_IMAGE = f"ghcr.io/etcd-autodefrag/etcd-autodefrag:{__version__.replace('+', '-')}"
-DEFAULT_COOLDOWN_SECONDS = 3600
+# The service-wide default (executor.cooldown_seconds), for `render job` and tests that build a Job alone.
+DEFAULT_COOLDOWN_SECONDS: float = ExecutorSettings.model_fields["cooldown_seconds"].default
 # Room for the engine to report its own deadline before Kubernetes kills the pod.
 DEADLINE_MARGIN_SECONDS = 120
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # kubelet's per-container limit
@@ -66,10 +73,7 @@ APP = "etcd-autodefrag"
 COMPONENT = "defrag"
 JOB_SELECTOR = f"{APP_LABEL}={APP},{COMPONENT_LABEL}={COMPONENT}"
 
-CONFIG_DIR = "/etc/etcd-autodefrag"
-CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
-CONFIG_KEY = "config.yaml"
-TLS_DIR = f"{CONFIG_DIR}/tls"
+TLS_DIR = "/etc/etcd-autodefrag/tls"
 CA_FILE = f"{TLS_DIR}/ca.crt"
 CERT_FILE = f"{TLS_DIR}/tls.crt"
 KEY_FILE = f"{TLS_DIR}/tls.key"
@@ -83,9 +87,7 @@ ANNOTATION_MAX_CHARS = 1024
 _LABEL_INVALID = re.compile(r"[^A-Za-z0-9._-]+")
 _LABEL_EDGES = re.compile(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$")
 _DASHES = re.compile(r"-{2,}")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-Variant = KubernetesTarget.Variant
 Json = dict[str, Any]
 
 
@@ -96,7 +98,7 @@ class JobConfigError(ValueError):
 def job_name(cluster_name: str) -> str:
     """The one Job name for a cluster: `etcd-autodefrag-<cluster>` (the lock)."""
     name = NAME_PREFIX + cluster_name
-    if len(name) > 63 or not _DNS_LABEL.match(name):
+    if not is_dns_label(name):
         raise ValueError(f"cluster name {cluster_name!r} cannot name a Job")
     return name
 
@@ -121,8 +123,12 @@ def build_job(
     image: str,
     trigger: Trigger,
     cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS,
+    run_settings: RunSettings = DEFAULT_RUN_SETTINGS,
 ) -> Json:
     """The batch/v1 Job that defragments `cluster` once (`image` and `cooldown_seconds` are defaults).
+
+    Its ttlSecondsAfterFinished is the cluster's cooldown (exporter/core/cooldown.py), so the API
+    server refuses the next Job for exactly as long as the webhook's decision skips as cooling down.
 
     Raises JobConfigError when the cluster has no usable `kubernetes` section. The side effect
     (creating it) is kube.create_job's.
@@ -144,35 +150,27 @@ def build_job(
         DRY_RUN_LABEL: "true" if trigger.dry_run else "false",
     }
     annotations = {**target.annotations, **_trigger_annotations(trigger)}
-    ttl = target.cooldown_seconds if target.cooldown_seconds is not None else round(cooldown_seconds)
+    ttl = round(cluster_cooldown_seconds(cluster, cooldown_seconds))
     deadline = target.active_deadline_seconds or round(cluster.deadline_seconds) + DEADLINE_MARGIN_SECONDS
-    if target.config_map is None:
-        args = ["defrag", *cluster_flags(cluster), "--output", "json", "--report-file", TERMINATION_LOG]
-    else:
-        args = ["defrag", "--cluster", cluster.name, "--output", "json", "--report-file", TERMINATION_LOG]
-    if cluster.discovers_endpoints and target.config_map is not None:
-        # The Job has no API access: it gets the URLs the service read from the API.
-        if not cluster.endpoints:
-            raise JobConfigError(
-                f"cluster {cluster.name}: its endpoints have not been discovered from the Kubernetes API yet"
-            )
-        args += ["--endpoints", ",".join(cluster.endpoints)]
-    if target.variant is Variant.KAMAJI and target.secret_layout is SecretLayout.AUTO:
+    if cluster.discovers_endpoints and not cluster.endpoints:
+        # The Job has no API access: it runs on the URLs the service read from the API.
+        raise JobConfigError(
+            f"cluster {cluster.name}: its endpoints have not been discovered from the Kubernetes API yet"
+        )
+    if spec_of(target.variant).tls is TlsSource.KAMAJI_SECRETS and target.secret_layout is SecretLayout.AUTO:
         # The pod mounts Secrets by name, so the layout must be known: the service reads it from
         # the StatefulSet at start-up (kube.discover); `render job` takes --secret-layout.
         raise JobConfigError(
             f"cluster {cluster.name}: kamaji-etcd {target.etcd_name}'s certificate layout has not been "
             "read from its StatefulSet yet (kubernetes.secret_layout: auto)"
         )
+    # The cluster as the service resolved it (exporter/core/handoff.py): no ConfigMap to drift from it.
+    args = [*run_args(cluster, run_settings), "--output", "json", "--report-file", TERMINATION_LOG]
+    if cluster.tls is not None and cluster.tls.server_name and _tls(target).flags:
+        args += ["--server-name", cluster.tls.server_name]  # the TLS flags replace the whole `tls`
     if trigger.dry_run:
         args.append("--dry-run")
-    template = defrag_pod_template(
-        target,
-        image=resolved_image(cluster, image),
-        args=args,
-        labels=labels,
-        mount_config=target.config_map is not None,
-    )
+    template = defrag_pod_template(target, image=resolved_image(cluster, image), args=args, labels=labels)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -192,89 +190,27 @@ def build_job(
     }
 
 
-# The `defrag` flags of cluster settings with a value, given when not at the default.
-_VALUED_FLAGS = (
-    ("--quota-bytes", "quota_bytes"),
-    ("--request-timeout", "request_timeout_seconds"),
-    ("--member-timeout", "member_timeout_seconds"),
-    ("--deadline", "deadline_seconds"),
-    ("--settle-seconds", "settle_seconds"),
-)
-# Cluster settings that `defrag` has no flag for: a Job without the config file runs them at their
-# defaults, so a cluster that changes them needs a ConfigMap.
-_NO_FLAG = ("health_timeout_seconds", "disarm_below_ratio")
-
-
-def cluster_flags(cluster: ClusterConfig) -> list[str]:
-    """`defrag` flags that carry the cluster's settings, for a Job that mounts no config file.
-
-    Endpoints and the rule (its expression, or its thresholds as one) always; the rest only where
-    they differ from the defaults. TLS flags are the pod template's. JobConfigError for a setting
-    that has no flag and is not at its default.
-    """
-    defaults = ClusterConfig.model_fields
-    if changed := [name for name in _NO_FLAG if getattr(cluster, name) != defaults[name].default]:
-        raise JobConfigError(
-            f"cluster {cluster.name}: {', '.join(changed)} cannot be given to a Job without a config "
-            "file (kubernetes.config_map: null); keep the default or give a ConfigMap"
-        )
-    rule = cluster.rule or thresholds_expression(cluster.thresholds or DEFAULT_THRESHOLDS)
-    flags = ["--endpoints", ",".join(cluster.endpoints), "--rule", rule]
-    if not cluster.discover_members:
-        flags.append("--no-discover")
-    for flag, name in _VALUED_FLAGS:
-        value = getattr(cluster, name)
-        if value is not None and value != defaults[name].default:
-            flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    switches = {
-        "--compact": cluster.compact,
-        "--move-leader": cluster.move_leader,
-        "--continue-on-error": cluster.continue_on_error,
-        "--allow-unavailable": cluster.allow_unavailable_defrag,
-    }
-    flags += [flag for flag, on in switches.items() if on]
-    if cluster.tls is not None and cluster.tls.server_name:
-        flags += ["--server-name", cluster.tls.server_name]
-    return flags
-
-
 def defrag_pod_template(
     target: KubernetesTarget,
     *,
     image: str,
     args: Sequence[str],
     labels: Mapping[str, str],
-    mount_config: bool = True,
 ) -> Json:
     """The pod template of one defrag run, `etcd-autodefrag <args> <TLS flags>`, for a Job or a CronJob.
 
-    The TLS flags and files follow `target.variant` (the layout in the module docstring). With
-    `mount_config` the ConfigMap `target.config_map` is mounted at CONFIG_FILE for `--cluster NAME`;
-    a run that gets everything from its flags (`render cronjob`) mounts no config.
+    The TLS flags and files follow `target.variant` (the layout in the module docstring). The args
+    carry everything else the run needs (the Job: `--cluster-json`; the CronJob: `--endpoints` and
+    `--rule`): the pod mounts no config.
     """
     tls = _tls(target)
-    root = target.variant is Variant.KUBEADM
-    config_mounts: list[Json] = []
-    config_volumes: list[Json] = []
-    env: list[Json] = []
-    if mount_config:
-        config_mounts = [
-            {"name": "config", "mountPath": CONFIG_FILE, "subPath": CONFIG_KEY, "readOnly": True}
-        ]
-        config_volumes = [
-            {
-                "name": "config",
-                "configMap": {"name": target.config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
-            }
-        ]
-        env = [{"name": "ETCD_AUTODEFRAG_CONFIG", "value": CONFIG_FILE}]
+    placement = spec_of(target.variant).placement
     container: Json = {
         "name": CONTAINER_NAME,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["etcd-autodefrag"],
         "args": [*args, *tls.flags],
-        "env": env,
         "resources": {kind: dict(amounts) for kind, amounts in target.resources.items()},
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -284,24 +220,22 @@ def defrag_pod_template(
         },
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "File",
-        "volumeMounts": [*config_mounts, {"name": "tmp", "mountPath": "/tmp"}, *tls.mounts],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *tls.mounts],
     }
-    if not env:
-        del container["env"]
     pod_spec: Json = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": _pod_security(root=root),
+        "securityContext": _pod_security(root=placement.run_as_root),
         "containers": [container],
-        "volumes": [*config_volumes, {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}, *tls.volumes],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}, *tls.volumes],
     }
     if target.service_account is not None:
         pod_spec["serviceAccountName"] = target.service_account
-    if root:
-        # kubeadm's etcd listens on the node addresses and its certificates live on control-plane nodes.
+    if placement.host_network:  # kubeadm: etcd listens on the node addresses
         pod_spec["hostNetwork"] = True
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if placement.control_plane_nodes:  # kubeadm: the certificate is a file on those nodes
         pod_spec["nodeSelector"] = {CONTROL_PLANE: ""}
         pod_spec["tolerations"] = [{"key": CONTROL_PLANE, "operator": "Exists", "effect": "NoSchedule"}]
     pod_metadata: Json = {"labels": dict(labels)}
@@ -349,8 +283,8 @@ def _tls(target: KubernetesTarget) -> _Tls:
     """Volumes that put the client TLS files at TLS_DIR, and the flags that point the CLI there."""
     dir_mount = [{"name": "tls", "mountPath": TLS_DIR, "readOnly": True}]
     both = ["--cacert", CA_FILE, "--cert", CERT_FILE, "--key", KEY_FILE]
-    match target.variant:
-        case Variant.KAMAJI:
+    match spec_of(target.variant).tls:
+        case TlsSource.KAMAJI_SECRETS:
             secrets = target.kamaji_secrets  # exporter/kubernetes/kamaji.py: the chart's two layouts
             files = [
                 (secrets.ca_secret, secrets.ca_key, "ca.crt"),
@@ -358,7 +292,7 @@ def _tls(target: KubernetesTarget) -> _Tls:
                 (secrets.client_secret, secrets.key_key, "tls.key"),
             ]
             return _Tls([_projected(files)], dir_mount, both)
-        case Variant.TALOS | Variant.PLAIN:
+        case TlsSource.TLS_SECRET:
             if target.tls_secret is None:
                 return _Tls([], [], [])
             ca_secret = target.ca_secret or target.tls_secret
@@ -375,7 +309,7 @@ def _tls(target: KubernetesTarget) -> _Tls:
             items = [{"key": key, "path": path} for _, key, path in files]
             secret = {"secretName": target.tls_secret, "items": items, "defaultMode": SECRET_FILE_MODE}
             return _Tls([{"name": "tls", "secret": secret}], dir_mount, flags)
-        case Variant.KUBEADM:
+        case TlsSource.NODE_PKI:
             files = [
                 ("etcd-ca", f"{KUBEADM_PKI}/ca.crt", CA_FILE),
                 ("etcd-client-cert", f"{KUBEADM_PKI}/healthcheck-client.crt", CERT_FILE),

@@ -22,7 +22,7 @@ import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,19 +30,19 @@ from exporter.config.settings import (
     ENV_PREFIX,
     ClusterConfig,
     ExecutorSettings,
-    KubernetesTarget,
     Settings,
-    default_cluster,
 )
 from exporter.core import clock
+from exporter.core.cooldown import cluster_cooldown
+from exporter.core.handoff import DEFAULT_RUN_SETTINGS, RunSettings, run_args
 from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
 from exporter.core.policy import statefulset_rollout_gate
 from exporter.core.report import RunOutcome, RunResult, outcome_from_report, parse_report
-from exporter.core.routing import cooldown_seconds
 from exporter.core.units import human_bytes
 from exporter.kubernetes import api as kube
 from exporter.kubernetes import jobs
 from exporter.kubernetes.jobs import JobOutcome, RunningJob
+from exporter.kubernetes.variants import Members, spec_of
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ class ExecutorRejected(Exception):
 
 
 OnFinished = Callable[[RunOutcome], None]
-
-
-def starts_cooldown(result: str) -> bool:
-    """Whether a run that ended with this result keeps the cluster's alerts from launching for a while.
-
-    A deferred run found the cluster changing (a rollout) and touched nothing: the next notification
-    may launch again at once (docs/cli.md, "Exit codes"; docs/safety.md).
-    """
-    return result != RunResult.DEFERRED
 
 
 class Executor(Protocol):
@@ -115,15 +106,15 @@ class DryRuns:
         return RunState(running=False, started_at=ended, finished_at=ended, result=RunResult.DRY_RUN.value)
 
 
-def refused_launch(state: RunState, *, job: str, cooldown: float, now: datetime) -> LaunchResult | None:
+def refused_launch(
+    cluster: ClusterConfig, state: RunState, *, job: str, default_cooldown_seconds: float, now: datetime
+) -> LaunchResult | None:
     """Why a launch would not start now by this run state (in flight, cooling down), else None."""
     if state.running:
         return LaunchResult(False, job, f"already running: {job}", LaunchOutcome.ALREADY_RUNNING)
-    if state.finished_at is not None:
-        until = state.finished_at + timedelta(seconds=cooldown)
-        if now < until:
-            reason = f"cooling down until {until.isoformat(timespec='seconds')} after a {state.result} run"
-            return LaunchResult(False, job, reason, LaunchOutcome.COOLING_DOWN)
+    cooldown = cluster_cooldown(cluster, state, default_seconds=default_cooldown_seconds, now=now)
+    if cooldown.active:
+        return LaunchResult(False, job, f"cooling down {cooldown.reason}", LaunchOutcome.COOLING_DOWN)
     return None
 
 
@@ -173,7 +164,7 @@ class _State:
 
 
 class LocalExecutor:
-    """Runs `python -m exporter defrag --cluster NAME --output json` as a child process.
+    """Runs `python -m exporter defrag --cluster-json CLUSTER --output json` as a child process.
 
     The child inherits the lock file's descriptor, so the lock lives exactly as long as the run,
     even when this service stops or dies first. The child's stdout (the JSON report) goes to
@@ -184,23 +175,17 @@ class LocalExecutor:
         self,
         *,
         state_dir: Path,
-        config_file: Path | None,
-        embedded_default: bool,
         cooldown_seconds: float,
         dry_run: bool = False,
         command: Sequence[str] = (sys.executable, "-m", "exporter"),
-        log_format: str = "text",
-        log_level: str = "INFO",
+        run_settings: RunSettings = DEFAULT_RUN_SETTINGS,
         reconcile_interval_seconds: float = RECONCILE_INTERVAL_SECONDS,
     ) -> None:
         self.state_dir = state_dir
-        self.config_file = config_file.absolute() if config_file is not None else None
-        self.embedded_default = embedded_default
         self.cooldown_seconds = cooldown_seconds
         self.dry_run = dry_run
         self.command = list(command)
-        self.log_format = log_format
-        self.log_level = log_level
+        self.run_settings = run_settings
         self.reconcile_interval_seconds = reconcile_interval_seconds
         self._on_finished: OnFinished = lambda _outcome: None
         self._children: dict[str, asyncio.Task[None]] = {}
@@ -240,19 +225,9 @@ class LocalExecutor:
         return fd
 
     def child_command(self, cluster: ClusterConfig) -> list[str]:
-        """The command line of a run: the same engine as `etcd-autodefrag defrag`."""
-        args = [*self.command, "defrag", "--output", "json"]
-        args += ["--log-format", self.log_format, "--log-level", self.log_level]
-        if self.config_file is not None:
-            args += ["--config", str(self.config_file)]
-        if self.embedded_default and cluster == default_cluster():
-            # Not in any config file, and `defrag` needs a target: name the embedded default's URL.
-            args += ["--endpoints", ",".join(cluster.endpoints)]
-            return args
-        args += ["--cluster", cluster.name]
-        if cluster.discovers_endpoints:  # the URLs the service read from the Kubernetes API
-            args += ["--endpoints", ",".join(cluster.endpoints)]
-        return args
+        """The command line of a run: the same engine as `etcd-autodefrag defrag`, handed the cluster
+        as the service resolved it (exporter/core/handoff.py), so it reads no config file."""
+        return [*self.command, *run_args(cluster, self.run_settings), "--output", "json"]
 
     # --- the Executor protocol ---
 
@@ -281,7 +256,7 @@ class LocalExecutor:
             real = RunState(
                 running=state.running or cluster in self._children,
                 started_at=state.started_at,
-                finished_at=state.finished_at if starts_cooldown(state.result) else None,
+                finished_at=state.finished_at,
                 result=state.result,
             )
             out[cluster] = self._dry.merged(cluster, real) if self.dry_run else real
@@ -297,7 +272,9 @@ class LocalExecutor:
             # no lock and writes nothing) and the dry runs before this one.
             now = clock.utcnow()
             known = self.runs([name])[name]
-            refused = refused_launch(known, job=job, cooldown=self.cooldown_seconds, now=now)
+            refused = refused_launch(
+                cluster, known, job=job, default_cooldown_seconds=self.cooldown_seconds, now=now
+            )
             if refused is not None:
                 return refused
             log.info("DRY-RUN: would run %s (alert %s)", shlex.join(command), trigger.alertname)
@@ -317,12 +294,13 @@ class LocalExecutor:
                 self._record_orphan(name, state)
                 state = self._read_state(name)
             now = clock.utcnow()
-            if state.finished_at is not None and starts_cooldown(state.result):
-                until = state.finished_at + timedelta(seconds=self.cooldown_seconds)
-                if now < until:
-                    os.close(fd)
-                    reason = f"cooling down: cluster {name} until {until.isoformat(timespec='seconds')}"
-                    return LaunchResult(False, job, reason, LaunchOutcome.COOLING_DOWN)
+            ended = RunState(False, state.started_at, state.finished_at, state.result)  # we hold the lock
+            refused = refused_launch(
+                cluster, ended, job=job, default_cooldown_seconds=self.cooldown_seconds, now=now
+            )
+            if refused is not None:
+                os.close(fd)
+                return refused
             process = await self._spawn(name, command, fd)
         except OSError as exc:
             os.close(fd)
@@ -475,8 +453,10 @@ class KubernetesExecutor:
         timeout_seconds: float,
         dry_run: bool = False,
         namespaces: Sequence[str] = (),
+        run_settings: RunSettings = DEFAULT_RUN_SETTINGS,
     ) -> None:
         self.image = image
+        self.run_settings = run_settings
         self.cooldown_seconds = cooldown_seconds
         self.timeout_seconds = timeout_seconds
         self.dry_run = dry_run
@@ -530,7 +510,11 @@ class KubernetesExecutor:
         """Create the cluster's Job; a 409 says it is running or cooling down (no error)."""
         try:
             manifest = jobs.build_job(
-                cluster, image=self.image, trigger=trigger, cooldown_seconds=self.cooldown_seconds
+                cluster,
+                image=self.image,
+                trigger=trigger,
+                cooldown_seconds=self.cooldown_seconds,
+                run_settings=self.run_settings,
             )
         except (jobs.JobConfigError, ValueError) as exc:
             raise ExecutorRejected(str(exc)) from None
@@ -543,8 +527,9 @@ class KubernetesExecutor:
             # The API server keeps the real lock and cooldown (the Job); a dry run creates no Job,
             # so its own runs are checked here, as the Job would be.
             state = self.runs([cluster.name])[cluster.name]
-            cooldown = cooldown_seconds(cluster, self.cooldown_seconds)
-            refused = refused_launch(state, job=f"Job {name}", cooldown=cooldown, now=now)
+            refused = refused_launch(
+                cluster, state, job=f"Job {name}", default_cooldown_seconds=self.cooldown_seconds, now=now
+            )
             if refused is not None:
                 return refused
             log.info(
@@ -577,15 +562,15 @@ class KubernetesExecutor:
         return result
 
     async def _rollout_gate(self, cluster: ClusterConfig, job_name: str) -> LaunchResult | None:
-        """A deferral while a kamaji cluster's etcd StatefulSet rolls out, else None (launch).
+        """A deferral while the cluster's etcd StatefulSet (kamaji) rolls out, else None (launch).
 
         The Job cannot look itself (its token is not mounted), so the service does, right before it
         creates the Job: a rolling update restarts the members one after the other (docs/safety.md).
         """
         target = cluster.kubernetes
-        if target is None or target.variant is not KubernetesTarget.Variant.KAMAJI:
+        if target is None or spec_of(target.variant).members is not Members.STATEFULSET:
             return None
-        assert target.etcd_name is not None  # the settings require it for kamaji
+        assert target.etcd_name is not None  # the settings require it for a StatefulSet
         try:
             statefulset = await kube.read_statefulset(
                 self.api, target.namespace, target.etcd_name, timeout=self.timeout_seconds
@@ -650,8 +635,7 @@ class KubernetesExecutor:
         if self._running_uids.get(job.cluster) == job.uid:
             del self._running_uids[job.cluster]
         if known.finished_at is None or finished >= known.finished_at:
-            cooling = finished if starts_cooldown(outcome.result) else None
-            self._runs[job.cluster] = RunState(False, job.started_at, cooling, outcome.result)
+            self._runs[job.cluster] = RunState(False, job.started_at, finished, outcome.result)
         # After a restart the watch lists the finished Jobs still kept for their TTL: the previous
         # service counted those. Count a Job we knew running, or one that ended after we started
         # (Kubernetes times have whole seconds: one ending in our first second is not counted).
@@ -709,30 +693,21 @@ def resolve_kind(executor: ExecutorSettings, environ: Mapping[str, str]) -> Exec
     return ExecutorSettings.Kind.LOCAL
 
 
-def local_executor(
-    settings: Settings, *, config_file: Path | None, environ: Mapping[str, str] = os.environ
-) -> LocalExecutor:
+def local_executor(settings: Settings, *, environ: Mapping[str, str] = os.environ) -> LocalExecutor:
     """The local executor the settings describe."""
     return LocalExecutor(
         state_dir=settings.executor.state_dir or default_state_dir(environ),
-        config_file=config_file,
-        # With no clusters configured the service watches the embedded default cluster, which
-        # `defrag` without --cluster acts on too (and `--cluster local` would not find).
-        embedded_default=not settings.clusters,
         cooldown_seconds=settings.executor.cooldown_seconds,
         dry_run=settings.executor.dry_run,
-        log_format=settings.log_format.value,
-        log_level=settings.log_level,
+        run_settings=RunSettings.from_settings(settings),
     )
 
 
-def executor_from_settings(
-    settings: Settings, *, config_file: Path | None, environ: Mapping[str, str] = os.environ
-) -> Executor:
+def executor_from_settings(settings: Settings, *, environ: Mapping[str, str] = os.environ) -> Executor:
     """The executor the settings describe (`auto`: kubernetes in a Pod, local elsewhere)."""
     if resolve_kind(settings.executor, environ) is ExecutorSettings.Kind.KUBERNETES:
         return kubernetes_executor(settings)
-    return local_executor(settings, config_file=config_file, environ=environ)
+    return local_executor(settings, environ=environ)
 
 
 def kubernetes_executor(settings: Settings, *, api_client: Any | None = None) -> KubernetesExecutor:
@@ -742,6 +717,13 @@ def kubernetes_executor(settings: Settings, *, api_client: Any | None = None) ->
         log.warning(
             "clusters without a kubernetes section cannot be defragmented by a Job: %s", ", ".join(without)
         )
+    targets = {c.name: c.kubernetes for c in settings.clusters if c.kubernetes is not None}
+    if stale := [name for name, target in targets.items() if "config_map" in target.model_fields_set]:
+        log.warning(
+            "kubernetes.config_map is ignored: a Job is handed its cluster in its args and reads no "
+            "ConfigMap (docs/run-handoff.md); remove it from clusters %s",
+            ", ".join(stale),
+        )
     return KubernetesExecutor(
         api_client=api_client,
         image=settings.executor.image or jobs.DEFAULT_IMAGE,
@@ -749,4 +731,5 @@ def kubernetes_executor(settings: Settings, *, api_client: Any | None = None) ->
         timeout_seconds=settings.executor.kubernetes_timeout_seconds,
         dry_run=settings.executor.dry_run,
         namespaces=[c.kubernetes.namespace for c in settings.clusters if c.kubernetes is not None],
+        run_settings=RunSettings.from_settings(settings),
     )

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,20 @@ from aiohttp.http_exceptions import (
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from exporter.config.settings import ClusterConfig, ExecutorSettings, Settings
+from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
 from exporter.core.report import RunOutcome, RunResult
+from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
 from exporter.kubernetes.datastores import merge_clusters
-from exporter.launch.executors import Executor, executor_from_settings, resolve_kind
+from exporter.launch.executors import Executor, executor_from_settings
 from exporter.logs import LogThrottle, held_note
+from exporter.service.auth import load_credentials
 from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs
 from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector, TenantCollector
 from exporter.service.refresh import Refresher
-from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook, load_credentials
+from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook
 
 log = logging.getLogger(__name__)
 http_log = logging.getLogger("exporter.http")
@@ -50,6 +52,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 EXECUTOR = web.AppKey[Executor]("executor")
 RUN_METRICS = web.AppKey("run_metrics", RunMetrics)
 WEBHOOK = web.AppKey("webhook", Webhook)
+SHARD = web.AppKey("shard", Shard)
 
 
 # Every `result` a run can end with: the engine's results, or job_failed when no report came back.
@@ -148,9 +151,11 @@ class ClusterSet:
     def adopt(self, app: web.Application) -> None:
         """Hand the merged set to the refresher and the run counters."""
         clusters = self.merged()
+        owned = [c.name for c in clusters if app[SHARD].owns(c.name)]
         if REFRESHER in app:  # not when the tests hand in snapshots
             app[REFRESHER].reconfigure(clusters)
-        app[RUN_METRICS].declare_clusters([c.name for c in clusters], RUN_RESULTS)
+            owned = list(app[REFRESHER].owned)
+        app[RUN_METRICS].declare_clusters(owned, RUN_RESULTS)
 
 
 CLUSTER_SET = web.AppKey("cluster_set", ClusterSet)
@@ -163,6 +168,18 @@ def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     app[CLUSTER_SET].adopt(app)
 
 
+def shard_from_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> Shard:
+    """This replica's shard: the settings', else the ordinal in env POD_NAME; ConfigError says why not."""
+    try:
+        return resolve_shard(
+            shard=settings.sharding.shard,
+            total_shards=settings.sharding.total_shards,
+            pod_name=environ.get("POD_NAME"),
+        )
+    except ShardError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def create_app(
     settings: Settings,
     *,
@@ -171,19 +188,24 @@ def create_app(
     config_file: Path | None = None,
     kube_api: Any | None = None,
     snapshots: SnapshotSource | None = None,
+    shard: Shard | None = None,
 ) -> web.Application:
     """The service for these clusters (the CLI resolves the embedded default before calling).
 
-    `executor` carries out the webhook's launches; by default the one the settings describe, whose
-    local runs read `config_file`. `snapshots` replaces the Refresher (real etcd) as what the
-    webhook and /readyz see of the clusters; then /metrics has the service's own series only: the
-    tests of routing and deciding use it. With `discover.kamaji_datastores.enabled` the DataStores
-    are followed through `kube_api` (by default a client of its own: in-cluster, else the
-    kubeconfig). Raises ConfigError when the webhook's credentials are unusable.
+    `executor` carries out the webhook's launches; by default the one the settings describe (its runs
+    are handed their cluster as data and read no config file: docs/run-handoff.md). `snapshots`
+    replaces the Refresher (real etcd) as what the webhook and /readyz see of the clusters; then
+    /metrics has the service's own series only: the tests of routing and deciding use it. `shard`:
+    which clusters this replica observes (default: from the settings and env POD_NAME); the webhook
+    still serves them all. With `discover.kamaji_datastores.enabled` the DataStores are followed
+    through `kube_api` (by default a client of its own: in-cluster, else the kubeconfig). Raises
+    ConfigError when the webhook's credentials are unusable or the shard cannot be determined.
     """
     credentials = load_credentials(settings)
+    if shard is None:
+        shard = shard_from_settings(settings)
     if executor is None:
-        executor = executor_from_settings(settings, config_file=config_file)
+        executor = executor_from_settings(settings)
     discovery = None
     if settings.discover.kamaji_datastores.enabled:
         discovery = DataStoreDiscovery(
@@ -191,8 +213,7 @@ def create_app(
             lambda found: _discovered(app, found),
             request_timeout=settings.executor.kubernetes_timeout_seconds,
         )
-        jobs = resolve_kind(settings.executor, os.environ) is ExecutorSettings.Kind.KUBERNETES
-        executor = DataStoreJobs(executor, discovery, jobs=jobs)
+        executor = DataStoreJobs(executor, discovery)
     registry = CollectorRegistry(auto_describe=False)
     run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
@@ -203,9 +224,15 @@ def create_app(
     app[CLUSTER_SET] = ClusterSet(clusters)
     if discovery is not None:
         app[DISCOVERY] = discovery
+    app[SHARD] = shard
     metrics_handler = make_aiohttp_handler(registry)
 
     def run_finished(outcome: RunOutcome) -> None:
+        if not shard.owns(outcome.cluster):
+            # Every replica's Job watch sees every run end; the cluster's shard counts and logs it,
+            # so that no run is counted twice in a sum over replicas.
+            log.debug("cluster %s: run ended: %s (counted by its own shard)", outcome.cluster, outcome.result)
+            return
         run_metrics.record_run(
             cluster=outcome.cluster,
             result=outcome.result,
@@ -237,6 +264,7 @@ def create_app(
                     min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
                     member_list_refresh_seconds=settings.member_list_refresh_seconds,
                     write_lock_tokens=not settings.executor.dry_run,
+                    shard=shard,
                 )
                 app[REFRESHER] = refresher
                 registry.register(SnapshotCollector(refresher))
@@ -244,11 +272,22 @@ def create_app(
             else:
                 source = snapshots
             app[SNAPSHOTS] = source
-            run_metrics.declare_clusters([c.name for c in clusters], RUN_RESULTS)
-            registry.register(TenantCollector(lambda: app[DISCOVERY].tenants() if DISCOVERY in app else {}))
+            run_metrics.declare_clusters([c.name for c in clusters if shard.owns(c.name)], RUN_RESULTS)
+            registry.register(
+                TenantCollector(
+                    lambda: {
+                        name: tenants
+                        for name, tenants in (app[DISCOVERY].tenants() if DISCOVERY in app else {}).items()
+                        if shard.owns(name)
+                    }
+                )
+            )
             registry.register(
                 InFlightCollector(
-                    lambda: {name: run.running for name, run in executor.runs(list(source.clusters)).items()}
+                    lambda: {
+                        name: run.running
+                        for name, run in executor.runs([c for c in source.clusters if shard.owns(c)]).items()
+                    }
                 )
             )
             app[WEBHOOK] = Webhook(
@@ -302,9 +341,11 @@ def create_app(
         if DISCOVERY in request.app and not request.app[DISCOVERY].listed:
             return web.Response(status=503, text="waiting for the first list of Kamaji DataStores\n")
         source = request.app[SNAPSHOTS]
-        if all(source.latest(name) is not None for name in source.clusters):
+        # Only this shard's clusters: another shard's are read when an alert needs one.
+        if all(source.latest(name) is not None for name in source.clusters if shard.owns(name)):
             return web.Response(text="ready\n")
-        return web.Response(status=503, text="waiting for the first refresh of every cluster\n")
+        whose = f" of {shard}" if shard.sharded else ""
+        return web.Response(status=503, text=f"waiting for the first refresh of every cluster{whose}\n")
 
     app.cleanup_ctx.append(session_ctx)
     if discovery is not None:

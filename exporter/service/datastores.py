@@ -331,14 +331,12 @@ class DataStoreJobs:
 
     A DataStore whose TLS material a Pod cannot mount has no `kubernetes` section, and the
     executor alone could only say so; this says why (inline content, the CA in another namespace).
-    The local executor runs `defrag --cluster NAME` from the config file, where a discovered
-    cluster is not: it is refused too. Everything else goes to the executor unchanged.
+    Everything else goes to the executor unchanged.
     """
 
-    def __init__(self, executor: Executor, discovery: DataStoreDiscovery, *, jobs: bool) -> None:
+    def __init__(self, executor: Executor, discovery: DataStoreDiscovery) -> None:
         self.executor = executor
         self.discovery = discovery
-        self.jobs = jobs  # the executor creates Kubernetes Jobs
 
     async def start(self, on_finished: OnFinished) -> None:
         await self.executor.start(on_finished)
@@ -358,11 +356,6 @@ class DataStoreJobs:
                     self.executor.watch_namespace(cluster.kubernetes.namespace)
 
     async def launch(self, cluster: ClusterConfig, trigger: Trigger) -> LaunchResult:
-        if self.discovery.owns(cluster) and not self.jobs:
-            raise ExecutorRejected(
-                f"cluster {cluster.name}: a discovered DataStore is defragmented by a Kubernetes Job "
-                "only (executor.kind: kubernetes), the local executor cannot find it in the config file"
-            )
         if (reason := self.discovery.job_refusal(cluster)) is not None:
             raise ExecutorRejected(
                 f"cluster {cluster.name}: DataStore {cluster.name}: no defrag Job can run it: {reason}"

@@ -118,6 +118,14 @@ class SnapshotCollector(Collector):
         build = InfoMetricFamily(f"{PREFIX}_build", "Version of etcd-autodefrag serving these metrics.")
         build.add_metric([], {"version": __version__})
         yield build
+        shard = self.refresher.shard
+        shard_info = InfoMetricFamily(
+            f"{PREFIX}_shard",
+            "Which part of the clusters this replica observes: shard (0-based) of total_shards "
+            "(docs/sharding.md). A series of every replica, as build_info is.",
+        )
+        shard_info.add_metric([], {"shard": str(shard.index), "total_shards": str(shard.total)})
+        yield shard_info
 
         for watch, snapshot in self.refresher.snapshots():
             name = snapshot.cluster

@@ -22,19 +22,14 @@ slice (docs/reliability.md measures it).
 """
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import gc
-import hmac
-import ipaddress
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from enum import StrEnum
 from itertools import islice
-from pathlib import Path
 from typing import Any, Protocol
 
 import pydantic_core
@@ -45,7 +40,7 @@ from aiohttp.http_exceptions import (
     DecompressSizeError,
     TransferEncodingError,
 )
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from exporter.config.settings import ClusterConfig, ConfigError, Settings
 from exporter.core import clock
@@ -60,10 +55,18 @@ from exporter.core.routing import (
     Policy,
     decide,
     iter_decisions,
+    snapshot_wanted,
 )
 from exporter.core.snapshot import ClusterSnapshot
 from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
 from exporter.logs import LogThrottle, held_note
+from exporter.service.auth import (
+    SECRET_CHECK_SECONDS,
+    Credentials,
+    authorized,
+    load_credentials,
+    secret_stamps,
+)
 from exporter.service.metrics import RunMetrics
 
 log = logging.getLogger(__name__)
@@ -112,120 +115,6 @@ ALERT_OUTCOMES = [*(d.value for d in Decision), *(o.value for o in RequestOutcom
 Refusal = tuple[RequestOutcome, int, str]  # outcome, HTTP status, reason
 
 
-# --- credentials ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What a request must present; both None means the webhook is open (loopback only)."""
-
-    token: SecretStr | None = None
-    basic: tuple[str, SecretStr] | None = None
-
-    @property
-    def open(self) -> bool:
-        """No authentication configured."""
-        return self.token is None and self.basic is None
-
-
-def _read_secret(path: Path, what: str) -> SecretStr:
-    try:
-        value = path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"webhook.{what}: cannot read {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError(f"webhook.{what}: {path} is empty")
-    return SecretStr(value)
-
-
-def load_credentials(settings: Settings) -> Credentials:
-    """Secrets from the settings and their files, checked against where the service listens.
-
-    An open webhook (no token, no basic auth) is allowed only on a loopback address: anyone who can
-    reach it could otherwise launch defrag runs.
-    """
-    webhook = settings.webhook
-    token = webhook.token
-    if webhook.token_file is not None:
-        token = _read_secret(webhook.token_file, "token_file")
-    if token is not None and not token.get_secret_value().strip():
-        raise ConfigError("webhook.token is empty")
-    basic = None
-    if webhook.basic_auth_username is not None:
-        password = webhook.basic_auth_password
-        if webhook.basic_auth_password_file is not None:
-            password = _read_secret(webhook.basic_auth_password_file, "basic_auth_password_file")
-        assert password is not None  # the settings validate that they come together
-        basic = (webhook.basic_auth_username, password)
-    credentials = Credentials(token, basic)
-    if credentials.open and not is_loopback(settings.listen_host):
-        raise ConfigError(
-            f"the webhook has no credentials but the service listens on {settings.listen_address}, "
-            "beyond this host: set webhook.token_file (or ETCD_AUTODEFRAG_WEBHOOK__TOKEN, or basic "
-            "auth), or listen on 127.0.0.1"
-        )
-    return credentials
-
-
-SECRET_CHECK_SECONDS = 1.0
-
-
-def _stamps(paths: Sequence[Path]) -> tuple[tuple[int, int, int] | None, ...]:
-    """What tells a changed file: modification time, size and inode (None: cannot stat)."""
-    out: list[tuple[int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = path.stat()
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(out)
-
-
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost; any other name or address counts as reachable from outside."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def authorized(header: str | None, credentials: Credentials) -> bool:
-    """Whether the Authorization header carries the bearer token or the basic credentials.
-
-    Any bytes at all are a yes or a no, never an error: aiohttp hands header values over decoded
-    as UTF-8 with `surrogateescape`, so encoding them back the same way gives the bytes that were
-    sent, which are compared with the secret's UTF-8 bytes by hmac.compare_digest (constant time:
-    the time taken says nothing about how much matched).
-    """
-    if credentials.open:
-        return True
-    if not header:
-        return False
-    try:
-        raw = header.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate no decoding of bytes makes: not from the wire
-        return False
-    scheme, _, value = raw.strip().partition(b" ")
-    value = value.strip()
-    if scheme.lower() == b"bearer" and credentials.token is not None:
-        return hmac.compare_digest(value, credentials.token.get_secret_value().encode())
-    if scheme.lower() == b"basic" and credentials.basic is not None:
-        try:
-            decoded = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        user, sep, password = decoded.partition(b":")
-        expected_user, expected_password = credentials.basic
-        user_ok = hmac.compare_digest(user, expected_user.encode())
-        password_ok = hmac.compare_digest(password, expected_password.get_secret_value().encode())
-        return bool(sep) and user_ok and password_ok
-    return False
-
-
 # --- the handler ---------------------------------------------------------------------------------
 
 
@@ -243,8 +132,11 @@ class SnapshotSource(Protocol):
     def latest(self, name: str) -> ClusterSnapshot | None:
         """The latest snapshot of a cluster, None before the first or for an unknown name."""
 
-    async def refresh(self, *, max_age_seconds: float) -> None:
-        """Make snapshots at most this old (sharing a refresh in flight), within a bounded time."""
+    async def refresh(self, *, max_age_seconds: float, names: Collection[str] | None = None) -> None:
+        """Make snapshots at most this old (sharing a refresh in flight), within a bounded time.
+
+        `names`: only these clusters' are needed, whatever shard observes them (docs/sharding.md).
+        """
 
 
 HealthCache = dict[str, tuple[ClusterSnapshot, ClusterHealth]]
@@ -348,7 +240,7 @@ class Webhook:
         self._cpu = asyncio.Lock()
         webhook = settings.webhook
         self._secret_files = [p for p in (webhook.token_file, webhook.basic_auth_password_file) if p]
-        self._secret_stamp = _stamps(self._secret_files)
+        self._secret_stamp = secret_stamps(self._secret_files)
         self._secrets_checked_at = clock.monotonic()
 
     def _reread_secrets(self) -> None:
@@ -361,7 +253,7 @@ class Webhook:
         if not self._secret_files or now - self._secrets_checked_at < SECRET_CHECK_SECONDS:
             return
         self._secrets_checked_at = now
-        stamp = _stamps(self._secret_files)
+        stamp = secret_stamps(self._secret_files)
         if stamp == self._secret_stamp:
             return
         self._secret_stamp = stamp
@@ -475,10 +367,8 @@ class Webhook:
 
     async def handle(self, payload: AlertmanagerPayload) -> web.Response:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""
-        # The background refresh keeps snapshots about that fresh already; this only waits (at most
-        # the scrape budget) when it fell behind, and concurrent notifications share one refresh.
-        await self.snapshots.refresh(max_age_seconds=self.settings.webhook.max_snapshot_age_seconds)
         known = self._cluster_index()
+        await self._fresh_snapshots(payload, known)
         async with self._cpu:
             decisions = await self._decide(payload, known)
         launches = {
@@ -497,6 +387,19 @@ class Webhook:
         if RequestOutcome.LAUNCH_REJECTED in counts:
             return _reply(422, {**body, "status": "rejected"})
         return _reply(200, body)
+
+    async def _fresh_snapshots(self, payload: AlertmanagerPayload, known: ClusterIndex) -> None:
+        """Snapshots no older than max_snapshot_age_seconds of the clusters the alerts may launch on.
+
+        This shard's clusters: the background refresh keeps them about that fresh already; this
+        only waits (at most the scrape budget) when it fell behind, and concurrent notifications
+        share one refresh. Another shard's cluster (docs/sharding.md) is read now, once per cluster
+        however many notifications ask at once, and the read is reused while it is fresh enough.
+        """
+        wanted = snapshot_wanted(alerts=payload.alerts, clusters=known, policy=self.policy)
+        if wanted:  # else no alert gets as far as looking at a snapshot
+            max_age = self.settings.webhook.max_snapshot_age_seconds
+            await self.snapshots.refresh(max_age_seconds=max_age, names=sorted(wanted))
 
     async def _decide(self, payload: AlertmanagerPayload, known: ClusterIndex) -> list[AlertDecision]:
         """`routing.iter_decisions` over the alerts, a slice at a time with a yield in between."""
