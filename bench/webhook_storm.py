@@ -90,7 +90,7 @@ from fake_kube import FakeKube  # noqa: E402
 from exporter import logs  # noqa: E402
 from exporter.config.settings import Settings  # noqa: E402
 from exporter.kubernetes.api import kube_api_client  # noqa: E402
-from exporter.launch.executors import kubernetes_executor  # noqa: E402
+from exporter.launch.kubernetes import kubernetes_executor  # noqa: E402
 from exporter.service.app import REFRESHER, create_app  # noqa: E402
 
 CLUSTERS = 50

@@ -50,7 +50,9 @@ RESOLVE_TIMEOUT_SECONDS = 60.0
 ENGINE_LOGGER = "exporter.defrag.engine"
 OTHER_LOGGERS = {
     "exporter.service.webhook": "webhook",
-    "exporter.launch.executors": "executor",
+    "exporter.launch.executor": "executor",
+    "exporter.launch.local": "executor",
+    "exporter.launch.kubernetes": "executor",
     "exporter.service.app": "service",
 }
 WEBHOOK_OUTCOMES = {

@@ -22,7 +22,8 @@ from etcd_harness import EtcdCluster, _free_ports, start_cluster, wait_until
 from fake_kube import FakeKube
 from test_render import kubeconfig
 
-from exporter.cli.main import EXIT_CODE_MEANINGS, ExitCode, exit_code_table, main
+from exporter.cli.exit_codes import EXIT_CODE_MEANINGS, ExitCode, exit_code_table
+from exporter.cli.main import main
 from exporter.config.settings import ClusterConfig
 from exporter.core.handoff import cluster_from_json
 from exporter.core.launches import Trigger
@@ -30,7 +31,7 @@ from exporter.core.report import EXIT_CODES, MemberReport, RunReport, RunResult
 from exporter.defrag.lock import HOLDER_KEY as LOCK_KEY
 from exporter.kubernetes import jobs
 from exporter.kubernetes.discovery import discovered
-from exporter.launch import executors
+from exporter.launch import local as executors
 
 ROOT = Path(__file__).resolve().parent.parent
 

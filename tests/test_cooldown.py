@@ -24,7 +24,7 @@ from exporter.core.routing import (
     decide,
 )
 from exporter.kubernetes.jobs import build_job, existing_job_launch
-from exporter.launch.executors import LocalExecutor
+from exporter.launch.local import LocalExecutor
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)

@@ -38,7 +38,7 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
-from exporter.launch.executors import ExecutorRejected
+from exporter.launch.executor import ExecutorRejected
 from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs, TlsStore
 from exporter.service.metrics import TenantCollector
 

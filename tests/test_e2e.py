@@ -358,7 +358,7 @@ def test_nospace_alarm_recovered_by_compaction_defrag_and_disarm(
         launches = [
             record["message"]
             for record in stack.service_log().new_records()
-            if record.get("logger") == "exporter.launch.executors"
+            if record.get("logger") == "exporter.launch.local"
             and "started local run" in record.get("message", "")
         ]
         assert len(launches) == 1

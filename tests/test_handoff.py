@@ -12,14 +12,16 @@ from etcd_harness import EtcdCluster
 from fake_kube import FakeKube
 from kubernetes_asyncio.client import ApiClient
 
-from exporter.cli.main import build_parser, cluster_from_args, main
+from exporter.cli.main import main
+from exporter.cli.parser import build_parser, cluster_from_args
 from exporter.config.settings import ClusterConfig, Settings, TlsConfig, load_settings
 from exporter.core.handoff import RunSettings, cluster_from_json, cluster_json, run_args
 from exporter.core.launches import LaunchOutcome, Trigger
 from exporter.core.report import RunOutcome, RunResult
 from exporter.kubernetes.api import discover
 from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, KEY_FILE
-from exporter.launch.executors import KubernetesExecutor, local_executor
+from exporter.launch.kubernetes import KubernetesExecutor
+from exporter.launch.local import local_executor
 
 TRIGGER = Trigger(alertname="EtcdDefragRecommended")
 NOTHING_TO_SELECT = "dbSizeFree > 1024*1024*1024"  # the shared cluster's quota is 32 MiB

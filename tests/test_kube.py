@@ -28,7 +28,7 @@ from exporter.kubernetes.api import (
     watch_jobs,
 )
 from exporter.kubernetes.jobs import JobOutcome, RunningJob, build_job
-from exporter.launch.executors import KubernetesExecutor
+from exporter.launch.kubernetes import KubernetesExecutor
 
 NAMESPACE = "etcd"
 TIMEOUT = 5.0

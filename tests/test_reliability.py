@@ -107,7 +107,8 @@ from exporter.core.report import RunResult
 from exporter.defrag.engine import DefragEngine
 from exporter.etcd.client import EtcdClient
 from exporter.kubernetes.api import kube_api_client
-from exporter.launch.executors import KubernetesExecutor, LocalExecutor
+from exporter.launch.kubernetes import KubernetesExecutor
+from exporter.launch.local import LocalExecutor
 from exporter.service.app import create_app
 
 pytestmark = pytest.mark.etcd

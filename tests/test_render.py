@@ -17,14 +17,15 @@ from fake_kube import FakeKube, Recorded
 from kubernetes_asyncio.client import ApiClient
 from test_jobs import validate
 
-from exporter.cli.main import build_parser, main
+from exporter.cli.main import main
+from exporter.cli.parser import build_parser
 from exporter.config.settings import load_settings
 from exporter.core.launches import Trigger
 from exporter.kubernetes import api as kube
 from exporter.kubernetes.cronjob import RenderError, check_schedule
 from exporter.kubernetes.jobs import CA_FILE, CERT_FILE, DEFAULT_IMAGE, KEY_FILE, TERMINATION_LOG
 from exporter.kubernetes.kamaji import SecretLayout
-from exporter.launch import executors
+from exporter.launch import kubernetes as executors
 
 # kamaji-etcd's scripts/defrag.sh with no flags: its CronJob's name, namespace, schedule and endpoints.
 DEFRAG_SH_NAME = "kamaji-etcd-defrag-job"

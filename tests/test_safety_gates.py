@@ -28,7 +28,9 @@ from test_webhook import (
 )
 
 from exporter.config.settings import ClusterConfig
-from exporter.launch.executors import Executor, KubernetesExecutor, LocalExecutor
+from exporter.launch.executor import Executor
+from exporter.launch.kubernetes import KubernetesExecutor
+from exporter.launch.local import LocalExecutor
 from exporter.service.app import create_app
 
 Serve = Callable[..., Awaitable[TestClient]]

@@ -39,15 +39,9 @@ from exporter.core.handoff import cluster_from_json, cluster_json
 from exporter.core.launches import LaunchOutcome, LaunchResult, RunState, Trigger
 from exporter.core.report import MemberReport, RunReport, RunResult
 from exporter.kubernetes.api import kube_api_client
-from exporter.launch.executors import (
-    ExecutorRejected,
-    ExecutorUnavailable,
-    KubernetesExecutor,
-    LocalExecutor,
-    OnFinished,
-    child_environment,
-    local_executor,
-)
+from exporter.launch.executor import ExecutorRejected, ExecutorUnavailable, OnFinished
+from exporter.launch.kubernetes import KubernetesExecutor
+from exporter.launch.local import LocalExecutor, child_environment, local_executor
 from exporter.service import auth
 from exporter.service import webhook as webhook_module
 from exporter.service.app import create_app
@@ -253,7 +247,6 @@ Serve = Callable[..., Awaitable[TestClient]]
 def serve(aiohttp_client: ClientFactory) -> Serve:
     async def start(cluster_list: list[ClusterConfig], runner: Any = None, /, **options: Any) -> TestClient:
         """A service for these clusters; `runner` is its executor (None: the one the settings describe)."""
-        config_file = options.pop("config_file", None)
         snapshots = options.pop("snapshots", None)
         if snapshots is None and cluster_list and all(c.endpoints == Fleet.endpoints for c in cluster_list):
             snapshots = StaticSnapshots(cluster_list, [healthy_snapshot(c.name) for c in cluster_list])
@@ -261,7 +254,6 @@ def serve(aiohttp_client: ClientFactory) -> Serve:
             settings(**options),
             clusters=cluster_list,
             executor=runner,
-            config_file=config_file,
             snapshots=snapshots,
         )
         return await aiohttp_client(app)
@@ -1026,11 +1018,8 @@ async def test_dry_run_decides_and_logs_but_starts_nothing(
 ) -> None:
     caplog.set_level(logging.INFO)
     state_dir = tmp_path / "state"
-    config = tmp_path / "config.yaml"
     # The executor the settings describe (local, outside a Pod), as `serve` builds it.
-    client = await serve(
-        clusters(fleet, 2), None, executor={"dry_run": True, "state_dir": state_dir}, config_file=config
-    )
+    client = await serve(clusters(fleet, 2), None, executor={"dry_run": True, "state_dir": state_dir})
     status, body = await post(client, notification(alert("c0"), alert("c1", status="resolved")))
     assert status == 200
     assert outcomes(body) == ["dry_run", "skip_resolved"]
@@ -1209,7 +1198,7 @@ async def test_two_services_on_one_host_launch_one_run_per_cluster(
 SECOND_PROCESS = """
 import asyncio, sys
 from pathlib import Path
-from exporter.launch.executors import LocalExecutor
+from exporter.launch.local import LocalExecutor
 from exporter.core.launches import Trigger
 from exporter.config.settings import ClusterConfig
 
@@ -1351,7 +1340,7 @@ def job_report(cluster: str, reclaimed: int) -> str:
 
 
 async def test_kubernetes_1000_concurrent_posts_for_10_clusters_create_10_jobs(
-    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fake_kube: FakeKube, kube_api: ApiClient, fleet: Fleet, serve: Serve
 ) -> None:
     client = await serve(kube_clusters(fleet, 10), kube_executor(kube_api))
     answers = await asyncio.gather(*(post(client, notification(alert(f"c{i % 10}"))) for i in range(1000)))
@@ -1370,7 +1359,7 @@ async def test_kubernetes_1000_concurrent_posts_for_10_clusters_create_10_jobs(
 
 
 async def test_kubernetes_restart_between_posts_creates_no_second_job(
-    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fake_kube: FakeKube, kube_api: ApiClient, fleet: Fleet, serve: Serve
 ) -> None:
     first = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     assert outcomes((await post(first, notification(alert("c0"))))[1]) == ["launch"]
@@ -1413,7 +1402,7 @@ async def test_kubernetes_restart_between_posts_creates_no_second_job(
 
 
 async def test_kubernetes_job_failing_without_a_report_counts_job_failed(
-    fleet: Fleet, serve: Serve, fake_kube: FakeKube, kube_api: ApiClient
+    fake_kube: FakeKube, kube_api: ApiClient, fleet: Fleet, serve: Serve
 ) -> None:
     client = await serve(kube_clusters(fleet, 1), kube_executor(kube_api))
     assert outcomes((await post(client, notification(alert("c0"))))[1]) == ["launch"]
@@ -1455,10 +1444,10 @@ async def finished_event(fake_kube: FakeKube) -> dict[str, Any]:
     ],
 )
 async def test_kubernetes_api_failures_map_to_the_retry_contract(
-    fleet: Fleet,
-    serve: Serve,
     fake_kube: FakeKube,
     kube_api: ApiClient,
+    fleet: Fleet,
+    serve: Serve,
     status: int,
     answer: int,
     outcome: str,
@@ -1482,10 +1471,10 @@ async def test_kubernetes_unreachable_answers_503(fleet: Fleet, serve: Serve) ->
 
 
 async def test_kubernetes_dry_run_creates_nothing(
-    fleet: Fleet,
-    serve: Serve,
     fake_kube: FakeKube,
     kube_api: ApiClient,
+    fleet: Fleet,
+    serve: Serve,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)

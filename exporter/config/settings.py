@@ -988,8 +988,8 @@ def _env_error(exc: SettingsError) -> str:
     return f"environment variable {name}: {why}; it must hold the setting as JSON"
 
 
-# `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path (exporter/cli/main.py)
-# and the host lock's directory (exporter/defrag/host_lock.py).
+# `ETCD_AUTODEFRAG_*` variables read outside the settings model: the config file's path
+# (exporter/cli/parser.py) and the host lock's directory (exporter/defrag/host_lock.py).
 ENV_OUTSIDE_SETTINGS = ("CONFIG", "LOCK_DIR")
 # What Kubernetes adds for a Service named etcd-autodefrag when a Pod keeps service links on
 # (Kubernetes docs, "Environment variables" of Services): not ours, so not a typo either. PORT only

@@ -1,9 +1,10 @@
 """Cooldown: after a run ends, a cluster's alerts launch nothing for a while. The one definition.
 
-The webhook's decision (core/routing.decide), both executors (launch/executors.py) and the Job's
-`ttlSecondsAfterFinished` (kubernetes/jobs.build_job: Kubernetes keeps the finished Job, whose name
-is the lock, exactly that long) all ask here, so that routing never says "launch" where an
-executor says "cooling down" for the same cluster and run state. Pure: no I/O.
+The webhook's decision (core/routing.decide), both executors (launch/local.py and
+launch/kubernetes.py) and the Job's `ttlSecondsAfterFinished` (kubernetes/jobs.build_job:
+Kubernetes keeps the finished Job, whose name is the lock, exactly that long) all ask here, so
+that routing never says "launch" where an executor says "cooling down" for the same cluster and
+run state. Pure: no I/O.
 """
 
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 
 Pure: no I/O, time passed in. `exporter.service.webhook` parses the payload (core/alertmanager.py),
 collects the latest cluster health and run states, calls `iter_decisions` and hands each `LAUNCH`
-to an executor (`exporter.launch.executors`), which performs the only side effect. A cluster's
+to an executor (`exporter.launch`), which performs the only side effect. A cluster's
 alerts are told by its matchers (core/matchers.py, Alertmanager's grammar).
 """
 

@@ -14,7 +14,7 @@ gives up on any other status (notify/util.go, `Retrier`):
   namespace does not exist), 400, 401. Asking again cannot help until a person fixes RBAC or the
   configuration, so the webhook must not answer 5xx (Alertmanager would repeat the doomed request
   until its notification times out): it logs an error, counts it and answers without a 5xx
-  (executors.py turns it into ExecutorRejected). The still-firing alert is sent again after the
+  (launch/kubernetes.py turns it into ExecutorRejected). The still-firing alert is sent again after the
   route's repeat_interval, which picks up a fix.
 - 409 AlreadyExists on a create is no error: it is the lock (LaunchResult with created=False).
 

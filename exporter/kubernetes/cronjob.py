@@ -19,7 +19,7 @@ The certificates are kamaji-etcd's, in the layout `--secret-layout` names (expor
 
 The side effects (reading the StatefulSet's replica count and layout, creating or replacing the CronJob) are
 exporter.kubernetes.api's `read_statefulset` and `apply_cronjob`, called by `render cronjob --apply` in
-exporter/cli/main.py.
+exporter/cli/render.py.
 """
 
 import re

@@ -4,7 +4,7 @@ Everything that differs by variant is a field of its VariantSpec: where the memb
 the Kubernetes API can list them), where a defrag Pod finds the client certificate, where that Pod
 is placed, and what the service reads from the API for it. The settings' checks, the Job's pod
 (exporter/kubernetes/jobs.py), discovery (exporter/kubernetes/api.py), the rollout gate
-(exporter/launch/executors.py) and the shipped Roles (deploy/overlays/*/rbac.yaml, compared by
+(exporter/launch/kubernetes.py) and the shipped Roles (deploy/overlays/*/rbac.yaml, compared by
 tests/test_deploy.py) all read this table, and tests/test_variants.py fails when a Variant has no
 entry: a new variant cannot silently fall into another's behaviour. Callers `match` on the small
 enums below with `assert_never`, so mypy also names every place a new kind of member or certificate

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,7 +32,8 @@ from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
 from exporter.kubernetes.datastores import merge_clusters
-from exporter.launch.executors import Executor, executor_from_settings
+from exporter.launch.choose import executor_from_settings
+from exporter.launch.executor import Executor
 from exporter.logs import LogThrottle, held_note
 from exporter.service.auth import load_credentials
 from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs
@@ -185,7 +185,6 @@ def create_app(
     *,
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
-    config_file: Path | None = None,
     kube_api: Any | None = None,
     snapshots: SnapshotSource | None = None,
     shard: Shard | None = None,

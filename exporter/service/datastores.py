@@ -44,7 +44,8 @@ from exporter.kubernetes.datastores import (
     parse_datastore,
     translate,
 )
-from exporter.launch.executors import Executor, ExecutorRejected, KubernetesExecutor, OnFinished
+from exporter.launch.executor import Executor, ExecutorRejected, OnFinished
+from exporter.launch.kubernetes import KubernetesExecutor
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
         check_tls(cluster)
     clusters = asyncio.run(discovered(clusters))
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
-    app = create_app(settings, clusters=clusters, config_file=config_file, shard=shard)
+    app = create_app(settings, clusters=clusters, shard=shard)
     reloading: set[asyncio.Task[None]] = set()
 
     async def reload_on_sighup(app: web.Application) -> None:

@@ -58,7 +58,7 @@ from exporter.core.routing import (
     snapshot_wanted,
 )
 from exporter.core.snapshot import ClusterSnapshot
-from exporter.launch.executors import Executor, ExecutorRejected, ExecutorUnavailable
+from exporter.launch.executor import Executor, ExecutorRejected, ExecutorUnavailable
 from exporter.logs import LogThrottle, held_note
 from exporter.service.auth import (
     SECRET_CHECK_SECONDS,
