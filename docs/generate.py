@@ -124,6 +124,11 @@ def configuration_markdown() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# Families the docs' scrape (one plain cluster, no Kubernetes) exports without a sample, so their
+# labels cannot be read from it; tests/test_datastores.py checks this against a real one.
+LABELS_WITHOUT_SAMPLES = {"etcd_autodefrag_datastore_tenant_info": ["etcd_cluster", "tenant"]}
+
+
 def metrics_markdown(exposition: str) -> str:
     """docs/metrics.md: every metric family a scrape returns, with its type, labels and help."""
     lines = [
@@ -142,6 +147,7 @@ def metrics_markdown(exposition: str) -> str:
     # family of its own: it is a timestamp of the counter's start, not a metric of ours.
     for family in sorted((f for f in families if not f.name.endswith("_created")), key=lambda f: f.name):
         labels = sorted({label for sample in family.samples for label in sample.labels})
+        labels = labels or LABELS_WITHOUT_SAMPLES.get(family.name, [])
         name = family.name + ("_total" if family.type == "counter" else "")
         help_text = family.documentation.replace("|", "\\|")
         lines.append(f"| `{name}` | {family.type} | {', '.join(f'`{x}`' for x in labels)} | {help_text} |")

@@ -483,6 +483,27 @@ members = row(
             24,
             6,
         ),
+        (
+            table(
+                "Kamaji DataStore tenants",
+                "The tenant control planes (namespace/name) that use each discovered Kamaji DataStore "
+                "(its status.usedBy), with the highest quota usage of its members: which tenants a "
+                "full DataStore hits. Empty without DataStore discovery (docs/kamaji.md).",
+                [
+                    target(
+                        f"max by (etcd_cluster, tenant) (etcd_autodefrag_datastore_tenant_info{{{CLUSTER}}})"
+                        " * on (etcd_cluster) group_left ()"
+                        f" max by (etcd_cluster) (etcd_autodefrag_db_quota_usage_ratio{{{CLUSTER}}})",
+                        instant=True,
+                        table=True,
+                    )
+                ],
+                hide=["Time"],
+                unit="percentunit",
+            ),
+            24,
+            6,
+        ),
     ],
 )
 

@@ -221,7 +221,12 @@ class KubernetesTarget(_Model):
         description="kamaji, discover_endpoints: the members' client port (the chart's clientPort).",
     )
     tls_secret: str | None = Field(default=None, description="talos, plain: Secret with the client TLS.")
-    ca_key: str = Field(default="ca", description="talos, plain: key of the CA certificate in `tls_secret`.")
+    ca_secret: str | None = Field(
+        default=None, description="talos, plain: the Secret holding ca_key, when not tls_secret."
+    )
+    ca_key: str = Field(
+        default="ca", description="talos, plain: key of the CA certificate in `tls_secret` (or `ca_secret`)."
+    )
     cert_key: str | None = Field(
         default="crt", description="talos, plain: key of the client certificate in `tls_secret`."
     )
@@ -255,7 +260,7 @@ class KubernetesTarget(_Model):
             raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'); got {namespace!r}")
         return namespace
 
-    @field_validator("config_map", "etcd_name", "tls_secret", "service_account")
+    @field_validator("config_map", "etcd_name", "tls_secret", "ca_secret", "service_account")
     @classmethod
     def _valid_object_name(cls, name: str | None) -> str | None:
         if name is not None and not is_dns_subdomain(name, max_chars=200):
@@ -337,6 +342,8 @@ class KubernetesTarget(_Model):
             raise ValueError(f"tls_secret is only used by {which}, not {variant.value}")
         if (self.cert_key is None) != (self.key_key is None):
             raise ValueError("cert_key and key_key must both be set or both be null")
+        if self.ca_secret is not None and self.tls_secret is None:
+            raise ValueError("ca_secret is used with tls_secret (variants talos and plain)")
         if self.discover_endpoints and not spec.discovers_endpoints:
             which = variants_where(lambda s: s.discovers_endpoints)
             raise ValueError(f"discover_endpoints works with {which}, not {variant.value}: give endpoints")
@@ -683,6 +690,112 @@ class ExecutorSettings(_Model):
     )
 
 
+# What a discovered DataStore's cluster does not take from `discover.kamaji_datastores.defaults`:
+# what the DataStore itself says (name, endpoints, TLS, where its Job runs and what it mounts), and
+# `alerts`: the same matchers for every DataStore would route each alert to all of them, so a
+# discovered cluster is routed by `etcd_cluster="<name>"`. Everything else is a default.
+DATASTORE_OWN = ("name", "endpoints", "tls", "alerts")
+DATASTORE_OWN_KUBERNETES = (
+    "namespace",
+    "variant",
+    "etcd_name",
+    "discover_endpoints",
+    "etcd_service",
+    "secret_layout",
+    "cluster_domain",
+    "client_port",
+    "tls_secret",
+    "ca_secret",
+    "ca_key",
+    "cert_key",
+    "key_key",
+)
+
+
+class KamajiDataStores(_Model):
+    """Every Kamaji DataStore with `driver: etcd` becomes a cluster named after it (docs/kamaji.md)."""
+
+    enabled: bool = Field(
+        default=False, description="List and watch kamaji.clastix.io DataStores (a ClusterRole is needed)."
+    )
+    label_selector: str = Field(
+        default="", description="Only the DataStores with these labels, e.g. `tier=gold` (all when empty)."
+    )
+    secret_refresh_seconds: PositiveSeconds = Field(
+        default=300.0,
+        description="Read the Secrets the DataStores reference again this often (and whenever a "
+        "DataStore changes), so that renewed certificates are used without a restart.",
+    )
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of every discovered cluster, as in clusters[] (rule, thresholds, timeouts, "
+        "paused, kubernetes.image, kubernetes.cooldown_seconds, ...), but not "
+        + ", ".join(DATASTORE_OWN)
+        + " or kubernetes.{"
+        + ", ".join(DATASTORE_OWN_KUBERNETES)
+        + "}, which each DataStore says itself.",
+    )
+
+    @field_validator("defaults")
+    @classmethod
+    def _valid_defaults(cls, defaults: dict[str, Any]) -> dict[str, Any]:
+        own = [f"{k}" for k in defaults if k in DATASTORE_OWN]
+        kubernetes = defaults.get("kubernetes") or {}
+        if not isinstance(kubernetes, dict):
+            raise ValueError("kubernetes must be a mapping")
+        own += [f"kubernetes.{k}" for k in kubernetes if k in DATASTORE_OWN_KUBERNETES]
+        if own:
+            raise ValueError(
+                f"{', '.join(own)}: not settable for discovered DataStores: each DataStore gives its "
+                "own endpoints and TLS, its Job runs where its client certificate's Secret is, and it "
+                'is routed by etcd_cluster="<name>"'
+            )
+        # Checked as a cluster's would be, on a stand-in DataStore, so that a bad default stops
+        # start-up instead of every DataStore later.
+        trial = {"namespace": "default", "tls_secret": "client", "ca_key": "ca.crt"}
+        try:
+            cls.cluster_with(
+                defaults, name="datastore", endpoints=["https://127.0.0.1:2379"], tls=None, kubernetes=trial
+            )
+        except ValidationError as exc:
+            problems = format_validation_error(exc).splitlines()[1:]
+            raise ValueError("; ".join(p.strip().removeprefix("(top level): ") for p in problems)) from None
+        return defaults
+
+    def cluster(
+        self, *, name: str, endpoints: list[str], tls: TlsConfig | None, kubernetes: dict[str, Any] | None
+    ) -> "ClusterConfig":
+        """A discovered cluster: what the DataStore says, the rest from `defaults`; ValidationError."""
+        return self.cluster_with(
+            self.defaults, name=name, endpoints=endpoints, tls=tls, kubernetes=kubernetes
+        )
+
+    @staticmethod
+    def cluster_with(
+        defaults: dict[str, Any],
+        *,
+        name: str,
+        endpoints: list[str],
+        tls: TlsConfig | None,
+        kubernetes: dict[str, Any] | None,
+    ) -> "ClusterConfig":
+        data: dict[str, Any] = {**defaults, "name": name, "endpoints": endpoints, "tls": tls}
+        data.pop("kubernetes", None)
+        if kubernetes is not None:
+            # The plain variant with the DataStore's own Secrets (exporter/kubernetes/datastores.py).
+            data["kubernetes"] = {**(defaults.get("kubernetes") or {}), "variant": "plain", **kubernetes}
+        return ClusterConfig.model_validate(data)
+
+
+class DiscoverSettings(_Model):
+    """Clusters the service finds by itself, besides `clusters`."""
+
+    kamaji_datastores: KamajiDataStores = Field(
+        default_factory=KamajiDataStores,
+        description="Every Kamaji DataStore with driver etcd as a cluster (docs/kamaji.md).",
+    )
+
+
 class ShardingSettings(_Model):
     """Split the clusters over replicas by a stable hash of their names (docs/sharding.md).
 
@@ -753,6 +866,10 @@ class Settings(BaseSettings):
     webhook: WebhookSettings = Field(default_factory=WebhookSettings, description="The Alertmanager webhook.")
     executor: ExecutorSettings = Field(
         default_factory=ExecutorSettings, description="What runs a launched defrag."
+    )
+    discover: DiscoverSettings = Field(
+        default_factory=DiscoverSettings,
+        description="Clusters found in the Kubernetes API, besides `clusters`.",
     )
     sharding: ShardingSettings = Field(
         default_factory=ShardingSettings,

@@ -45,6 +45,7 @@ from kubernetes_asyncio import config as k8s_config
 from exporter.config.settings import ClusterConfig, ConfigError, KubernetesTarget
 from exporter.core import clock
 from exporter.core.launches import LaunchOutcome, LaunchResult
+from exporter.kubernetes.datastores import DATASTORE_GROUP, DATASTORE_PLURAL, DATASTORE_VERSION
 from exporter.kubernetes.jobs import (
     JOB_SELECTOR,
     JobOutcome,
@@ -60,6 +61,8 @@ from exporter.kubernetes.kamaji import SecretLayout, detect_layout, member_endpo
 from exporter.kubernetes.variants import KUBEADM_NAMESPACE, Members, TlsSource, service_rbac_rules, spec_of
 
 __all__ = [
+    "DATASTORE_CLUSTER_RBAC_RULES",
+    "DATASTORE_NAMESPACE_RBAC_RULES",
     "KUBEADM_ETCD_SELECTOR",
     "RBAC_RULES",
     "RENDER_APPLY_RBAC_RULES",
@@ -78,8 +81,10 @@ __all__ = [
     "discover_kamaji",
     "discover_kubeadm",
     "kube_api_client",
+    "read_secret",
     "read_statefulset",
     "record_event",
+    "watch_datastores",
     "watch_jobs",
 ]
 
@@ -96,6 +101,19 @@ MIN_WATCH_SECONDS = 1.0  # a watch that ends sooner is restarted after a backoff
 # `kubernetes.namespace`; statefulsets in the kamaji etcd's namespace; the kubeadm pods in kube-system.
 # The union over every variant (exporter/kubernetes/variants.py says which needs what, and where).
 RBAC_RULES: list[dict[str, list[str]]] = service_rbac_rules()
+# Kamaji DataStore discovery (discover.kamaji_datastores; docs/kamaji.md has the manifests): a
+# ClusterRole on the cluster-scoped DataStores, and in each namespace that holds Secrets the
+# DataStores reference a Role with `get` on Secrets (RBAC cannot name Secrets that do not exist yet,
+# and no list or watch: the service reads only the Secrets it is pointed at) plus the Job rules above
+# where client certificates live, since the Jobs run there. No statefulsets: a DataStore's endpoints
+# are its own.
+DATASTORE_CLUSTER_RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": ["kamaji.clastix.io"], "resources": ["datastores"], "verbs": ["get", "list", "watch"]},
+]
+DATASTORE_NAMESPACE_RBAC_RULES: list[dict[str, list[str]]] = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    *(rule for rule in RBAC_RULES if rule["resources"] != ["statefulsets"]),
+]
 # What `etcd-autodefrag render cronjob --apply` calls, with the user's own kubeconfig (or the pod's
 # service account where it runs): never part of the service's Role above, which stays as narrow.
 RENDER_APPLY_RBAC_RULES: list[dict[str, list[str]]] = [
@@ -612,6 +630,111 @@ def _kamaji_members(target: KubernetesTarget, statefulset: Json) -> list[str]:
     return member_endpoints(
         statefulset, service, target.namespace, port=target.client_port, cluster_domain=target.cluster_domain
     )
+
+
+# --- Kamaji DataStores ------------------------------------------------------------------------------
+
+OnDataStores = Callable[[list[Json]], Awaitable[None]]
+OnDataStoreEvent = Callable[[str, Json], Awaitable[None]]
+
+
+async def read_secret(api_client: k8s.ApiClient, namespace: str, name: str, *, timeout: float = 10.0) -> Json:
+    """The Secret as the API returns it (`data` base64); 404 and 403 raise KubeRejected."""
+    core = k8s.CoreV1Api(api_client)
+    return await _call(core.read_namespaced_secret, name, namespace, timeout=timeout)
+
+
+async def watch_datastores(
+    api_client: k8s.ApiClient,
+    on_list: OnDataStores,
+    on_event: OnDataStoreEvent,
+    *,
+    label_selector: str = "",
+    request_timeout: float = 30.0,
+    watch_timeout_seconds: int = 300,
+    backoff_initial_seconds: float = 1.0,
+    backoff_max_seconds: float = 60.0,
+) -> NoReturn:
+    """Follow Kamaji's DataStores until cancelled: `on_list` with every one, then `on_event`.
+
+    As watch_jobs: list, watch from the list's resourceVersion, list again when the watch expires
+    (410 Gone); any other failure (the CRD not installed yet: 404; RBAC: 403) is logged and retried
+    after a bounded, jittered backoff. `on_event(type, object)` gets ADDED, MODIFIED and DELETED.
+    Exceptions of the callbacks propagate: they are the caller's bugs.
+    """
+    custom = k8s.CustomObjectsApi(api_client)
+    group, version, plural = DATASTORE_GROUP, DATASTORE_VERSION, DATASTORE_PLURAL
+    backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds)
+    resource_version: str | None = None
+    while True:
+        try:
+            if resource_version is None:
+                listed = await _call(
+                    custom.list_cluster_custom_object,
+                    group,
+                    version,
+                    plural,
+                    label_selector=label_selector,
+                    timeout=request_timeout,
+                )
+                await on_list(list(listed.get("items") or []))
+                resource_version = str(listed.get("metadata", {}).get("resourceVersion", ""))
+            started = clock.monotonic()
+            timeout = aiohttp.ClientTimeout(
+                sock_connect=request_timeout, sock_read=watch_timeout_seconds + request_timeout
+            )
+            try:
+                response: Any = await custom.list_cluster_custom_object(
+                    group,
+                    version,
+                    plural,
+                    label_selector=label_selector,
+                    watch=True,
+                    resource_version=resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=watch_timeout_seconds,
+                    _preload_content=False,
+                    _request_timeout=timeout,
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
+            try:
+                if response.status == 410:
+                    raise _Expired
+                if response.status != 200:
+                    raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
+                while line := await response.content.readline():
+                    if not line.strip():
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise KubeUnavailable("watch of DataStores sent a line that is not JSON") from None
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            raise _Expired
+                        raise _error(int(obj.get("code") or 500), json.dumps(obj).encode())
+                    resource_version = str(obj.get("metadata", {}).get("resourceVersion") or resource_version)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        await on_event(kind, obj)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise KubeUnavailable(f"watch of DataStores broke off: {exc or type(exc).__name__}") from None
+            finally:
+                response.release()
+            if clock.monotonic() - started >= min(MIN_WATCH_SECONDS, watch_timeout_seconds):
+                backoff.reset()
+            else:
+                await asyncio.sleep(backoff.next_delay())
+        except _Expired:
+            log.info("watch of DataStores expired (410 Gone): listing again")
+            resource_version = None
+        except KubeError as exc:
+            delay = backoff.next_delay()
+            hint = " (is Kamaji's DataStore CRD installed?)" if exc.status == 404 else ""
+            log.warning("watching DataStores: %s%s; again in %.1fs", exc, hint, delay)
+            resource_version = None
+            await asyncio.sleep(delay)
 
 
 # --- render cronjob --apply -------------------------------------------------------------------------

@@ -291,30 +291,22 @@ def _tls(target: KubernetesTarget) -> _Tls:
                 (secrets.client_secret, secrets.cert_key, "tls.crt"),
                 (secrets.client_secret, secrets.key_key, "tls.key"),
             ]
-            sources = [
-                {
-                    "secret": {
-                        "name": name,
-                        "items": [
-                            {"key": key, "path": path} for secret, key, path in files if secret == name
-                        ],
-                    }
-                }
-                for name in secrets.names
-            ]
-            volume = {"name": "tls", "projected": {"sources": sources, "defaultMode": SECRET_FILE_MODE}}
-            return _Tls([volume], dir_mount, both)
+            return _Tls([_projected(files)], dir_mount, both)
         case TlsSource.TLS_SECRET:
             if target.tls_secret is None:
                 return _Tls([], [], [])
-            items = [{"key": target.ca_key, "path": "ca.crt"}]
+            ca_secret = target.ca_secret or target.tls_secret
+            files = [(ca_secret, target.ca_key, "ca.crt")]
             flags = ["--cacert", CA_FILE]
             if target.cert_key is not None and target.key_key is not None:
-                items += [
-                    {"key": target.cert_key, "path": "tls.crt"},
-                    {"key": target.key_key, "path": "tls.key"},
+                files += [
+                    (target.tls_secret, target.cert_key, "tls.crt"),
+                    (target.tls_secret, target.key_key, "tls.key"),
                 ]
                 flags = both
+            if ca_secret != target.tls_secret:  # e.g. a Kamaji DataStore's `<etcd>-certs` and client Secret
+                return _Tls([_projected(files)], dir_mount, flags)
+            items = [{"key": key, "path": path} for _, key, path in files]
             secret = {"secretName": target.tls_secret, "items": items, "defaultMode": SECRET_FILE_MODE}
             return _Tls([{"name": "tls", "secret": secret}], dir_mount, flags)
         case TlsSource.NODE_PKI:
@@ -328,6 +320,21 @@ def _tls(target: KubernetesTarget) -> _Tls:
             return _Tls(volumes, mounts, both)
         case _ as unreachable:
             assert_never(unreachable)
+
+
+def _projected(files: Sequence[tuple[str, str, str]]) -> Json:
+    """One `tls` volume with each (Secret, key, path), Secrets in first-use order."""
+    names = list(dict.fromkeys(secret for secret, _, _ in files))
+    sources = [
+        {
+            "secret": {
+                "name": name,
+                "items": [{"key": key, "path": path} for secret, key, path in files if secret == name],
+            }
+        }
+        for name in names
+    ]
+    return {"name": "tls", "projected": {"sources": sources, "defaultMode": SECRET_FILE_MODE}}
 
 
 def parse_termination_message(text: str | None) -> Json | None:

@@ -189,6 +189,13 @@ class KubernetesExecutor:
         log.info("cluster %s: deferred, no Job created: %s", cluster.name, gate.reason)
         return LaunchResult(False, job_name, f"deferred: {gate.reason}", LaunchOutcome.DEFERRED)
 
+    def watch_namespace(self, namespace: str) -> None:
+        """Follow the Jobs of one more namespace (a discovered cluster's), from now or from start()."""
+        if self._api is None:
+            self._namespaces = list(dict.fromkeys([*self._namespaces, namespace]))
+        elif namespace not in self._watches:
+            self._watch(namespace)
+
     def _watch(self, namespace: str) -> None:
         self._watches[namespace] = asyncio.create_task(
             kube.watch_jobs(

@@ -31,11 +31,13 @@ from exporter.core.report import RunOutcome, RunResult
 from exporter.core.shard import Shard, ShardError, resolve_shard
 from exporter.core.units import human_bytes
 from exporter.etcd.connect import client_factory
+from exporter.kubernetes.datastores import merge_clusters
 from exporter.launch.choose import executor_from_settings
 from exporter.launch.executor import Executor
 from exporter.logs import LogThrottle, held_note
 from exporter.service.auth import load_credentials
-from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector
+from exporter.service.datastores import DataStoreDiscovery, DataStoreJobs
+from exporter.service.metrics import InFlightCollector, RunMetrics, SnapshotCollector, TenantCollector
 from exporter.service.refresh import Refresher
 from exporter.service.webhook import ALERT_OUTCOMES, PATH, SnapshotSource, Webhook
 
@@ -126,10 +128,44 @@ def _malformed(exc: Any) -> str | None:
     return next((text for kind, text in _MALFORMED if isinstance(exc, kind)), "malformed HTTP message")
 
 
+class ClusterSet:
+    """The clusters the service watches: the configured ones, and the discovered DataStores.
+
+    A configured cluster overrides a discovered one of the same name. Every change goes to the
+    refresher (and so to /metrics and the webhook's routing) and to the run counters at once.
+    """
+
+    def __init__(self, configured: list[ClusterConfig]) -> None:
+        self.configured = list(configured)
+        self.discovered: list[ClusterConfig] = []
+        self._overridden: set[str] = set()
+
+    def merged(self) -> list[ClusterConfig]:
+        """Configured clusters, then the discovered ones no configured cluster overrides."""
+        clusters, overridden = merge_clusters(self.configured, self.discovered)
+        for name in sorted(set(overridden) - self._overridden):
+            log.info("DataStore %s: the configured cluster of that name overrides it", name)
+        self._overridden = set(overridden)
+        return clusters
+
+    def adopt(self, app: web.Application) -> None:
+        """Hand the merged set to the refresher and the run counters."""
+        clusters = self.merged()
+        owned = [c.name for c in clusters if app[SHARD].owns(c.name)]
+        if REFRESHER in app:  # not when the tests hand in snapshots
+            app[REFRESHER].reconfigure(clusters)
+            owned = list(app[REFRESHER].owned)
+        app[RUN_METRICS].declare_clusters(owned, RUN_RESULTS)
+
+
+CLUSTER_SET = web.AppKey("cluster_set", ClusterSet)
+DISCOVERY = web.AppKey("discovery", DataStoreDiscovery)
+
+
 def reconfigure(app: web.Application, clusters: list[ClusterConfig]) -> None:
     """Adopt a new cluster list (SIGHUP): a removed cluster leaves no series, an added one starts at 0."""
-    app[REFRESHER].reconfigure(clusters)
-    app[RUN_METRICS].declare_clusters(list(app[REFRESHER].owned), RUN_RESULTS)
+    app[CLUSTER_SET].configured = list(clusters)
+    app[CLUSTER_SET].adopt(app)
 
 
 def shard_from_settings(settings: Settings, environ: Mapping[str, str] = os.environ) -> Shard:
@@ -149,6 +185,7 @@ def create_app(
     *,
     clusters: list[ClusterConfig],
     executor: Executor | None = None,
+    kube_api: Any | None = None,
     snapshots: SnapshotSource | None = None,
     shard: Shard | None = None,
 ) -> web.Application:
@@ -159,14 +196,23 @@ def create_app(
     replaces the Refresher (real etcd) as what the webhook and /readyz see of the clusters; then
     /metrics has the service's own series only: the tests of routing and deciding use it. `shard`:
     which clusters this replica observes (default: from the settings and env POD_NAME); the webhook
-    still serves them all. Raises ConfigError when the webhook's credentials are unusable or the
-    shard cannot be determined.
+    still serves them all. With `discover.kamaji_datastores.enabled` the DataStores are followed
+    through `kube_api` (by default a client of its own: in-cluster, else the kubeconfig). Raises
+    ConfigError when the webhook's credentials are unusable or the shard cannot be determined.
     """
     credentials = load_credentials(settings)
     if shard is None:
         shard = shard_from_settings(settings)
     if executor is None:
         executor = executor_from_settings(settings)
+    discovery = None
+    if settings.discover.kamaji_datastores.enabled:
+        discovery = DataStoreDiscovery(
+            settings.discover.kamaji_datastores,
+            lambda found: _discovered(app, found),
+            request_timeout=settings.executor.kubernetes_timeout_seconds,
+        )
+        executor = DataStoreJobs(executor, discovery)
     registry = CollectorRegistry(auto_describe=False)
     run_metrics = RunMetrics(registry, alert_outcomes=ALERT_OUTCOMES)
     app = web.Application(handler_args={"logger": ServerLog(run_metrics)})
@@ -174,6 +220,9 @@ def create_app(
     app[EXECUTOR] = executor
     app[REGISTRY] = registry
     app[RUN_METRICS] = run_metrics
+    app[CLUSTER_SET] = ClusterSet(clusters)
+    if discovery is not None:
+        app[DISCOVERY] = discovery
     app[SHARD] = shard
     metrics_handler = make_aiohttp_handler(registry)
 
@@ -224,6 +273,15 @@ def create_app(
             app[SNAPSHOTS] = source
             run_metrics.declare_clusters([c.name for c in clusters if shard.owns(c.name)], RUN_RESULTS)
             registry.register(
+                TenantCollector(
+                    lambda: {
+                        name: tenants
+                        for name, tenants in (app[DISCOVERY].tenants() if DISCOVERY in app else {}).items()
+                        if shard.owns(name)
+                    }
+                )
+            )
+            registry.register(
                 InFlightCollector(
                     lambda: {
                         name: run.running
@@ -248,6 +306,22 @@ def create_app(
                     await background
                 await executor.stop()
 
+    async def discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+        from exporter.kubernetes import api as kube
+
+        assert discovery is not None
+        api = kube_api if kube_api is not None else await kube.kube_api_client()
+        task = asyncio.create_task(discovery.run(api))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            discovery.close()
+            if kube_api is None:
+                await api.close()
+
     async def metrics(request: web.Request) -> web.StreamResponse:
         await request.app[SNAPSHOTS].refresh(max_age_seconds=settings.min_refresh_interval_seconds)
         # Always the classic text format: prometheus_client 0.26 renders OpenMetrics (which
@@ -263,6 +337,8 @@ def create_app(
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
+        if DISCOVERY in request.app and not request.app[DISCOVERY].listed:
+            return web.Response(status=503, text="waiting for the first list of Kamaji DataStores\n")
         source = request.app[SNAPSHOTS]
         # Only this shard's clusters: another shard's are read when an alert needs one.
         if all(source.latest(name) is not None for name in source.clusters if shard.owns(name)):
@@ -271,12 +347,23 @@ def create_app(
         return web.Response(status=503, text=f"waiting for the first refresh of every cluster{whose}\n")
 
     app.cleanup_ctx.append(session_ctx)
+    if discovery is not None:
+        app.cleanup_ctx.append(discovery_ctx)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Every method reaches the handler, so that a wrong one is answered 405 and counted.
     app.router.add_route("*", PATH, webhook)
     return app
+
+
+def _discovered(app: web.Application, clusters: list[ClusterConfig]) -> None:
+    """The DataStores changed: adopt the new set."""
+    app[CLUSTER_SET].discovered = clusters
+    app[CLUSTER_SET].adopt(app)
+    executor = app[EXECUTOR]
+    if isinstance(executor, DataStoreJobs):
+        executor.follow(clusters)
 
 
 async def _refresh_forever(refresher: SnapshotSource, settings: Settings) -> None:

@@ -290,3 +290,29 @@ class InFlightCollector(Collector):
         for cluster, running in sorted(self.in_flight().items()):
             gauge.add_metric([cluster], float(running))
         yield gauge
+
+
+class TenantCollector(Collector):
+    """`datastore_tenant_info` per tenant control plane of each discovered Kamaji DataStore.
+
+    Read at scrape time from the DataStores' `status.usedBy`, so a tenant that moves or a DataStore
+    that is deleted leaves no series behind.
+    """
+
+    def __init__(self, tenants: Callable[[], Mapping[str, Iterable[str]]]) -> None:
+        self.tenants = tenants
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        info = InfoMetricFamily(
+            f"{PREFIX}_datastore_tenant",
+            "1 for each tenant control plane (namespace/name) that uses the Kamaji DataStore of this "
+            "etcd cluster (its status.usedBy).",
+            labels=["etcd_cluster", "tenant"],
+        )
+        for cluster, tenants in sorted(self.tenants().items()):
+            for tenant in sorted(tenants):
+                info.add_metric([cluster, tenant], {})
+        yield info

@@ -63,7 +63,14 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
     """
     shard = shard_from_settings(settings)  # ConfigError before any cluster is contacted
     clusters = settings.clusters
-    if not clusters:
+    discovering = settings.discover.kamaji_datastores.enabled
+    if discovering:
+        selector = settings.discover.kamaji_datastores.label_selector
+        log.info(
+            "following Kamaji DataStores%s: every etcd DataStore becomes a cluster",
+            f" with labels {selector}" if selector else "",
+        )
+    elif not clusters:
         clusters = [default_cluster()]
         log.info(
             "no clusters configured: watching one cluster 'local' at %s (give --config to change)",
@@ -80,7 +87,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
         async def reload() -> None:
             try:
                 fresh = load_settings(config_file, **(overrides or {}))
-                clusters = await discovered(fresh.clusters or [default_cluster()])
+                clusters = await discovered(fresh.clusters or ([] if discovering else [default_cluster()]))
                 for cluster in clusters:
                     check_tls(cluster)
             except (ConfigError, DiscoveryError) as exc:
@@ -113,10 +120,11 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
         raise CannotListen(f"cannot listen on {settings.listen_address}: {exc.strerror or exc}") from None
     observed = [c.name for c in clusters if shard.owns(c.name)]
     log.info(
-        "serving /metrics for %d clusters (%s)%s and the webhook /webhook/alertmanager for %s on "
+        "serving /metrics for %d clusters (%s)%s%s and the webhook /webhook/alertmanager for %s on "
         "http://%s:%d",
         len(observed),
         ", ".join(observed),
+        " and the Kamaji DataStores" if discovering else "",
         f", {shard}" if shard.sharded else "",
         f"all {len(clusters)}" if shard.sharded else "them",
         settings.listen_host,
