@@ -61,28 +61,44 @@ def inline(text: str) -> dict[str, Any]:
     return {"content": base64.b64encode(text.encode()).decode()}
 
 
-# config/samples/kamaji_v1alpha1_datastore_etcd.yaml of the pinned Kamaji release, as the API returns it.
-SAMPLE: dict[str, Any] = {
-    "apiVersion": "kamaji.clastix.io/v1alpha1",
-    "kind": "DataStore",
-    "metadata": {"name": "etcd", "resourceVersion": "42"},
-    "spec": {
-        "driver": "etcd",
-        "endpoints": [
-            "etcd-0.etcd.kamaji-system.svc.cluster.local:2379",
-            "etcd-1.etcd.kamaji-system.svc.cluster.local:2379",
-        ],
-        "tlsConfig": {
-            "certificateAuthority": {
-                "certificate": ref("etcd-certs", "ca.crt"),
-                "privateKey": ref("etcd-certs", "ca.key"),
-            },
-            "clientCertificate": {
-                "certificate": ref("root-client-certs", "tls.crt"),
-                "privateKey": ref("root-client-certs", "tls.key"),
+def etcd_datastore(
+    name: str = "etcd",
+    endpoints: list[str] | None = None,
+    *,
+    namespace: str = "kamaji-system",
+    driver: str = "etcd",
+) -> dict[str, Any]:
+    """config/samples/kamaji_v1alpha1_datastore_etcd.yaml of the pinned Kamaji release: a DataStore
+    for kamaji-etcd, its certificates in Secrets of `namespace`."""
+    return {
+        "apiVersion": "kamaji.clastix.io/v1alpha1",
+        "kind": "DataStore",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver,
+            "endpoints": endpoints
+            or [
+                "etcd-0.etcd.kamaji-system.svc.cluster.local:2379",
+                "etcd-1.etcd.kamaji-system.svc.cluster.local:2379",
+            ],
+            "tlsConfig": {
+                "certificateAuthority": {
+                    "certificate": ref("etcd-certs", "ca.crt", namespace),
+                    "privateKey": ref("etcd-certs", "ca.key", namespace),
+                },
+                "clientCertificate": {
+                    "certificate": ref("root-client-certs", "tls.crt", namespace),
+                    "privateKey": ref("root-client-certs", "tls.key", namespace),
+                },
             },
         },
-    },
+    }
+
+
+# The sample as the API returns it, with tenants.
+SAMPLE: dict[str, Any] = {
+    **etcd_datastore(),
+    "metadata": {"name": "etcd", "resourceVersion": "42"},
     "status": {"usedBy": ["tenant-b/tcp-2", "tenant-a/tcp-1"]},
 }
 

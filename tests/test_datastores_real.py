@@ -19,6 +19,7 @@ import trustme
 from etcd_harness import EtcdCluster
 from kube_control_plane import ControlPlane, StandInKubelet, binary_dir, free_port
 from prometheus_client.parser import text_string_to_metric_families
+from test_datastores import etcd_datastore
 from test_kube_real import IMAGE, RESTRICTED, Service, report, tls_of, wait_condition
 
 from exporter.core.handoff import CLUSTER_JSON_FLAG, cluster_from_json
@@ -38,31 +39,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def ref(name: str, key: str) -> dict[str, Any]:
-    return {"secretReference": {"name": name, "namespace": ETCD_NAMESPACE, "keyPath": key}}
-
-
 def datastore(name: str, endpoints: list[str], driver: str = "etcd") -> dict[str, Any]:
-    """A DataStore as Kamaji's chart writes one for kamaji-etcd (config/samples, etcd)."""
-    return {
-        "apiVersion": "kamaji.clastix.io/v1alpha1",
-        "kind": "DataStore",
-        "metadata": {"name": name},
-        "spec": {
-            "driver": driver,
-            "endpoints": endpoints,
-            "tlsConfig": {
-                "certificateAuthority": {
-                    "certificate": ref("etcd-certs", "ca.crt"),
-                    "privateKey": ref("etcd-certs", "ca.key"),
-                },
-                "clientCertificate": {
-                    "certificate": ref("root-client-certs", "tls.crt"),
-                    "privateKey": ref("root-client-certs", "tls.key"),
-                },
-            },
-        },
-    }
+    """A DataStore as Kamaji's chart writes one for kamaji-etcd, its Secrets in ETCD_NAMESPACE."""
+    return etcd_datastore(name, endpoints, namespace=ETCD_NAMESPACE, driver=driver)
 
 
 def secret(name: str, data: dict[str, bytes]) -> dict[str, Any]:

@@ -26,13 +26,14 @@ service never needs the CronJob ones.
 """
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -352,6 +353,57 @@ async def watch_jobs(
             await asyncio.sleep(delay)
 
 
+async def _watch_events(
+    list_call: Callable[..., Awaitable[Any]],
+    *args: Any,
+    what: str,
+    label_selector: str,
+    resource_version: str,
+    request_timeout: float,
+    watch_timeout_seconds: int,
+) -> AsyncGenerator[Json, None]:
+    """The events of one watch (`list_call` with watch=True) until the server ends it.
+
+    410 Gone raises _Expired (list again); another status raises its KubeError; a broken or garbled
+    stream raises KubeUnavailable. No total timeout: the server ends the watch after
+    timeoutSeconds, and a silent connection is caught by sock_read (bookmarks and the server's own
+    end come well within it).
+    """
+    timeout = aiohttp.ClientTimeout(
+        sock_connect=request_timeout, sock_read=watch_timeout_seconds + request_timeout
+    )
+    try:
+        response: Any = await list_call(
+            *args,
+            label_selector=label_selector,
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=watch_timeout_seconds,
+            _preload_content=False,
+            _request_timeout=timeout,
+        )
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
+    try:
+        if response.status == 410:
+            raise _Expired
+        if response.status != 200:
+            raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
+        while line := await response.content.readline():
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                raise KubeUnavailable(f"watch of {what} sent a line that is not JSON") from None
+            yield event
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise KubeUnavailable(f"watch of {what} broke off: {exc or type(exc).__name__}") from None
+    finally:
+        response.release()
+
+
 class _JobWatcher:
     """The list and watch calls of watch_jobs, and the uids already reported."""
 
@@ -397,38 +449,18 @@ class _JobWatcher:
 
     async def watch(self, resource_version: str) -> str:
         """Follow changes until the server ends the watch; return the last resourceVersion seen."""
-        # No total timeout: the server ends the watch after timeoutSeconds. A silent connection is
-        # caught by sock_read (bookmarks and the server's own end come well within it).
-        timeout = aiohttp.ClientTimeout(
-            sock_connect=self.request_timeout, sock_read=self.watch_timeout_seconds + self.request_timeout
+        events = _watch_events(
+            self.batch.list_namespaced_job,
+            self.namespace,
+            what="Jobs",
+            label_selector=JOB_SELECTOR,
+            resource_version=resource_version,
+            request_timeout=self.request_timeout,
+            watch_timeout_seconds=self.watch_timeout_seconds,
         )
-        try:
-            response: Any = await self.batch.list_namespaced_job(
-                self.namespace,
-                label_selector=JOB_SELECTOR,
-                watch=True,
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self.watch_timeout_seconds,
-                _preload_content=False,
-                _request_timeout=timeout,
-            )
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
-        try:
-            if response.status == 410:
-                raise _Expired
-            if response.status != 200:
-                raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
-            while line := await response.content.readline():
-                if line.strip():
-                    resource_version = await self._event(json.loads(line), resource_version)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise KubeUnavailable(f"watch of Jobs broke off: {exc or type(exc).__name__}") from None
-        except ValueError:
-            raise KubeUnavailable("watch of Jobs sent a line that is not JSON") from None
-        finally:
-            response.release()
+        async with contextlib.aclosing(events):  # the response is released even when _event raises
+            async for event in events:
+                resource_version = await self._event(event, resource_version)
         return resource_version
 
     async def _event(self, event: Json, resource_version: str) -> str:
@@ -680,36 +712,19 @@ async def watch_datastores(
                 await on_list(list(listed.get("items") or []))
                 resource_version = str(listed.get("metadata", {}).get("resourceVersion", ""))
             started = clock.monotonic()
-            timeout = aiohttp.ClientTimeout(
-                sock_connect=request_timeout, sock_read=watch_timeout_seconds + request_timeout
+            events = _watch_events(
+                custom.list_cluster_custom_object,
+                group,
+                version,
+                plural,
+                what="DataStores",
+                label_selector=label_selector,
+                resource_version=resource_version,
+                request_timeout=request_timeout,
+                watch_timeout_seconds=watch_timeout_seconds,
             )
-            try:
-                response: Any = await custom.list_cluster_custom_object(
-                    group,
-                    version,
-                    plural,
-                    label_selector=label_selector,
-                    watch=True,
-                    resource_version=resource_version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=watch_timeout_seconds,
-                    _preload_content=False,
-                    _request_timeout=timeout,
-                )
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise KubeUnavailable(f"Kubernetes API unreachable: {exc or type(exc).__name__}") from None
-            try:
-                if response.status == 410:
-                    raise _Expired
-                if response.status != 200:
-                    raise _error(response.status, await response.read(), response.headers.get("Retry-After"))
-                while line := await response.content.readline():
-                    if not line.strip():
-                        continue
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        raise KubeUnavailable("watch of DataStores sent a line that is not JSON") from None
+            async with contextlib.aclosing(events):  # the response is released whatever raises
+                async for event in events:
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
                         if obj.get("code") == 410:
@@ -718,10 +733,6 @@ async def watch_datastores(
                     resource_version = str(obj.get("metadata", {}).get("resourceVersion") or resource_version)
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         await on_event(kind, obj)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise KubeUnavailable(f"watch of DataStores broke off: {exc or type(exc).__name__}") from None
-            finally:
-                response.release()
             if clock.monotonic() - started >= min(MIN_WATCH_SECONDS, watch_timeout_seconds):
                 backoff.reset()
             else:
