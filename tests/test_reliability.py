@@ -378,7 +378,7 @@ async def test_a_member_killed_mid_run_stops_the_run_exit_1_and_counts_a_failure
     )
     cluster_config = ClusterConfig.model_validate(yaml.safe_load(config.read_text())["clusters"][0])
     client = await aiohttp_client(
-        create_app(service_settings(), clusters=[cluster_config], executor=executor, config_file=config)
+        create_app(service_settings(), clusters=[cluster_config], executor=executor)
     )
     status, body = await post(client, notification(alert("t")))
     assert (status, outcomes(body)) == (200, ["launch"])

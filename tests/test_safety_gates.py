@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aiohttp.test_utils import TestClient
 from etcd_harness import EtcdCluster, start_cluster
 from fake_kube import FakeKube
@@ -136,7 +135,6 @@ async def test_no_job_while_the_kamaji_statefulset_rolls_out(
 async def test_a_deferred_run_starts_no_cooldown(etcd: EtcdCluster, serve: Serve, tmp_path: Path) -> None:
     """Alert -> webhook -> local executor -> the real `defrag` child, deferred by the rollout gate."""
     etcd.churn()
-    config = tmp_path / "config.yaml"
     # The shared cluster started this session: within 10 hours, a member "just restarted".
     cluster = {
         "name": "t",
@@ -144,13 +142,12 @@ async def test_a_deferred_run_starts_no_cooldown(etcd: EtcdCluster, serve: Serve
         "rule": "dbSizeFree > 0",
         "settle_seconds": 36000,
     }
-    config.write_text(yaml.safe_dump({"clusters": [cluster]}))
     executor = LocalExecutor(
         state_dir=tmp_path / "state",
         cooldown_seconds=3600,
         reconcile_interval_seconds=0.05,
     )
-    client = await serve([ClusterConfig.model_validate(cluster)], executor, config_file=config)
+    client = await serve([ClusterConfig.model_validate(cluster)], executor)
 
     for attempt in (1, 2):
         status, body = await post(client, notification(alert("t")))
