@@ -470,8 +470,10 @@ def api_server(kube_control_plane: ControlPlane) -> ControlPlane:
 @pytest.mark.parametrize("name", RENDERINGS)
 def test_every_rendering_passes_a_server_side_dry_run(name: str, api_server: ControlPlane) -> None:
     text = template_text({**RENDERINGS[name], "webhook": {"token": "t"}, "namespace": {"create": True}})
+    # --force-conflicts: the deploy tests may have applied the same objects under their own field
+    # manager; a dry run checks what the API accepts, not who owns a field.
     result = api_server.kubectl(
-        "apply", "--server-side", "--dry-run=server", "--validate=strict",
+        "apply", "--server-side", "--dry-run=server", "--validate=strict", "--force-conflicts",
         "--field-manager=etcd-autodefrag-helm-tests", "-f", "-",
         input=text, check=False,
     )  # fmt: skip

@@ -241,32 +241,48 @@ PARTITION_CLUSTERS = [f"tenant-{i}" for i in range(12)]
 
 
 async def test_the_shards_together_export_exactly_the_unsharded_series(
-    etcd: EtcdCluster, start: Start
+    fresh_etcd_cluster: EtcdCluster, start: Start
 ) -> None:
-    clusters = cluster_configs(etcd, PARTITION_CLUSTERS)
-    whole = await exposition(await start(clusters, Shard(), FakeExecutor()))
+    # A cluster of its own: on the shared one, another test's leftovers (a lease that expires, a
+    # write) change the sizes between two scrapes; and any change at all is caught below.
+    clusters = cluster_configs(fresh_etcd_cluster, PARTITION_CLUSTERS)
+    unsharded = await start(clusters, Shard(), FakeExecutor())
+    whole = await exposition(unsharded)
     expected = comparable(whole)
     assert clusters_in(expected) == set(PARTITION_CLUSTERS)
     # 3 members per cluster, every member up: the comparison is about real series.
     assert sum(v for (n, _), v in expected.items() if n == "etcd_autodefrag_member_up") == 3 * 12
     per_replica = {name for name, _ in whole} & PER_REPLICA
     assert per_replica == PER_REPLICA
-    for total in range(1, 5):
-        union: Series = {}
-        owners: Counter[str] = Counter()
-        for index in range(total):
-            series = await exposition(await start(clusters, Shard(index, total), FakeExecutor()))
-            info = {k: v for k, v in series.items() if k[0] == "etcd_autodefrag_shard_info"}
-            assert info == {
-                ("etcd_autodefrag_shard_info", (("shard", str(index)), ("total_shards", str(total)))): 1.0
-            }
-            part = comparable(series)
-            assert not part.keys() & union.keys(), f"shard {index} of {total} repeats another's series"
-            owned = clusters_in(part)
-            assert owned == {c for c in PARTITION_CLUSTERS if shard_of(c, total) == index}
-            owners.update(owned)
-            union |= part
-        assert union == expected, f"{total} shards"
+    replicas = {
+        total: [await start(clusters, Shard(index, total), FakeExecutor()) for index in range(total)]
+        for total in range(1, 5)
+    }
+    for total, shards in replicas.items():
+        # The shards' scrapes against the unsharded scrapes just before and after them: equal when
+        # etcd did not change in between (sizes move with any write), so that is what is compared.
+        for _attempt in range(5):
+            before = comparable(await exposition(unsharded))
+            union: Series = {}
+            owners: Counter[str] = Counter()
+            for index, replica in enumerate(shards):
+                series = await exposition(replica)
+                info = {k: v for k, v in series.items() if k[0] == "etcd_autodefrag_shard_info"}
+                assert info == {
+                    ("etcd_autodefrag_shard_info", (("shard", str(index)), ("total_shards", str(total)))): 1.0
+                }
+                part = comparable(series)
+                assert not part.keys() & union.keys(), f"shard {index} of {total} repeats another's series"
+                owned = clusters_in(part)
+                assert owned == {c for c in PARTITION_CLUSTERS if shard_of(c, total) == index}
+                owners.update(owned)
+                union |= part
+            if comparable(await exposition(unsharded)) == before:
+                break
+        else:
+            pytest.fail(f"{total} shards: etcd changed during each of 5 attempts")
+        assert before.keys() == expected.keys()
+        assert union == before, f"{total} shards"
         assert owners == Counter(PARTITION_CLUSTERS), f"{total} shards: a cluster in no or several shards"
 
 
