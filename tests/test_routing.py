@@ -467,7 +467,8 @@ def test_snapshot_wanted(alerts: list[AlertmanagerAlert], wanted: set[str]) -> N
             cluster("d", 'job="shared"'),
         ]
     )
-    assert snapshot_wanted(alerts=alerts, clusters=index, policy=POLICY) == wanted
+    routes = [index.route(a.labels) for a in alerts]
+    assert snapshot_wanted(alerts=alerts, routes=routes, policy=POLICY) == wanted
     # Exactly the clusters `decide` would look at a snapshot for: it says so when there is none.
     looked = {
         d.cluster

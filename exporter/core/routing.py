@@ -237,15 +237,20 @@ def decide(
 
 
 def snapshot_wanted(
-    *, alerts: Sequence[AlertmanagerAlert], clusters: ClusterIndex, policy: Policy
+    *,
+    alerts: Sequence[AlertmanagerAlert],
+    routes: Sequence[Sequence[ClusterConfig]],
+    policy: Policy,
 ) -> set[str]:
     """The clusters whose health `decide` may look at for these alerts: those a firing, acting alert
-    routes to alone and that are not paused. The webhook reads a fresh snapshot of these only."""
+    routes to alone and that are not paused. The webhook reads a fresh snapshot of these only.
+
+    `routes`: each alert's clusters (ClusterIndex.route), as `iter_decisions` takes them.
+    """
     wanted = set()
-    for alert in alerts:
+    for alert, matched in zip(alerts, routes, strict=True):
         if alert.status is AlertStatus.RESOLVED or not policy.acting.acts(alert.labels):
             continue
-        matched = clusters.route(alert.labels)
         if len(matched) == 1 and not matched[0].paused:
             wanted.add(matched[0].name)
     return wanted

@@ -368,9 +368,13 @@ class Webhook:
     async def handle(self, payload: AlertmanagerPayload) -> web.Response:
         """Decide for every alert, launch what is to be launched, answer per the retry contract."""
         known = self._cluster_index()
-        await self._fresh_snapshots(payload, known)
+        # Each alert routed once: for the snapshots to read and for the decisions. Only the clusters
+        # the alerts route to are looked at: a storm costs O(alerts), not O(alerts x configured
+        # clusters) (bench/webhook_storm.py).
+        routes = [known.route(alert.labels) for alert in payload.alerts]
+        await self._fresh_snapshots(payload, routes)
         async with self._cpu:
-            decisions = await self._decide(payload, known)
+            decisions = await self._decide(payload, known, routes)
         launches = {
             index: self._launch(d, known.by_name[d.cluster], payload.alerts[index], payload)
             for index, d in enumerate(decisions)
@@ -388,7 +392,9 @@ class Webhook:
             return _reply(422, {**body, "status": "rejected"})
         return _reply(200, body)
 
-    async def _fresh_snapshots(self, payload: AlertmanagerPayload, known: ClusterIndex) -> None:
+    async def _fresh_snapshots(
+        self, payload: AlertmanagerPayload, routes: Sequence[Sequence[ClusterConfig]]
+    ) -> None:
         """Snapshots no older than max_snapshot_age_seconds of the clusters the alerts may launch on.
 
         This shard's clusters: the background refresh keeps them about that fresh already; this
@@ -396,16 +402,18 @@ class Webhook:
         share one refresh. Another shard's cluster (docs/sharding.md) is read now, once per cluster
         however many notifications ask at once, and the read is reused while it is fresh enough.
         """
-        wanted = snapshot_wanted(alerts=payload.alerts, clusters=known, policy=self.policy)
+        wanted = snapshot_wanted(alerts=payload.alerts, routes=routes, policy=self.policy)
         if wanted:  # else no alert gets as far as looking at a snapshot
             max_age = self.settings.webhook.max_snapshot_age_seconds
             await self.snapshots.refresh(max_age_seconds=max_age, names=sorted(wanted))
 
-    async def _decide(self, payload: AlertmanagerPayload, known: ClusterIndex) -> list[AlertDecision]:
+    async def _decide(
+        self,
+        payload: AlertmanagerPayload,
+        known: ClusterIndex,
+        routes: Sequence[Sequence[ClusterConfig]],
+    ) -> list[AlertDecision]:
         """`routing.iter_decisions` over the alerts, a slice at a time with a yield in between."""
-        # Only the clusters the alerts route to are looked at: a storm costs O(alerts), not
-        # O(alerts x configured clusters) (bench/webhook_storm.py).
-        routes = [known.route(alert.labels) for alert in payload.alerts]  # routed once, used twice
         routed = sorted({c.name for matched in routes for c in matched})
         deciding = iter_decisions(
             alerts=payload.alerts,
