@@ -151,10 +151,9 @@ class ClusterSet:
     def adopt(self, app: web.Application) -> None:
         """Hand the merged set to the refresher and the run counters."""
         clusters = self.merged()
-        owned = [c.name for c in clusters if app[SHARD].owns(c.name)]
         if REFRESHER in app:  # not when the tests hand in snapshots
             app[REFRESHER].reconfigure(clusters)
-            owned = list(app[REFRESHER].owned)
+        owned = [c.name for c in clusters if app[SHARD].owns(c.name)]
         app[RUN_METRICS].declare_clusters(owned, RUN_RESULTS)
 
 
@@ -257,7 +256,7 @@ def create_app(
             source: SnapshotSource
             if snapshots is None:
                 refresher = Refresher(
-                    clusters,
+                    [],  # the cluster set's adopt() below hands it the clusters
                     client_factory(session, max_timeout_seconds=settings.scrape_budget_seconds),
                     scrape_budget_seconds=settings.scrape_budget_seconds,
                     min_refresh_interval_seconds=settings.min_refresh_interval_seconds,
@@ -271,7 +270,7 @@ def create_app(
             else:
                 source = snapshots
             app[SNAPSHOTS] = source
-            run_metrics.declare_clusters([c.name for c in clusters if shard.owns(c.name)], RUN_RESULTS)
+            app[CLUSTER_SET].adopt(app)
             registry.register(
                 TenantCollector(
                     lambda: {
