@@ -39,7 +39,7 @@ from exporter.core.report import RunReport, iter_lines
 from exporter.core.snapshot import ClusterSnapshot
 from exporter.defrag.engine import DefragEngine
 from exporter.defrag.host_lock import host_lock
-from exporter.etcd.connect import Connection, TlsFileError, connection
+from exporter.etcd.connect import Connection, TlsFileError, checked_connection, connection
 from exporter.etcd.observe import QuotaCache, observe_cluster
 from exporter.kubernetes.discovery import DiscoveryError
 from exporter.service import startup
@@ -52,12 +52,12 @@ def connect_or_usage_error(cluster: ClusterConfig, *, from_flags: bool = False) 
 
     `from_flags`: the files came from --cacert/--cert/--key, so the message names those flags.
     """
+    if not from_flags:
+        return checked_connection(cluster)
     try:
         return connection(cluster)
     except TlsFileError as exc:
-        if from_flags:
-            raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{FLAG_FOR_FIELD['tls.' + exc.setting]} {exc.path}: {exc.problem}") from None
 
 
 async def run_defrag(args: argparse.Namespace, connected: Connection) -> RunReport:

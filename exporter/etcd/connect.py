@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from exporter.config.settings import ClusterConfig
+from exporter.config.settings import ClusterConfig, ConfigError
 from exporter.etcd.client import EtcdApi, EtcdClient
 from exporter.etcd.tls import TlsFileError, make_ssl_context
 
-__all__ = ["Connection", "TlsFileError", "client_factory", "connection"]
+__all__ = ["Connection", "TlsFileError", "checked_connection", "client_factory", "connection"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ def connection(cluster: ClusterConfig) -> Connection:
     """The cluster's connection, its TLS files read now; TlsFileError when one cannot be used."""
     context = make_ssl_context(cluster.tls, cluster=cluster.name) if cluster.tls is not None else None
     return Connection(cluster, context)
+
+
+def checked_connection(cluster: ClusterConfig) -> Connection:
+    """connection(), with a TLS file that cannot be used as the ConfigError a user sees (exit 2)."""
+    try:
+        return connection(cluster)
+    except TlsFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def client_factory(

@@ -18,14 +18,12 @@ from aiohttp import web
 
 from exporter.config.settings import (
     DEFAULT_ENDPOINT,
-    ClusterConfig,
     ConfigError,
     Settings,
     default_cluster,
     load_settings,
 )
-from exporter.etcd.connect import connection
-from exporter.etcd.tls import TlsFileError
+from exporter.etcd.connect import checked_connection
 from exporter.kubernetes.discovery import DiscoveryError, discovered
 from exporter.service.app import create_app, reconfigure, shard_from_settings
 
@@ -34,14 +32,6 @@ log = logging.getLogger(__name__)
 
 class CannotListen(Exception):
     """The listen address cannot be bound (in use, not an address of this host)."""
-
-
-def check_tls(cluster: ClusterConfig) -> None:
-    """Read the cluster's TLS files now; ConfigError naming the cluster, the setting and the file."""
-    try:
-        connection(cluster)
-    except TlsFileError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def needs_restart(running: Settings, fresh: Settings) -> list[str]:
@@ -77,7 +67,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
             DEFAULT_ENDPOINT,
         )
     for cluster in clusters:
-        check_tls(cluster)
+        checked_connection(cluster)  # ConfigError naming the cluster, setting and file
     clusters = asyncio.run(discovered(clusters))
     # Raises ConfigError (exit 2 in main) for an open webhook beyond loopback or unreadable secrets.
     app = create_app(settings, clusters=clusters, shard=shard)
@@ -89,7 +79,7 @@ def run(settings: Settings, config_file: Path | None, overrides: dict[str, Any] 
                 fresh = load_settings(config_file, **(overrides or {}))
                 clusters = await discovered(fresh.clusters or ([] if discovering else [default_cluster()]))
                 for cluster in clusters:
-                    check_tls(cluster)
+                    checked_connection(cluster)
             except (ConfigError, DiscoveryError) as exc:
                 log.error("SIGHUP: configuration not reloaded, keeping the current one: %s", exc)
                 return
