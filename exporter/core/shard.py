@@ -52,7 +52,8 @@ class Shard:
 
     def owns(self, cluster: str) -> bool:
         """Whether this replica observes (refreshes and exports) the cluster."""
-        return shard_of(cluster, self.total) == self.index
+        # Unsharded, the answer needs no hash: asked per cluster on every scrape (collectors, /readyz).
+        return self.total == 1 or shard_of(cluster, self.total) == self.index
 
     def __str__(self) -> str:
         return f"shard {self.index} of {self.total}"
