@@ -59,7 +59,14 @@ from exporter.kubernetes.jobs import (
     running_job,
 )
 from exporter.kubernetes.kamaji import SecretLayout, detect_layout, member_endpoints
-from exporter.kubernetes.variants import KUBEADM_NAMESPACE, Members, TlsSource, service_rbac_rules, spec_of
+from exporter.kubernetes.variants import (
+    JOB_RBAC_RULES,
+    KUBEADM_NAMESPACE,
+    Members,
+    TlsSource,
+    service_rbac_rules,
+    spec_of,
+)
 
 __all__ = [
     "DATASTORE_CLUSTER_RBAC_RULES",
@@ -113,7 +120,7 @@ DATASTORE_CLUSTER_RBAC_RULES: list[dict[str, list[str]]] = [
 ]
 DATASTORE_NAMESPACE_RBAC_RULES: list[dict[str, list[str]]] = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-    *(rule for rule in RBAC_RULES if rule["resources"] != ["statefulsets"]),
+    *({key: list(values) for key, values in rule.items()} for rule in JOB_RBAC_RULES),
 ]
 # What `etcd-autodefrag render cronjob --apply` calls, with the user's own kubeconfig (or the pod's
 # service account where it runs): never part of the service's Role above, which stays as narrow.
